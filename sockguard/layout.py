@@ -1,0 +1,139 @@
+"""Key layouts: how a sockhash key's bytes map to a connection tuple.
+
+A layout is data — offsets, sizes, byte order, family codes and which key
+field is the owning socket's local side — so a second layout is a new
+``KeyLayout`` value, not new code in the audit core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import Literal
+
+from .errors import LayoutMismatchError
+from .model import Endpoint, IPAddress, SockKey, Tuple4
+
+
+class KeyDecodeError(ValueError):
+    """The bytes are not a key of this layout (wrong size, unknown family)."""
+
+
+@dataclass(frozen=True)
+class Field:
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Where each part of a 5-tuple key lives.
+
+    ``families`` maps the key's family byte to 4 or 6.  ``port_order`` is the
+    byte order of the port's u16 at the start of its field; the field's other
+    bytes must be zero.  ``owner_local`` says which of the key's sides is the
+    local side of the socket the entry was written for: Cilium writes the key
+    from the peer's point of view, so its owner's local side is (dip, dport).
+    """
+
+    name: str
+    size: int
+    sip: Field
+    dip: Field
+    family: Field
+    sport: Field
+    dport: Field
+    families: tuple[tuple[int, int], ...]
+    padding: tuple[Field, ...] = ()
+    port_order: Literal["big", "little"] = "big"
+    owner_local: Literal["dst", "src"] = "dst"
+
+    def family_code(self, family: int) -> int:
+        for code, fam in self.families:
+            if fam == family:
+                return code
+        raise KeyDecodeError(f"layout {self.name} has no code for IPv{family}")
+
+    def check_map(self, key_size: int, map_name: str) -> None:
+        """Refuse a map whose keys cannot be this layout's, before reading any."""
+        if key_size != self.size:
+            raise LayoutMismatchError(
+                f"map {map_name} has {key_size}-byte keys; layout {self.name} needs {self.size}"
+            )
+
+
+CILIUM = KeyLayout(
+    name="cilium",
+    size=44,
+    sip=Field(0, 16),
+    dip=Field(16, 16),
+    family=Field(32, 1),
+    sport=Field(36, 4),
+    dport=Field(40, 4),
+    families=((1, 4), (2, 6)),
+    padding=(Field(33, 3),),
+)
+
+LAYOUTS: dict[str, KeyLayout] = {CILIUM.name: CILIUM}
+
+
+def _addr(raw: bytes, family: int) -> IPAddress:
+    if family == 4:
+        if any(raw[4:]):
+            raise KeyDecodeError("IPv4 address with non-zero padding")
+        return IPv4Address(raw[:4])
+    return IPv6Address(raw)
+
+
+def _port(raw: bytes, order: Literal["big", "little"]) -> int:
+    if any(raw[2:]):
+        raise KeyDecodeError("port field with non-zero high bytes")
+    return int.from_bytes(raw[:2], order)
+
+
+def _slice(data: bytes, f: Field) -> bytes:
+    return data[f.offset : f.offset + f.size]
+
+
+def decode(layout: KeyLayout, data: bytes) -> SockKey:
+    """Decode ``data``; raise KeyDecodeError for bytes this layout cannot hold."""
+    if len(data) != layout.size:
+        raise KeyDecodeError(f"key is {len(data)} bytes, layout {layout.name} needs {layout.size}")
+    if any(any(_slice(data, pad)) for pad in layout.padding):
+        raise KeyDecodeError("non-zero padding between fields")
+    code = int.from_bytes(_slice(data, layout.family), "little")
+    family = dict(layout.families).get(code)
+    if family is None:
+        raise KeyDecodeError(f"unknown family code {code}")
+    sip = _addr(_slice(data, layout.sip), family)
+    dip = _addr(_slice(data, layout.dip), family)
+    sport = _port(_slice(data, layout.sport), layout.port_order)
+    dport = _port(_slice(data, layout.dport), layout.port_order)
+    src, dst = Endpoint(sip, sport), Endpoint(dip, dport)
+    owner = Tuple4(family, dst, src) if layout.owner_local == "dst" else Tuple4(family, src, dst)
+    return SockKey(family, sip, sport, dip, dport, owner)
+
+
+def _put(buf: bytearray, f: Field, value: bytes) -> None:
+    buf[f.offset : f.offset + len(value)] = value
+
+
+def encode(layout: KeyLayout, family: int, sip: IPAddress, sport: int,
+           dip: IPAddress, dport: int) -> bytes:
+    """The key bytes for the given fields (padding zero)."""
+    buf = bytearray(layout.size)
+    _put(buf, layout.sip, sip.packed)
+    _put(buf, layout.dip, dip.packed)
+    _put(buf, layout.family, layout.family_code(family).to_bytes(layout.family.size, "little"))
+    _put(buf, layout.sport, sport.to_bytes(2, layout.port_order))
+    _put(buf, layout.dport, dport.to_bytes(2, layout.port_order))
+    return bytes(buf)
+
+
+def key_for_socket(layout: KeyLayout, tup: Tuple4) -> bytes:
+    """The key this layout stores for the socket whose tuple is ``tup``."""
+    if layout.owner_local == "dst":
+        src, dst = tup.remote, tup.local
+    else:
+        src, dst = tup.local, tup.remote
+    return encode(layout, tup.family, src.ip, src.port, dst.ip, dst.port)
