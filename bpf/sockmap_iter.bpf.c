@@ -1,0 +1,102 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * sockmap_iter: the kernel's view of what each sockhash/sockmap entry points to.
+ *
+ * Userspace can list a sockhash's keys but, when value_size is 4 (Cilium's
+ * cilium_sock_ops), cannot look up which socket a key holds.  This iterator
+ * walks the map in the kernel and writes one fixed-size record per entry:
+ * the key bytes and the socket's cookie, family, state, netns and tuple.
+ *
+ * The record layout is mirrored by sockguard/sockmap_iter.py (RECORD).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
+
+#define KEY_MAX 64
+#define AF_INET 2
+#define AF_INET6 10
+
+#define REC_HAS_SOCKET 0x1
+
+char _license[] SEC("license") = "GPL";
+
+/* Set by userspace before load: the iterated map's key size (<= KEY_MAX). */
+const volatile __u32 key_size = 0;
+
+struct record {
+	__u8 key[KEY_MAX];
+	__u64 cookie;
+	__u64 netns_ino;
+	__u32 key_len;
+	__u16 family;    /* AF_INET / AF_INET6 as the kernel stores it */
+	__u8 state;      /* skc_state, include/net/tcp_states.h */
+	__u8 flags;      /* REC_HAS_SOCKET */
+	__u8 saddr[16];  /* local: skc_rcv_saddr (first 4 bytes) or skc_v6_rcv_saddr */
+	__u8 daddr[16];  /* remote: skc_daddr or skc_v6_daddr */
+	__u16 sport;     /* local port, host order (skc_num) */
+	__u16 dport;     /* remote port, host order (skc_dport converted) */
+	__u32 _pad;
+};
+
+/* One record lives here, not on the 512-byte stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct record);
+} scratch SEC(".maps");
+
+SEC("iter/sockmap")
+int dump_sockmap(struct bpf_iter__sockmap *ctx)
+{
+	struct seq_file *seq = ctx->meta->seq;
+	struct sock *sk = ctx->sk;
+	void *key = ctx->key;
+	struct record *rec;
+	__u32 zero = 0;
+	__u32 len = key_size;
+
+	/* The final call of a walk (seq stop, net/core/sock_map.c) has no key. */
+	if (!key)
+		return 0;
+
+	rec = bpf_map_lookup_elem(&scratch, &zero);
+	if (!rec)
+		return 0;
+	__builtin_memset(rec, 0, sizeof(*rec));
+
+	if (len > KEY_MAX)
+		len = KEY_MAX;
+	rec->key_len = len;
+	/*
+	 * ctx->key is a read-only buffer whose furthest direct access is checked
+	 * against the map's key size when the iterator is attached
+	 * (sock_map_iter_attach_target); reading it through a helper keeps the
+	 * program attachable to maps of any key size.
+	 */
+	if (len)
+		bpf_probe_read_kernel(rec->key, len, key);
+
+	if (sk) {
+		rec->flags = REC_HAS_SOCKET;
+		rec->cookie = bpf_get_socket_cookie(sk);
+		rec->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+		rec->state = BPF_CORE_READ(sk, __sk_common.skc_state);
+		rec->netns_ino = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+		rec->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
+		rec->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+		if (rec->family == AF_INET6) {
+			BPF_CORE_READ_INTO(&rec->saddr, sk, __sk_common.skc_v6_rcv_saddr);
+			BPF_CORE_READ_INTO(&rec->daddr, sk, __sk_common.skc_v6_daddr);
+		} else {
+			BPF_CORE_READ_INTO((__be32 *)rec->saddr, sk, __sk_common.skc_rcv_saddr);
+			BPF_CORE_READ_INTO((__be32 *)rec->daddr, sk, __sk_common.skc_daddr);
+		}
+	}
+
+	bpf_seq_write(seq, rec, sizeof(*rec));
+	return 0;
+}

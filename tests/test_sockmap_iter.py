@@ -1,0 +1,166 @@
+"""The iter/sockmap program: the kernel's view of which socket each key holds."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import Callable
+from ipaddress import ip_address
+
+import pytest
+
+from sockguard import libbpf, sockmap_iter
+from sockguard.model import Endpoint, TargetSocket, Tuple4
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_kernel", "iterator_object")]
+
+SO_COOKIE = 57
+TCP_ESTABLISHED = 1
+KEY = 44
+SOCKHASH = libbpf.BPF_MAP_TYPE_SOCKHASH
+
+MakeMap = Callable[..., int]
+TcpPair = Callable[..., tuple[socket.socket, socket.socket]]
+
+
+@pytest.fixture
+def iterator_object() -> None:
+    if not sockmap_iter.OBJECT_PATH.is_file():
+        pytest.skip(f"{sockmap_iter.OBJECT_PATH} not built: run pip install -e .")
+
+
+def cookie_of(sock: socket.socket) -> int:
+    value: int = struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+    return value
+
+
+def tuple_of(sock: socket.socket) -> Tuple4:
+    local, remote = sock.getsockname(), sock.getpeername()
+    family = 4 if sock.family == socket.AF_INET else 6
+    return Tuple4(
+        family,
+        Endpoint(ip_address(local[0]), local[1]),
+        Endpoint(ip_address(remote[0]), remote[1]),
+    )
+
+
+def cilium_key(sock: socket.socket) -> bytes:
+    """The key Cilium writes for ``sock``: its tuple from the peer's point of view."""
+    t = tuple_of(sock)
+    fam = 1 if t.family == 4 else 2
+    return (
+        t.remote.ip.packed.ljust(16, b"\0")
+        + t.local.ip.packed.ljust(16, b"\0")
+        + bytes([fam, 0, 0, 0])
+        + struct.pack(">HxxHxx", t.remote.port, t.local.port)
+    )
+
+
+def expected(sock: socket.socket) -> TargetSocket:
+    t = tuple_of(sock)
+    return TargetSocket(
+        cookie=cookie_of(sock),
+        family=t.family,
+        state=TCP_ESTABLISHED,
+        netns_ino=os.stat("/proc/self/ns/net").st_ino,
+        tuple=t,
+    )
+
+
+def test_iterator_available() -> None:
+    assert sockmap_iter.iterator_available() == (True, "iter/sockmap loads")
+
+
+def test_cilium_like_value4_map(make_map: MakeMap, tcp_pair: TcpPair) -> None:
+    fd = make_map(SOCKHASH, KEY, 4, 256, name="cilium_sock_ops")
+    socks = [s for _ in range(20) for s in tcp_pair()]
+    for s in socks:
+        libbpf.map_update(fd, cilium_key(s), struct.pack("=i", s.fileno()), libbpf.BPF_NOEXIST)
+
+    seen = sockmap_iter.read_sockmap(fd, KEY)
+
+    assert seen == {cilium_key(s): expected(s) for s in socks}
+
+
+def test_ipv6_pair(make_map: MakeMap, tcp_pair: TcpPair) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    try:
+        client, server = tcp_pair(socket.AF_INET6)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback: {exc}")
+    fd = make_map(SOCKHASH, KEY, 4)
+    for s in (client, server):
+        libbpf.map_update(fd, cilium_key(s), struct.pack("=i", s.fileno()))
+    seen = sockmap_iter.read_sockmap(fd, KEY)
+    assert seen == {cilium_key(s): expected(s) for s in (client, server)}
+    assert {t.family for t in seen.values()} == {6}
+
+
+def test_deleted_and_closed_entries_disappear(make_map: MakeMap, tcp_pair: TcpPair) -> None:
+    fd = make_map(SOCKHASH, KEY, 4)
+    a, b = tcp_pair()
+    c, _ = tcp_pair()
+    for s in (a, b, c):
+        libbpf.map_update(fd, cilium_key(s), struct.pack("=i", s.fileno()))
+    libbpf.map_delete(fd, cilium_key(a))
+    key_c = cilium_key(c)
+    c.close()  # sock_map_close unlinks the socket from every map
+    assert set(sockmap_iter.read_sockmap(fd, KEY)) == {cilium_key(b)}
+    assert key_c not in sockmap_iter.read_sockmap(fd, KEY)
+
+
+def test_empty_map(make_map: MakeMap) -> None:
+    fd = make_map(SOCKHASH, KEY, 4)
+    assert sockmap_iter.read_sockmap(fd, KEY) == {}
+
+
+def test_sockmap_array_skips_empty_slots(make_map: MakeMap, tcp_pair: TcpPair) -> None:
+    fd = make_map(libbpf.BPF_MAP_TYPE_SOCKMAP, 4, 4, 16)
+    client, server = tcp_pair()
+    libbpf.map_update(fd, struct.pack("=I", 3), struct.pack("=i", client.fileno()))
+    libbpf.map_update(fd, struct.pack("=I", 11), struct.pack("=i", server.fileno()))
+    seen = sockmap_iter.read_sockmap(fd, 4)
+    assert seen == {struct.pack("=I", 3): expected(client), struct.pack("=I", 11): expected(server)}
+
+
+@pytest.mark.parametrize("key_size", [1, 8, 64])
+def test_other_key_sizes(make_map: MakeMap, tcp_pair: TcpPair, key_size: int) -> None:
+    fd = make_map(SOCKHASH, key_size, 8)
+    client, _ = tcp_pair()
+    k = bytes(range(1, key_size + 1))
+    libbpf.map_update(fd, k, struct.pack("=Q", client.fileno()))
+    assert sockmap_iter.read_sockmap(fd, key_size) == {k: expected(client)}
+
+
+@pytest.mark.parametrize("key_size", [0, 65])
+def test_key_size_out_of_range(key_size: int) -> None:
+    with pytest.raises(ValueError, match="key size"):
+        sockmap_iter.read_sockmap(-1, key_size)
+
+
+def test_not_a_sockmap_is_rejected(make_map: MakeMap) -> None:
+    fd = make_map(libbpf.BPF_MAP_TYPE_HASH, KEY, 4)
+    with pytest.raises(libbpf.BpfError):
+        sockmap_iter.read_sockmap(fd, KEY)
+
+
+def test_record_layout_matches_btf() -> None:
+    """RECORD in Python and struct record in the object must agree in size."""
+    bpftool = shutil.which("bpftool")
+    if bpftool is None:
+        pytest.skip("bpftool not installed")
+    out = subprocess.run(
+        [bpftool, "btf", "dump", "file", str(sockmap_iter.OBJECT_PATH)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    match = re.search(r"STRUCT 'record' size=(\d+)", out)
+    assert match is not None
+    assert int(match.group(1)) == sockmap_iter.RECORD.size == 128
