@@ -155,6 +155,11 @@ def judge(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> Verdict:
             tw = index.timewait[tup][0]
             details["closed_in_netns"] = str(tw.netns)
             reason += f"; the connection closed (TIME_WAIT in netns {tw.netns})"
+        if entry.target is not None and entry.target.state == TCP_CLOSE:
+            # A reset socket keeps its entry until its fd is closed (sock_map_close);
+            # it is out of the established hash, so sock_diag no longer lists it.
+            details["entry_socket_state"] = "CLOSE"
+            reason += "; the entry's socket was reset but its process still holds it open"
         return Verdict(Kind.STALE, reason, None, details)
     if entry.cookie is None:
         return Verdict(Kind.OK, f"owned by {_describe(owners[0])}", owners[0],

@@ -226,3 +226,14 @@ def test_confirm_never_invents_findings(world: tuple[list[LiveSocket], list[MapE
     assert all(f in first or f.confirmed for f in out)
     bad_second = {(f.entry.key_hex, f.kind) for f in second}
     assert all((f.entry.key_hex, f.kind) in bad_second for f in out if f.confirmed)
+
+
+def test_entry_of_a_reset_socket_still_held_open_is_stale_and_says_so() -> None:
+    from sockguard.model import TargetSocket
+
+    raw = key_for_socket(CILIUM, SERVER)
+    entry = MapEntry(raw.hex(), decode(CILIUM, raw), 5, TargetSocket(5, 4, 7, 1, SERVER))
+    v = judge(entry, SocketIndex.build([]), NO_POLICY)
+    assert v.kind is Kind.STALE
+    assert v.details["entry_socket_state"] == "CLOSE"
+    assert "reset" in v.reason

@@ -1,0 +1,185 @@
+"""The ``sockguard`` command line: maps, audit, clean.
+
+Exit status: 0 no findings, 1 stale or shadowing entries found (for ``clean``:
+some remained or were refused), 2 an error, printed as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from ipaddress import ip_address
+
+from . import maps as maps_adapter
+from .audit import AuditPolicy
+from .errors import ConfigError, NotRootError, SockguardError
+from .layout import LAYOUTS, KeyLayout
+from .model import IPAddress, MapInfo
+from .node_audit import NodeAudit, run_audit
+from .output import audit_json, audit_text, clean_json, clean_text, maps_json, maps_text
+from .remediation import DEFAULT_MAX_DELETES, Deletion, clean
+from .sockets import OwnerProbe
+
+log = logging.getLogger("sockguard")
+
+
+def _ip(text: str) -> IPAddress:
+    try:
+        return ip_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text}") from exc
+
+
+def _nonneg_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sockguard",
+        description="Find and safely remove stale entries of eBPF sockhash maps.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--map", action="append", default=[], metavar="SPEC",
+                       help="pin path, id:N or map name (repeatable); default: discover")
+        p.add_argument("--json", action="store_true", help="stable JSON on stdout")
+        p.add_argument("--bpffs", default="/sys/fs/bpf", metavar="DIR",
+                       help="where to look for pinned maps (default /sys/fs/bpf)")
+        p.add_argument("--discover-name", action="append", default=[], metavar="NAME",
+                       help="map name to discover among loaded maps (repeatable; "
+                            "default cilium_sock_ops)")
+
+    p_maps = sub.add_parser("maps", help="list the sockhash/sockmap maps on this node")
+    common(p_maps)
+
+    for name, text in (("audit", "report stale and shadowing entries (never writes)"),
+                       ("clean", "delete confirmed stale and shadowing entries (dry run "
+                                 "unless --apply)")):
+        p = sub.add_parser(name, help=text)
+        common(p)
+        p.add_argument("--layout", choices=sorted(LAYOUTS), default="cilium",
+                       help="key layout (default: cilium)")
+        p.add_argument("--proxy-ip", action="append", type=_ip, default=[], metavar="IP",
+                       help="host gateway IP that marks L7-proxy entries (cilium_host's); "
+                            "repeatable")
+        p.add_argument("--confirm-delay", type=_nonneg_float, default=0.2, metavar="SECONDS",
+                       help="pause before the confirming second look (default 0.2)")
+        p.add_argument("--no-iterator", action="store_true",
+                       help="read keys with syscalls only, even where the sockmap iterator works")
+        p.add_argument("--all", action="store_true", help="also list ok and proxy entries")
+        if name == "clean":
+            p.add_argument("--apply", action="store_true", help="really delete")
+            p.add_argument("--max-deletes", type=_nonneg_int, default=DEFAULT_MAX_DELETES,
+                           metavar="N",
+                           help=f"stop after N deletes (default {DEFAULT_MAX_DELETES})")
+    return parser
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise NotRootError("must run as root (needs CAP_BPF/CAP_SYS_ADMIN to read BPF maps "
+                           "and CAP_SYS_ADMIN to enter network namespaces)")
+
+
+def _select_maps(args: argparse.Namespace) -> tuple[list[MapInfo], bool]:
+    """The maps to work on, and whether they were discovered (not named)."""
+    if args.map:
+        seen: dict[int, MapInfo] = {}
+        for spec in args.map:
+            info = maps_adapter.resolve_map(spec, bpffs_root=args.bpffs)
+            seen.setdefault(info.id, info)
+        return list(seen.values()), False
+    names = tuple(args.discover_name) or ("cilium_sock_ops",)
+    return maps_adapter.discover_maps(bpffs_root=args.bpffs, names=names), True
+
+
+def _layout(name: str) -> KeyLayout:
+    try:
+        return LAYOUTS[name]
+    except KeyError as exc:
+        raise ConfigError(f"unknown layout {name}") from exc
+
+
+def _audit(args: argparse.Namespace) -> tuple[NodeAudit, list[MapInfo]]:
+    maps, discovered = _select_maps(args)
+    policy = AuditPolicy(proxy_ips=frozenset(args.proxy_ip))
+    audit = run_audit(maps, _layout(args.layout), policy, args.confirm_delay,
+                      use_iterator=not args.no_iterator, tolerate_skips=discovered)
+    return audit, maps
+
+
+def cmd_maps(args: argparse.Namespace) -> int:
+    maps, _ = _select_maps(args)
+    if args.json:
+        counts = {}
+        for m in maps:
+            with maps_adapter.open_map(m) as h:
+                counts[m.id] = sum(1 for _ in h.keys())
+        print(maps_json(maps, counts))
+    else:
+        print(maps_text(maps))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    audit, _ = _audit(args)
+    print(audit_json(audit, args.all) if args.json else audit_text(audit, args.all))
+    return 1 if audit.bad else 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    audit, _ = _audit(args)
+    deletions: list[Deletion] = []
+    budget = args.max_deletes
+    with OwnerProbe() as probe:
+        for result in audit.results:
+            with maps_adapter.open_map(result.map) as handle:
+                done = clean(handle, result.findings, probe, args.apply, budget)
+            budget -= sum(1 for d in done if d.outcome in ("deleted", "would-delete"))
+            deletions.extend(done)
+    if args.json:
+        print(clean_json(deletions, args.apply, audit))
+    else:
+        print(clean_text(deletions, args.apply))
+    left = [d for d in deletions if d.outcome not in ("deleted", "gone")]
+    return 1 if left else 0
+
+
+COMMANDS = {"maps": cmd_maps, "audit": cmd_audit, "clean": cmd_clean}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="sockguard: %(message)s", stream=sys.stderr)
+    try:
+        _require_root()
+        return COMMANDS[args.command](args)
+    except SockguardError as exc:
+        print(f"sockguard: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except PermissionError as exc:
+        print(f"sockguard: permission denied: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

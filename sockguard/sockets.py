@@ -1,0 +1,229 @@
+"""The sockets adapter: live TCP sockets of every namespace, from sock_diag.
+
+One NETLINK_SOCK_DIAG socket is opened inside each namespace (sock_diag only
+reports the namespace its socket lives in) and asked for IPv4 and IPv6 TCP
+sockets in every state but LISTEN.  Requests are built with pyroute2's
+``inet_diag_req``; replies are decoded here from the fixed 72-byte
+``inet_diag_msg`` header with ``struct``, because pyroute2's generic decoder
+costs about 95 µs a socket (1.7 s for 18,000 sockets, measured on this machine
+kind), too slow for a node with 100,000 sockets.  No attributes are requested,
+so the header is all a reply holds.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY, inet_diag_req
+
+from .audit import OWNER_STATES, TCP_LISTEN, normalize
+from .errors import NotRootError
+from .model import Endpoint, IPAddress, LiveSocket, Netns, Tuple4
+from .netns import NamespaceGone, NetnsRef, entered, enumerate_netns
+
+log = logging.getLogger(__name__)
+
+NETLINK_SOCK_DIAG = 4
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+_NLMSGHDR = struct.Struct("=IHHII")
+_DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIQIIIII")
+_ALL_BUT_LISTEN = ((1 << 13) - 1) & ~(1 << TCP_LISTEN)
+_NOCOOKIE = 0xFFFFFFFFFFFFFFFF
+_RECV_BUF = 1 << 20
+
+
+@dataclass
+class Scan:
+    """The sockets of every namespace that could be read, and those that could not."""
+
+    sockets: list[LiveSocket] = field(default_factory=list)
+    namespaces: list[Netns] = field(default_factory=list)
+    vanished: list[str] = field(default_factory=list)
+
+
+class _AddrCache:
+    """Interns addresses: a node has few distinct IPs and many sockets."""
+
+    def __init__(self) -> None:
+        self._v4: dict[bytes, IPAddress] = {}
+        self._v6: dict[bytes, IPAddress] = {}
+
+    def get(self, family: int, raw: bytes) -> IPAddress:
+        if family == socket.AF_INET:
+            b = raw[:4]
+            ip = self._v4.get(b)
+            if ip is None:
+                ip = self._v4[b] = IPv4Address(b)
+            return ip
+        ip = self._v6.get(raw)
+        if ip is None:
+            ip = self._v6[raw] = IPv6Address(raw)
+        return ip
+
+
+def _request(family: int, seq: int, flags: int, **fields: object) -> bytes:
+    req = inet_diag_req()
+    req["header"]["type"] = SOCK_DIAG_BY_FAMILY
+    req["header"]["flags"] = flags
+    req["header"]["sequence_number"] = seq
+    req["sdiag_family"] = family
+    req["sdiag_protocol"] = socket.IPPROTO_TCP
+    req["idiag_ext"] = 0
+    req["idiag_states"] = fields.pop("states", _ALL_BUT_LISTEN)
+    req["idiag_sport"] = fields.pop("sport", 0)
+    req["idiag_dport"] = fields.pop("dport", 0)
+    req["idiag_src"] = fields.pop("src", (0, 0, 0, 0))
+    req["idiag_dst"] = fields.pop("dst", (0, 0, 0, 0))
+    req["idiag_if"] = 0
+    req["idiag_cookie"] = fields.pop("cookie", _NOCOOKIE)
+    req.encode()
+    return bytes(req.data)
+
+
+def _messages(sock: socket.socket, seq: int) -> Iterator[memoryview]:
+    """Payloads of the replies to request ``seq``, until NLMSG_DONE or one reply."""
+    while True:
+        data = sock.recv(_RECV_BUF)
+        if not data:
+            return
+        view = memoryview(data)
+        off = 0
+        while off + _NLMSGHDR.size <= len(data):
+            length, mtype, flags, mseq, _pid = _NLMSGHDR.unpack_from(view, off)
+            if length < _NLMSGHDR.size:
+                return
+            payload = view[off + _NLMSGHDR.size : off + length]
+            off += (length + 3) & ~3
+            if mseq != seq:
+                continue
+            if mtype == NLMSG_DONE:
+                return
+            if mtype == NLMSG_ERROR:
+                code = -struct.unpack_from("=i", payload)[0]
+                if code == 0:
+                    return
+                raise OSError(code, f"sock_diag: {errno.errorcode.get(code, code)}")
+            yield payload
+            if not flags & 0x2:  # NLM_F_MULTI: a single reply is the whole answer
+                return
+
+
+def _decode(payload: memoryview, netns: Netns, addrs: _AddrCache) -> LiveSocket:
+    (family, state, _timer, _retrans, sport, dport, src, dst, _if, cookie,
+     _exp, _rq, _wq, uid, inode) = _DIAG_MSG.unpack_from(payload)
+    fam = 4 if family == socket.AF_INET else 6
+    tup = Tuple4(
+        fam,
+        Endpoint(addrs.get(family, src), int.from_bytes(sport, "big")),
+        Endpoint(addrs.get(family, dst), int.from_bytes(dport, "big")),
+    )
+    return LiveSocket(tup, state, cookie, inode, netns, uid)
+
+
+def open_diag_socket(ref: NetnsRef) -> socket.socket:
+    """A sock_diag socket living in the namespace ``ref`` names."""
+    with entered(ref.path):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             NETLINK_SOCK_DIAG)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECV_BUF)
+    sock.bind((0, 0))
+    return sock
+
+
+def dump(sock: socket.socket, netns: Netns, addrs: _AddrCache | None = None) -> list[LiveSocket]:
+    """Every non-listening TCP socket of the namespace ``sock`` lives in."""
+    addrs = addrs or _AddrCache()
+    out: list[LiveSocket] = []
+    for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
+        sock.send(_request(family, seq, NLM_F_REQUEST | NLM_F_DUMP))
+        out.extend(_decode(p, netns, addrs) for p in _messages(sock, seq))
+    return out
+
+
+def scan_all(refs: Sequence[NetnsRef] | None = None) -> Scan:
+    """Live sockets of every namespace; a namespace that vanishes is noted and skipped."""
+    scan = Scan()
+    addrs = _AddrCache()
+    for ref in refs if refs is not None else enumerate_netns():
+        try:
+            sock = open_diag_socket(ref)
+        except NamespaceGone:
+            scan.vanished.append(ref.path)
+            continue
+        except PermissionError as exc:
+            raise NotRootError(
+                f"cannot enter network namespace {ref.path}: {exc.strerror}"
+            ) from exc
+        except OSError as exc:
+            log.warning("skipping namespace %s: %s", ref.path, exc)
+            scan.vanished.append(ref.path)
+            continue
+        with sock:
+            scan.sockets.extend(dump(sock, ref.netns, addrs))
+        scan.namespaces.append(ref.netns)
+    return scan
+
+
+def _words(ip: IPAddress) -> tuple[int, int, int, int]:
+    raw = ip.packed.ljust(16, b"\0")
+    a, b, c, d = struct.unpack(">4I", raw)
+    return a, b, c, d
+
+
+class OwnerProbe:
+    """Asks each namespace whether a full socket owns an exact tuple right now.
+
+    Used to re-verify an entry immediately before deleting it: an exact
+    sock_diag lookup (not a dump) per namespace, through sockets opened once.
+    """
+
+    def __init__(self, refs: Sequence[NetnsRef] | None = None) -> None:
+        self._socks: list[tuple[Netns, socket.socket]] = []
+        for ref in refs if refs is not None else enumerate_netns():
+            try:
+                self._socks.append((ref.netns, open_diag_socket(ref)))
+            except (NamespaceGone, OSError):
+                continue
+        self._seq = 100
+
+    def owner(self, tup: Tuple4) -> LiveSocket | None:
+        """The live full socket with exactly ``tup`` in any namespace, if one exists."""
+        want = normalize(tup)
+        family = socket.AF_INET if tup.family == 4 else socket.AF_INET6
+        for netns, sock in self._socks:
+            self._seq += 1
+            sock.send(_request(
+                family, self._seq, NLM_F_REQUEST, states=0xFFFFFFFF,
+                sport=tup.local.port, dport=tup.remote.port,
+                src=_words(tup.local.ip), dst=_words(tup.remote.ip),
+            ))
+            try:
+                for payload in _messages(sock, self._seq):
+                    found = _decode(payload, netns, _AddrCache())
+                    # inet_diag_find_one_icsk() falls back to a listener on the
+                    # local port (inet_lookup), so the reply must be checked.
+                    if found.state in OWNER_STATES and normalize(found.tuple) == want:
+                        return found
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EINVAL):
+                    raise
+        return None
+
+    def close(self) -> None:
+        for _netns, sock in self._socks:
+            sock.close()
+        self._socks.clear()
+
+    def __enter__(self) -> OwnerProbe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

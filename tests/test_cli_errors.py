@@ -1,0 +1,121 @@
+"""Bad input gets one clear line on stderr and exit status 2, never a traceback.
+
+Real kernel objects: maps created and pinned for the test, a real unprivileged
+user, a real network namespace deleted under the scanner.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sockguard import libbpf
+from sockguard.netns import enumerate_netns
+from sockguard.sockets import scan_all
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_kernel")]
+
+MakeMap = Callable[..., int]
+
+
+def sockguard(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sockguard", *args], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def assert_error(proc: subprocess.CompletedProcess[str], message: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sockguard: "), proc.stderr
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command", ["maps", "audit", "clean"])
+def test_unknown_map_name(command: str) -> None:
+    assert_error(sockguard(command, "--map", "no_such_map_x"), "no map named no_such_map_x")
+
+
+def test_unknown_map_id() -> None:
+    assert_error(sockguard("audit", "--map", "id:999999999"), "no map with id 999999999")
+
+
+def test_malformed_map_id() -> None:
+    proc = sockguard("audit", "--map", "id:abc")
+    assert_error(proc, "bad map id 'abc': expected id:N")
+
+
+def test_missing_pin(bpffs_dir: Path) -> None:
+    assert_error(sockguard("audit", "--map", str(bpffs_dir / "nothing")), "no such pinned map")
+
+
+def test_pin_path_outside_bpffs(tmp_path: Path) -> None:
+    assert_error(sockguard("audit", "--map", str(tmp_path / "cilium_sock_ops")),
+                 "is not on a bpf filesystem; is bpffs mounted?")
+
+
+def test_wrong_key_size(make_map: MakeMap, bpffs_dir: Path) -> None:
+    fd = make_map(libbpf.BPF_MAP_TYPE_SOCKHASH, 8, 4, 16, name="sg_small_key")
+    pin = bpffs_dir / "small"
+    libbpf.obj_pin(fd, str(pin))
+    assert_error(sockguard("audit", "--map", str(pin)), "8-byte keys; layout cilium needs 44")
+    assert_error(sockguard("clean", "--apply", "--map", str(pin)), "8-byte keys")
+
+
+def test_not_a_sockhash(make_map: MakeMap, bpffs_dir: Path) -> None:
+    fd = make_map(1, 44, 4, 16, name="sg_plain_hash")  # BPF_MAP_TYPE_HASH
+    pin = bpffs_dir / "plain"
+    libbpf.obj_pin(fd, str(pin))
+    libbpf.map_update(fd, b"\1" * 44, struct.pack("i", 7))
+    assert_error(sockguard("audit", "--map", str(pin)), "not a sockhash or sockmap")
+    assert_error(sockguard("clean", "--apply", "--map", str(pin)), "not a sockhash or sockmap")
+    assert libbpf.map_lookup(fd, b"\1" * 44, 4) == struct.pack("i", 7)  # untouched
+
+
+def test_without_capabilities(make_map: MakeMap, bpffs_dir: Path) -> None:
+    """Root without capabilities (a container's root): a clear error, no traceback."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    fd = make_map(libbpf.BPF_MAP_TYPE_SOCKHASH, 44, 4, 16, name="sg_perm")
+    pin = bpffs_dir / "perm"
+    libbpf.obj_pin(fd, str(pin))
+    drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
+    for args in (["audit", "--map", str(pin)], ["clean", "--apply"], ["maps"]):
+        proc = subprocess.run([*drop, sys.executable, "-m", "sockguard", *args],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert_error(proc, "needs root (CAP_BPF, CAP_SYS_ADMIN)")
+
+
+def test_bad_flag_values() -> None:
+    proc = sockguard("clean", "--max-deletes", "-1")
+    assert proc.returncode == 2 and "must be >= 0" in proc.stderr
+    proc = sockguard("audit", "--proxy-ip", "not-an-ip")
+    assert proc.returncode == 2 and "not an IP address" in proc.stderr
+
+
+def test_no_maps_is_said_plainly(bpffs_dir: Path) -> None:
+    proc = sockguard("audit", "--bpffs", str(bpffs_dir), "--discover-name", "sg_none_here")
+    assert proc.returncode == 0, proc.stderr
+    assert "no sockhash maps on this node" in proc.stdout + proc.stderr
+    proc = sockguard("maps", "--bpffs", str(bpffs_dir), "--discover-name", "sg_none_here")
+    assert proc.returncode == 0 and "no sockhash or sockmap maps found" in proc.stdout
+
+
+def test_namespace_vanishing_mid_scan_is_skipped() -> None:
+    name = f"sg-vanish-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        refs = enumerate_netns()
+        assert any(r.path == f"/run/netns/{name}" for r in refs)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+    scan = scan_all(refs)
+    assert f"/run/netns/{name}" in scan.vanished
+    assert scan.namespaces, "the other namespaces were still scanned"
