@@ -29,7 +29,7 @@ audit:
 	$(VENV)/bin/sockguard audit
 
 lint:
-	$(VENV)/bin/ruff check sockguard tests bpf benchmarks
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 test: lint
