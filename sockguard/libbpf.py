@@ -100,6 +100,7 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map_get_fd_by_id": (ctypes.c_int, [ctypes.c_uint32]),
     "bpf_prog_get_fd_by_id": (ctypes.c_int, [ctypes.c_uint32]),
     "bpf_obj_get": (ctypes.c_int, [ctypes.c_char_p]),
+    "bpf_obj_get_opts": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_void_p]),
     "bpf_obj_pin": (ctypes.c_int, [ctypes.c_int, ctypes.c_char_p]),
     "bpf_obj_get_info_by_fd": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, _c_u32_p]),
     "bpf_map_get_next_key": (ctypes.c_int, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]),
@@ -256,9 +257,25 @@ def prog_fd_by_id(prog_id: int) -> int:
     return _check(lib().bpf_prog_get_fd_by_id(prog_id), f"bpf_prog_get_fd_by_id({prog_id})")
 
 
-def obj_get(path: str) -> int:
-    """A new fd for the object pinned at ``path`` in a bpffs (caller closes)."""
-    return _check(lib().bpf_obj_get(os.fsencode(path)), f"bpf_obj_get({path})")
+BPF_F_RDONLY = 1 << 3
+
+
+class _ObjGetOpts(ctypes.Structure):
+    _fields_ = (("sz", ctypes.c_size_t), ("file_flags", ctypes.c_uint32))
+
+
+def obj_get(path: str, readonly: bool = False) -> int:
+    """A new fd for the object pinned at ``path`` in a bpffs (caller closes).
+
+    ``readonly`` opens the pin O_RDONLY-like (BPF_F_RDONLY), which is all a
+    scan needs: the kernel checks the pin file's mode against the flags
+    (bpf_obj_get_user), and preloaded pins such as maps.debug are 0400.
+    """
+    if not readonly:
+        return _check(lib().bpf_obj_get(os.fsencode(path)), f"bpf_obj_get({path})")
+    opts = _ObjGetOpts(ctypes.sizeof(_ObjGetOpts), BPF_F_RDONLY)
+    return _check(lib().bpf_obj_get_opts(os.fsencode(path), ctypes.byref(opts)),
+                  f"bpf_obj_get({path})")
 
 
 def obj_pin(fd: int, path: str) -> None:

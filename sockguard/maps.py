@@ -147,7 +147,7 @@ def _pinned_files(root: str) -> Iterator[str]:
 def _open_pin(path: str) -> int | None:
     """An fd for the map pinned at ``path``; None when it is not a map."""
     try:
-        fd = libbpf.obj_get(path)
+        fd = libbpf.obj_get(path, readonly=True)
     except BpfError as exc:
         _raise_for(exc, f"bpf_obj_get({path})")
         return None
@@ -254,7 +254,7 @@ def _resolve_path(path: str) -> MapInfo:
             f"{path}: {where} is not on a bpf filesystem; is bpffs mounted? ({MOUNT_HINT})"
         )
     try:
-        fd = libbpf.obj_get(path)
+        fd = libbpf.obj_get(path, readonly=True)
     except BpfError as exc:
         _raise_for(exc, path)
         if exc.errno == errno.ENOENT:

@@ -6,6 +6,7 @@ user, a real network namespace deleted under the scanner.
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import subprocess
@@ -119,3 +120,20 @@ def test_namespace_vanishing_mid_scan_is_skipped() -> None:
     scan = scan_all(refs)
     assert f"/run/netns/{name}" in scan.vanished
     assert scan.namespaces, "the other namespaces were still scanned"
+
+
+def test_discovery_needs_no_dac_override(make_map: MakeMap, bpffs_dir: Path) -> None:
+    """Pins of mode 0400 (like the kernel's maps.debug) open read-only for the scan."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    fd = make_map(libbpf.BPF_MAP_TYPE_SOCKHASH, 44, 4, 16, name="sg_ro_pin")
+    pin = bpffs_dir / "ro"
+    libbpf.obj_pin(fd, str(pin))
+    pin.chmod(0o400)
+    proc = subprocess.run(
+        ["setpriv", "--bounding-set=-all,+sys_admin,+sys_ptrace,+dac_read_search",
+         "--inh-caps=-all", "--", sys.executable, "-m", "sockguard", "maps",
+         "--bpffs", str(bpffs_dir), "--discover-name", "sg_none_here", "--json"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert [m["path"] for m in json.loads(proc.stdout)["maps"]] == [str(pin)]
