@@ -22,6 +22,7 @@ from .node_audit import NodeAudit, run_audit
 from .output import audit_json, audit_text, clean_json, clean_text, maps_json, maps_text
 from .remediation import DEFAULT_MAX_DELETES, Deletion, clean
 from .sockets import OwnerProbe
+from .sockmap_iter import iterator_available, read_sockmap
 
 log = logging.getLogger("sockguard")
 
@@ -124,16 +125,21 @@ def _audit(args: argparse.Namespace) -> tuple[NodeAudit, list[MapInfo]]:
     return audit, maps
 
 
+def _entry_count(info: MapInfo) -> int | None:
+    """Occupied entries. A sockmap's get_next_key walks every index, used or not
+    (sock_map_get_next_key), so only the iterator can count a sockmap."""
+    with maps_adapter.open_map(info) as handle:
+        if handle.is_hash:
+            return sum(1 for _ in handle.keys())
+        if iterator_available()[0]:
+            return len(read_sockmap(handle.fd, info.key_size))
+    return None
+
+
 def cmd_maps(args: argparse.Namespace) -> int:
     maps, _ = _select_maps(args)
-    if args.json:
-        counts = {}
-        for m in maps:
-            with maps_adapter.open_map(m) as h:
-                counts[m.id] = sum(1 for _ in h.keys())
-        print(maps_json(maps, counts))
-    else:
-        print(maps_text(maps))
+    counts = {m.id: _entry_count(m) for m in maps}
+    print(maps_json(maps, counts) if args.json else maps_text(maps, counts))
     return 0
 
 

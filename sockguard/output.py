@@ -112,7 +112,7 @@ def audit_text(audit: NodeAudit, include_ok: bool = False) -> str:
             f"{r.entries} entries: {counts}; {r.pending} in handshake"
         )
         lines.extend(f"  undecodable key {u}" for u in r.undecodable)
-    lines.append(f"{audit.sockets} TCP sockets in {len(audit.namespaces)} network namespaces "
+    lines.append(f"{audit.sockets} TCP sockets in {len(audit.namespaces)} network namespace(s) "
                  f"({audit.duration:.2f} s)")
     lines.extend(f"skipped map: {s}" for s in audit.skipped)
     lines.extend(f"namespace vanished during the scan: {v}" for v in audit.vanished)
@@ -132,17 +132,18 @@ def audit_text(audit: NodeAudit, include_ok: bool = False) -> str:
     return "\n".join(lines)
 
 
-def maps_text(maps: Sequence[MapInfo]) -> str:
+def maps_text(maps: Sequence[MapInfo], counts: dict[int, int | None]) -> str:
     if not maps:
         return ("no sockhash or sockmap maps found "
                 "(pinned under /sys/fs/bpf or named cilium_sock_ops)")
-    header = ["ID", "NAME", "TYPE", "KEY", "VALUE", "ENTRIES", "PATH", "PROGRAMS"]
+    header = ["ID", "NAME", "TYPE", "KEY", "VALUE", "ENTRIES", "MAX", "PATH", "PROGRAMS"]
     rows = [[str(m.id), m.name, m.map_type, str(m.key_size), str(m.value_size),
-             str(m.max_entries), m.path or "-", ",".join(m.programs) or "-"] for m in maps]
+             "?" if counts.get(m.id) is None else str(counts[m.id]), str(m.max_entries),
+             m.path or "-", ",".join(m.programs) or "-"] for m in maps]
     return _table([header, *rows])
 
 
-def maps_json(maps: Sequence[MapInfo], counts: dict[int, int]) -> str:
+def maps_json(maps: Sequence[MapInfo], counts: dict[int, int | None]) -> str:
     return json.dumps({"version": SCHEMA_VERSION,
                        "maps": [{**map_dict(m), "entries": counts.get(m.id)} for m in maps]},
                       indent=2, sort_keys=True)

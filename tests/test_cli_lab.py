@@ -256,3 +256,28 @@ def test_entry_of_a_reset_socket_held_open_is_stale(lab: Lab) -> None:
     assert (f["key_hex"], f["kind"]) == (srv_key.hex(), "stale")
     assert f["details"]["entry_socket_state"] == "CLOSE"
     assert f["entry_cookie"] == cookie(srv)
+
+
+def test_maps_lists_the_lab_map_with_its_program_and_entries(lab: Lab) -> None:
+    lab.pair(*lab.pods, SERVER_PORT)
+    proc = sockguard("maps", "--json")
+    assert proc.returncode == 0, proc.stderr
+    [m] = [m for m in json.loads(proc.stdout)["maps"] if m["path"] == str(lab.pin_path)]
+    assert (m["name"], m["type"], m["key_size"], m["value_size"]) == (
+        "cilium_sock_ops", "sockhash", 44, 4)
+    assert m["entries"] == 2 and m["max_entries"] == 65535
+    assert [p.split(":")[:2] for p in m["programs"]] == [["sk_msg", "lab_sk_msg"]]
+    text = sockguard("maps", "--map", str(lab.pin_path))
+    assert text.returncode == 0
+    assert "cilium_sock_ops" in text.stdout and "sk_msg:lab_sk_msg" in text.stdout
+
+
+def test_audit_discovers_the_pinned_map_without_map_flag(lab: Lab) -> None:
+    a, b = lab.pods
+    [dummy] = inject_each(lab, [cilium_key(a.addr(), 1, b.addr(), 2)])
+    proc = sockguard("audit", "--json")
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    ours = [f for f in doc["findings"] if f["map"]["path"] == str(lab.pin_path)]
+    assert [f["kind"] for f in ours] == ["stale"]
+    assert ours[0]["entry_cookie"] == cookie(dummy)
