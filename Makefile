@@ -2,7 +2,10 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 pkg-config libsystemd-dev gcc
+# prometheus: for promtool (tests of packaging/prometheus/*.rules.yml). On a host where
+# systemd is PID 1 the package also enables prometheus.service; `systemctl disable --now
+# prometheus` if that node should not run one.
+APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 pkg-config libsystemd-dev gcc prometheus
 
 .PHONY: setup system-deps bpffs venv audit test lint bench clean
 

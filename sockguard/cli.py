@@ -1,4 +1,4 @@
-"""The ``sockguard`` command line: maps, audit, clean.
+"""The ``sockguard`` command line: maps, audit, clean, run.
 
 Exit status: 0 no findings, 1 stale or shadowing entries found (for ``clean``:
 some remained or were refused), 2 an error, printed as one line.
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-deletes", type=_nonneg_int, default=DEFAULT_MAX_DELETES,
                            metavar="N",
                            help=f"stop after N deletes (default {DEFAULT_MAX_DELETES})")
+    _add_run_parser(sub)  # `sockguard run`, see the section at the end
     return parser
 
 
@@ -167,7 +168,24 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 1 if left else 0
 
 
-COMMANDS = {"maps": cmd_maps, "audit": cmd_audit, "clean": cmd_clean}
+# -- `sockguard run`: the always-on service (sockguard/daemon.py) -----------------------
+
+
+def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .config import add_run_arguments
+
+    p = sub.add_parser("run", help="audit periodically as a systemd service, with metrics "
+                                   "(see packaging/README.md)")
+    add_run_arguments(p)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import main as run_daemon
+
+    return run_daemon(args)
+
+
+COMMANDS = {"maps": cmd_maps, "audit": cmd_audit, "clean": cmd_clean, "run": cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,447 @@
+"""``sockguard run``: the always-on node service.
+
+Two threads, for a reason:
+
+- the **audit thread** runs one cycle every ``audit.interval`` seconds
+  (resolve maps, ``node_audit.run_audit``, then — only when
+  ``remediation.enabled`` — ``remediation.clean`` with the same guards as
+  ``sockguard clean --apply``: confirmed findings only, re-verified right
+  before each delete, at most ``remediation.max_deletes`` per cycle).  It
+  records a *heartbeat* whenever it makes progress: between phases of a
+  cycle, at its end, and while it waits for the next one.
+- the **main thread** handles signals (SIGHUP reload, SIGTERM/SIGINT stop) and
+  sends ``WATCHDOG=1`` — but only while the audit thread's heartbeat is
+  younger than half of WatchdogSec.  A hung audit (a stuck syscall, a netlink
+  read that never returns) stops the heartbeat, the pings stop, and systemd's
+  watchdog kills and restarts us: the pings measure real progress, they are
+  not a free-running timer.
+
+sd_notify: ``READY=1`` is sent after the first *successful* audit (so
+``systemctl start`` returning means sockguard has really looked at the maps),
+``STATUS=`` after every cycle, ``RELOADING=1``/``READY=1`` around a reload and
+``STOPPING=1`` at stop.
+
+A failing cycle (map vanished, namespace gone, EPERM, anything else) is logged,
+counted in ``sockguard_audit_failures_total{reason}`` and the daemon carries on.
+SIGTERM stops the loop; an audit in progress gets ``STOP_GRACE`` seconds to
+finish and is then abandoned (the process exits 0 without waiting for it;
+BPF deletes are single syscalls, so nothing is left half-done).
+
+Test hook (documented, tiny, inert unless set): when the environment variable
+``SOCKGUARD_TEST_BLOCK_FILE`` names a file, every audit cycle blocks at its
+start for as long as that file exists — it does not even look at the stop
+flag, just like a hung syscall.  The watchdog and SIGTERM tests use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from types import FrameType
+from typing import Any
+
+from . import maps as maps_adapter
+from .audit import AuditPolicy
+from .config import Config, describe, load_config, overrides_from_args
+from .errors import (
+    BpffsNotMountedError,
+    LayoutMismatchError,
+    LibbpfMissingError,
+    MapGoneError,
+    MapNotFoundError,
+    NotASockMapError,
+    NotRootError,
+    SockguardError,
+)
+from .layout import LAYOUTS
+from .metrics import Metrics, start_server
+from .model import Finding, Kind, MapInfo
+from .node_audit import NodeAudit, run_audit
+from .notify import Notifier, make_log_handler, monotonic_usec
+from .remediation import Deletion, clean
+from .sockets import OwnerProbe
+
+log = logging.getLogger("sockguard.daemon")
+
+BLOCK_ENV = "SOCKGUARD_TEST_BLOCK_FILE"
+#: Seconds an audit in progress may still take after SIGTERM before it is abandoned.
+STOP_GRACE = 2.0
+#: Longest sleep of either thread: bounds signal handling and heartbeat latency.
+TICK = 0.25
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A bounded label for why a cycle failed (see metrics.FAILURE_REASONS)."""
+    table: tuple[tuple[type[BaseException], str], ...] = (
+        (MapNotFoundError, "map_not_found"),
+        (MapGoneError, "map_gone"),
+        (NotASockMapError, "not_a_sockmap"),
+        (LayoutMismatchError, "layout_mismatch"),
+        (NotRootError, "permission"),
+        (PermissionError, "permission"),
+        (BpffsNotMountedError, "bpffs"),
+        (LibbpfMissingError, "libbpf"),
+    )
+    for cls, reason in table:
+        if isinstance(exc, cls):
+            return reason
+    if isinstance(exc, OSError):
+        return "permission" if exc.errno in (errno.EPERM, errno.EACCES) else "os_error"
+    return "internal"
+
+
+def select_maps(cfg: Config) -> tuple[list[MapInfo], bool]:
+    """Resolve the configured maps afresh each cycle (a map may be replaced by a restart).
+
+    Returns the maps and whether they were discovered rather than named.
+    """
+    if cfg.maps:
+        seen: dict[int, MapInfo] = {}
+        for spec in cfg.maps:
+            info = maps_adapter.resolve_map(spec, bpffs_root=cfg.bpffs)
+            seen.setdefault(info.id, info)
+        return list(seen.values()), False
+    return maps_adapter.discover_maps(bpffs_root=cfg.bpffs, names=cfg.discover_names), True
+
+
+def finding_fields(f: Finding) -> dict[str, object]:
+    """The journal fields of a finding: ``journalctl SOCKGUARD_KIND=stale`` etc."""
+    fields: dict[str, object] = {
+        "SOCKGUARD_MAP_ID": f.map.id,
+        "SOCKGUARD_MAP_NAME": f.map.name,
+        "SOCKGUARD_KIND": f.kind.value,
+        "SOCKGUARD_KEY": f.entry.key_hex,
+        "SOCKGUARD_TUPLE": str(f.entry.key),
+    }
+    if f.entry.cookie is not None:
+        fields["SOCKGUARD_ENTRY_COOKIE"] = f.entry.cookie
+    if f.socket is not None:
+        fields["SOCKGUARD_LIVE_SOCKET"] = str(f.socket.tuple)
+        fields["SOCKGUARD_NETNS"] = f.socket.netns.name
+    if f.owner is not None:
+        fields["SOCKGUARD_PID"] = f.owner.pid
+        fields["SOCKGUARD_COMM"] = f.owner.comm
+    return fields
+
+
+_handler: logging.Handler | None = None
+
+
+def configure_logging(cfg: Config) -> None:
+    """Route all ``sockguard.*`` (and other) logging to journald or stderr per ``log.*``."""
+    global _handler
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    _handler = make_log_handler(cfg.log_target)
+    root.addHandler(_handler)
+    root.setLevel(getattr(logging, cfg.log_level.upper()))
+
+
+class Daemon:
+    """The audit loop, its metrics endpoint and its conversation with systemd."""
+
+    def __init__(self, config: Config, overrides: dict[str, object] | None = None,
+                 notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.overrides = dict(overrides or {})
+        self.metrics = Metrics()
+        self.notifier = notifier or Notifier()
+        self._stop = threading.Event()
+        self._wake_main = threading.Event()
+        self._wake_worker = threading.Event()
+        self._reload_requested = False
+        self._heartbeat = time.monotonic()
+        self._ready = False
+        self._server: Any = None
+        self._seen: dict[int, set[tuple[str, str]]] = {}
+        self._last_ok: str = "never"
+        self._last_counts: tuple[int, ...] | None = None
+
+    # -- threads ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; the exit status (0 on a requested stop)."""
+        configure_logging(self.config)
+        log.info("sockguard run starting: %s", describe(self.config))
+        self._start_metrics(self.config)
+        self.metrics.configured(self.config.interval, self.config.remediate)
+        previous = self._install_signals()
+        watchdog = self.notifier.watchdog_seconds
+        if watchdog is not None:
+            log.info("systemd watchdog: %.3g s; pinging while audits make progress", watchdog)
+        self.notifier.notify("STATUS=starting: first audit in progress")
+        worker = threading.Thread(target=self._worker, name="audit", daemon=True)
+        worker.start()
+        try:
+            status = self._supervise(worker, watchdog)
+        finally:
+            self._restore_signals(previous)
+        return self._shutdown(worker, status)
+
+    def _supervise(self, worker: threading.Thread, watchdog: float | None) -> int:
+        ping_every = watchdog / 4 if watchdog else None
+        last_ping = 0.0
+        while not self._stop.is_set():
+            self._wake_main.wait(min(TICK, ping_every) if ping_every else TICK)
+            self._wake_main.clear()
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload()
+            now = time.monotonic()
+            if watchdog and ping_every and now - last_ping >= ping_every \
+                    and now - self._heartbeat < watchdog / 2:
+                self.notifier.notify("WATCHDOG=1")
+                last_ping = now
+            if not worker.is_alive() and not self._stop.is_set():
+                log.critical("the audit thread died; exiting so systemd restarts sockguard")
+                return 1
+        return 0
+
+    def _shutdown(self, worker: threading.Thread, status: int) -> int:
+        self.notifier.notify("STOPPING=1", "STATUS=stopping")
+        worker.join(STOP_GRACE)
+        if worker.is_alive():
+            log.warning("stopping: abandoning the audit in progress after %.1f s", STOP_GRACE)
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # The audit thread is stuck (a syscall, a long map walk): do not wait for it,
+            # nor for the metrics server's poll loop; exiting closes every fd.
+            os._exit(status)
+        self._stop_metrics()
+        log.info("stopped")
+        return status
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self._beat()
+            try:
+                self._cycle(self.config)
+            except Exception:  # never let the thread die on a bug: log, count, go on
+                log.exception("audit cycle crashed")
+                self.metrics.audit_failed("internal")
+            self._beat()
+            while not self._stop.is_set():
+                remaining = started + self.config.interval - time.monotonic()
+                if remaining <= 0:
+                    break
+                if self._wake_worker.wait(min(remaining, self._tick())):
+                    self._wake_worker.clear()
+                self._beat()
+
+    def _tick(self) -> float:
+        wd = self.notifier.watchdog_seconds
+        return min(TICK, wd / 8) if wd else TICK
+
+    def _beat(self) -> None:
+        self._heartbeat = time.monotonic()
+
+    # -- one cycle ----------------------------------------------------------------------
+
+    def _cycle(self, cfg: Config) -> None:
+        self.metrics.audits.inc()
+        start = time.monotonic()
+        _test_block()
+        try:
+            maps, discovered = select_maps(cfg)
+            audit = run_audit(maps, LAYOUTS[cfg.layout],
+                              AuditPolicy(proxy_ips=frozenset(cfg.proxy_ips)),
+                              cfg.confirm_delay, use_iterator=cfg.use_iterator,
+                              tolerate_skips=discovered)
+        except (SockguardError, OSError) as exc:
+            self._failed(exc)
+            return
+        self._beat()
+        if self._stop.is_set():
+            return  # stopping: no deletes after SIGTERM
+        deletions = self._remediate(cfg, audit) if cfg.remediate else []
+        seconds = time.monotonic() - start
+        self.metrics.audit_succeeded(audit, deletions, seconds, time.time())
+        self._report(cfg, audit, deletions, seconds)
+
+    def _failed(self, exc: BaseException) -> None:
+        reason = failure_reason(exc)
+        self.metrics.audit_failed(reason)
+        log.error("audit failed (%s): %s", reason, exc, extra={"SOCKGUARD_FAILURE": reason})
+        self.notifier.notify(f"STATUS=audit failing ({reason}: {exc}); "
+                             f"last successful audit {self._last_ok}")
+
+    def _remediate(self, cfg: Config, audit: NodeAudit) -> list[Deletion]:
+        """``remediation.clean`` per map, exactly as ``sockguard clean --apply`` drives it."""
+        out: list[Deletion] = []
+        budget = cfg.max_deletes
+        todo = [r for r in audit.results if r.bad]
+        if not todo:
+            return out
+        with OwnerProbe() as probe:
+            for result in todo:
+                if self._stop.is_set():
+                    break
+                try:
+                    with maps_adapter.open_map(result.map) as handle:
+                        done = clean(handle, result.findings, probe, True, budget)
+                except (SockguardError, OSError) as exc:
+                    log.error("remediation of map %s id %d failed: %s", result.map.name,
+                              result.map.id, exc, extra={"SOCKGUARD_MAP_ID": result.map.id})
+                    self.metrics.refusals.labels(reason="error").inc(len(result.bad))
+                    continue
+                budget -= sum(1 for d in done if d.outcome == "deleted")
+                out.extend(done)
+                self._beat()
+        for d in out:
+            if d.outcome not in ("deleted", "would-delete"):
+                log.info("not deleted (%s): %s entry %s of map %s: %s", d.outcome,
+                         d.finding.kind.value, d.finding.entry.key, d.finding.map.name,
+                         d.reason, extra={**finding_fields(d.finding),
+                                          "SOCKGUARD_OUTCOME": d.outcome})
+        return out
+
+    def _report(self, cfg: Config, audit: NodeAudit, deletions: Sequence[Deletion],
+                seconds: float) -> None:
+        self._log_new_findings(cfg, audit)
+        entries = sum(r.entries for r in audit.results)
+        stale = sum(r.count(Kind.STALE) for r in audit.results)
+        shadowing = sum(r.count(Kind.SHADOWING) for r in audit.results)
+        deleted = sum(1 for d in deletions if d.outcome == "deleted")
+        self._last_ok = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+        summary = (f"{len(audit.results)} maps, {entries} entries: {stale} stale, "
+                   f"{shadowing} shadowing"
+                   + (f", {deleted} deleted" if cfg.remediate else "")
+                   + f"; {audit.sockets} sockets in {len(audit.namespaces)} netns")
+        counts = (len(audit.results), entries, stale, shadowing, deleted)
+        level = logging.INFO if counts != self._last_counts else logging.DEBUG
+        self._last_counts = counts
+        log.log(level, "audit: %s (%.2f s)", summary, seconds)
+        for skipped in audit.skipped:
+            log.warning("skipped map: %s", skipped)
+        status = f"STATUS={summary}; last audit {self._last_ok} ({seconds:.2f} s)"
+        if not self._ready:
+            self._ready = True
+            self.notifier.notify("READY=1", status)
+            log.info("ready: first audit done")
+        else:
+            self.notifier.notify(status)
+
+    def _log_new_findings(self, cfg: Config, audit: NodeAudit) -> None:
+        """Log each stale/shadowing entry once, when first seen (not every cycle)."""
+        now: dict[int, set[tuple[str, str]]] = {}
+        new: list[Finding] = []
+        for r in audit.results:
+            before = self._seen.get(r.map.id, set())
+            ids: set[tuple[str, str]] = set()
+            for f in r.bad:
+                ident = (f.entry.key_hex, f.kind.value)
+                ids.add(ident)
+                if ident not in before:
+                    new.append(f)
+            now[r.map.id] = ids
+        self._seen = now
+        for f in new[: cfg.log_max_findings]:
+            where = f" (live socket {f.socket.tuple} in netns {f.socket.netns})" if f.socket else ""
+            log.warning("%s entry %s in map %s id %d%s: %s", f.kind.value, f.entry.key,
+                        f.map.name, f.map.id, where, f.reason, extra=finding_fields(f))
+        if len(new) > cfg.log_max_findings:
+            log.warning("%d more new stale/shadowing entries not logged one by one",
+                        len(new) - cfg.log_max_findings)
+
+    # -- configuration and metrics endpoint --------------------------------------------
+
+    def _reload(self) -> None:
+        if self._ready:
+            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
+        old = self.config
+        try:
+            new = load_config(old.source, self.overrides)
+            if (new.metrics_enabled, new.metrics_address, new.metrics_port) != \
+                    (old.metrics_enabled, old.metrics_address, old.metrics_port):
+                self._restart_metrics(old, new)
+        except (SockguardError, OSError) as exc:
+            self.metrics.reloads.labels(result="failure").inc()
+            log.error("reload rejected, keeping the running configuration: %s", exc,
+                      extra={"SOCKGUARD_RELOAD": "failure"})
+        else:
+            self.config = new
+            configure_logging(new)
+            self.metrics.configured(new.interval, new.remediate)
+            self.metrics.reloads.labels(result="success").inc()
+            log.info("configuration reloaded: %s", describe(new),
+                     extra={"SOCKGUARD_RELOAD": "success"})
+            self._wake_worker.set()
+        if self._ready:
+            self.notifier.notify("READY=1", f"STATUS=configuration reloaded; last successful "
+                                            f"audit {self._last_ok}")
+
+    def _start_metrics(self, cfg: Config) -> None:
+        if not cfg.metrics_enabled:
+            return
+        try:
+            self._server = start_server(self.metrics, cfg.metrics_address, cfg.metrics_port)
+        except OSError as exc:
+            raise SockguardError(f"cannot serve metrics on {cfg.metrics_address}:"
+                                 f"{cfg.metrics_port}: {exc.strerror or exc}") from exc
+        log.info("metrics on http://%s:%d/metrics", cfg.metrics_address, cfg.metrics_port)
+
+    def _stop_metrics(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def _restart_metrics(self, old: Config, new: Config) -> None:
+        self._stop_metrics()
+        try:
+            self._start_metrics(new)
+        except SockguardError:
+            self._start_metrics(old)  # put the old endpoint back; the reload is rejected
+            raise
+
+    # -- signals ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake_worker.set()
+        self._wake_main.set()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload_requested = True
+            self._wake_main.set()
+        else:
+            self.request_stop()
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    def _restore_signals(self, previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _test_block() -> None:
+    """The SOCKGUARD_TEST_BLOCK_FILE hook: hang while the named file exists."""
+    path = os.environ.get(BLOCK_ENV)
+    if not path or not os.path.exists(path):
+        return
+    log.info("test hook: audit blocked while %s exists", path)
+    while os.path.exists(path):
+        time.sleep(0.05)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``sockguard run`` (called by cli.main, which handles errors)."""
+    overrides = overrides_from_args(args)
+    config = load_config(args.config, overrides)
+    return Daemon(config, overrides).run()

@@ -1,0 +1,91 @@
+"""The shipped systemd unit and Prometheus rules are valid, as their own tools judge them.
+
+``systemd-analyze verify`` checks that ExecStart exists, so the unit is verified
+as a copy whose ExecStart points at this tree's venv; everything else is the
+shipped text.  ``promtool test rules`` runs the unit tests of every alert.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIT = ROOT / "systemd" / "sockguard.service"
+RULES = ROOT / "packaging" / "prometheus" / "sockguard.rules.yml"
+RULE_TESTS = ROOT / "packaging" / "prometheus" / "sockguard.rules.test.yml"
+INSTALLED = "/opt/sockguard/.venv/bin/sockguard"
+VENV_SOCKGUARD = ROOT / ".venv" / "bin" / "sockguard"
+
+
+def _unit_lines() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not installed")
+    if not VENV_SOCKGUARD.exists():
+        pytest.skip(f"{VENV_SOCKGUARD} missing (make venv)")
+    text = UNIT.read_text()
+    assert f"ExecStart={INSTALLED} run --config /etc/sockguard/sockguard.toml" in text
+    copy = tmp_path / "sockguard.service"
+    copy.write_text(text.replace(INSTALLED, str(VENV_SOCKGUARD)))
+    proc = subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "sockguard.service" not in proc.stderr, proc.stderr  # no warnings about our unit
+
+
+def test_unit_is_a_watchdogged_notify_service_with_least_privilege() -> None:
+    unit = _unit_lines()
+    assert unit["Type"] == ["notify"]
+    assert unit["Restart"] == ["on-failure"]
+    assert re.fullmatch(r"\d+s", unit["WatchdogSec"][0])
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    caps = unit["CapabilityBoundingSet"][0].split()
+    assert sorted(caps) == ["CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"]
+    assert unit["NoNewPrivileges"] == ["yes"]
+    assert unit["ProtectSystem"] == ["strict"]
+    assert "ReadWritePaths" not in unit  # nothing is written, bpffs included
+    assert unit["RestrictNamespaces"] == ["net"]
+    # Every capability is explained in a comment.
+    text = UNIT.read_text()
+    for cap in caps:
+        assert f"# {cap}:" in text, f"{cap} is not explained"
+
+
+def test_promtool_rule_unit_tests() -> None:
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus; make system-deps)")
+    check = subprocess.run([tool, "check", "rules", str(RULES)], capture_output=True,
+                           text=True, timeout=60, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = subprocess.run([tool, "test", "rules", str(RULE_TESTS)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_alert_has_firing_and_silent_rule_tests() -> None:
+    """Each alert appears in the tests with an expected alert and with ``exp_alerts: []``."""
+    alerts = re.findall(r"^\s*- alert: (\w+)", RULES.read_text(), re.M)
+    assert len(alerts) >= 6
+    tests = RULE_TESTS.read_text()
+    blocks = re.split(r"\n\s*- eval_time:", tests)
+    for alert in alerts:
+        mine = [b for b in blocks if re.search(rf"alertname: {alert}\n", b)]
+        fires = [b for b in mine if "exp_labels" in b]
+        silent = [b for b in mine if "exp_alerts: []" in b]
+        assert fires, f"{alert}: no test where it fires"
+        assert silent, f"{alert}: no test where it stays silent"
