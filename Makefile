@@ -2,21 +2,29 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-# prometheus: for promtool (tests of packaging/prometheus/*.rules.yml). On a host where
-# systemd is PID 1 the package also enables prometheus.service; `systemctl disable --now
-# prometheus` if that node should not run one.
-APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 pkg-config libsystemd-dev gcc prometheus
+APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 pkg-config libsystemd-dev gcc
+# Only for `make test`: promtool (tests of packaging/prometheus/*.rules.yml). On a host
+# where systemd is PID 1 the package also enables prometheus.service, which is why an
+# operator's `make setup` does not install it.
+TEST_APT_PACKAGES := prometheus
 
-.PHONY: setup system-deps bpffs venv audit test lint bench clean
+.PHONY: setup system-deps test-deps bpffs venv audit test lint bench clean
 
 setup: system-deps bpffs venv
 
-system-deps:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+define apt_ensure
+	@missing=$$(for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing: $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+endef
+
+system-deps:
+	$(call apt_ensure,$(APT_PACKAGES))
+
+test-deps:
+	$(call apt_ensure,$(TEST_APT_PACKAGES))
 
 bpffs:
 	@mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
@@ -35,7 +43,7 @@ lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: lint
+test: test-deps lint
 	$(VENV)/bin/pytest -q
 
 bench:
