@@ -100,15 +100,8 @@ def _require_root() -> None:
 
 
 def _select_maps(args: argparse.Namespace) -> tuple[list[MapInfo], bool]:
-    """The maps to work on, and whether they were discovered (not named)."""
-    if args.map:
-        seen: dict[int, MapInfo] = {}
-        for spec in args.map:
-            info = maps_adapter.resolve_map(spec, bpffs_root=args.bpffs)
-            seen.setdefault(info.id, info)
-        return list(seen.values()), False
-    names = tuple(args.discover_name) or ("cilium_sock_ops",)
-    return maps_adapter.discover_maps(bpffs_root=args.bpffs, names=names), True
+    return maps_adapter.select_maps(args.map, args.bpffs,
+                                    tuple(args.discover_name) or ("cilium_sock_ops",))
 
 
 def _layout(name: str) -> KeyLayout:

@@ -99,17 +99,8 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def select_maps(cfg: Config) -> tuple[list[MapInfo], bool]:
-    """Resolve the configured maps afresh each cycle (a map may be replaced by a restart).
-
-    Returns the maps and whether they were discovered rather than named.
-    """
-    if cfg.maps:
-        seen: dict[int, MapInfo] = {}
-        for spec in cfg.maps:
-            info = maps_adapter.resolve_map(spec, bpffs_root=cfg.bpffs)
-            seen.setdefault(info.id, info)
-        return list(seen.values()), False
-    return maps_adapter.discover_maps(bpffs_root=cfg.bpffs, names=cfg.discover_names), True
+    """Resolve the configured maps afresh each cycle (a map may be replaced by a restart)."""
+    return maps_adapter.select_maps(cfg.maps, cfg.bpffs, cfg.discover_names)
 
 
 def finding_fields(f: Finding) -> dict[str, object]:

@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -504,3 +504,21 @@ def open_map(info: MapInfo) -> MapHandle:
             f" ({_type_name(raw.type)})"
         )
     return MapHandle(info, fd)
+
+
+def select_maps(
+    specs: Sequence[str], bpffs_root: str = "/sys/fs/bpf",
+    names: Sequence[str] = ("cilium_sock_ops",),
+) -> tuple[list[MapInfo], bool]:
+    """The maps named by ``specs`` (deduplicated), or the discovered ones if none.
+
+    Returns the maps and whether they were discovered: a discovered map that
+    does not fit the layout is skipped with a note, a named one is an error.
+    """
+    if specs:
+        seen: dict[int, MapInfo] = {}
+        for spec in specs:
+            info = resolve_map(spec, bpffs_root=bpffs_root)
+            seen.setdefault(info.id, info)
+        return list(seen.values()), False
+    return discover_maps(bpffs_root=bpffs_root, names=tuple(names)), True
