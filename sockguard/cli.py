@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from ipaddress import ip_address
 
 from . import maps as maps_adapter
-from .audit import AuditPolicy
+from .cilium import audit_policy
 from .errors import ConfigError, NotRootError, SockguardError
 from .layout import LAYOUTS, KeyLayout
 from .model import IPAddress, MapInfo
@@ -113,7 +113,7 @@ def _layout(name: str) -> KeyLayout:
 
 def _audit(args: argparse.Namespace) -> tuple[NodeAudit, list[MapInfo]]:
     maps, discovered = _select_maps(args)
-    policy = AuditPolicy(proxy_ips=frozenset(args.proxy_ip))
+    policy = audit_policy(args.proxy_ip)
     audit = run_audit(maps, _layout(args.layout), policy, args.confirm_delay,
                       use_iterator=not args.no_iterator, tolerate_skips=discovered)
     return audit, maps

@@ -49,7 +49,7 @@ from types import FrameType
 from typing import Any
 
 from . import maps as maps_adapter
-from .audit import AuditPolicy
+from .cilium import audit_policy
 from .config import Config, describe, load_config, overrides_from_args
 from .errors import (
     BpffsNotMountedError,
@@ -246,7 +246,7 @@ class Daemon:
         try:
             maps, discovered = select_maps(cfg)
             audit = run_audit(maps, LAYOUTS[cfg.layout],
-                              AuditPolicy(proxy_ips=frozenset(cfg.proxy_ips)),
+                              audit_policy(cfg.proxy_ips),
                               cfg.confirm_delay, use_iterator=cfg.use_iterator,
                               tolerate_skips=discovered)
         except (SockguardError, OSError) as exc:

@@ -47,8 +47,12 @@ def _ino(path: str) -> int | None:
 
 
 def host_netns_path() -> str:
-    """PID 1's namespace is the host's, whatever namespace we run in."""
-    return "/proc/1/ns/net"
+    """PID 1's namespace is the host's, whatever namespace we run in.
+
+    Where PID 1 cannot be looked at (a sandbox's init), our own namespace
+    stands for the host, as in ``enumerate_netns``.
+    """
+    return "/proc/1/ns/net" if _ino("/proc/1/ns/net") is not None else "/proc/self/ns/net"
 
 
 def enumerate_netns(proc: str = "/proc", run_netns: str = RUN_NETNS) -> list[NetnsRef]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from sockguard.netns import entered
 from tests.lab import Lab, cilium_key, close_rst, key_for, proc_tcp_state, raw_key, recv_exact
 
 pytestmark = pytest.mark.kernel
@@ -281,3 +282,36 @@ def test_audit_discovers_the_pinned_map_without_map_flag(lab: Lab) -> None:
     ours = [f for f in doc["findings"] if f["map"]["path"] == str(lab.pin_path)]
     assert [f["kind"] for f in ours] == ["stale"]
     assert ours[0]["entry_cookie"] == cookie(dummy)
+
+
+def test_l7_proxy_entry_is_proxy_not_stale(lab: Lab) -> None:
+    """Cilium's proxy redirect: sip = host gateway, sport = proxy port, dip:dport =
+    the client's own local side; it does not describe its socket's full tuple."""
+    a, b = lab.pods
+    listener = lab.listen(a, port=SERVER_PORT)
+    # The client is made outside the lab cgroup so that sockops does not key it by
+    # its tuple; it is then inserted under the proxy key, as Cilium's sockops does.
+    with entered(b.path):
+        cli = lab.track(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    cli.settimeout(5)
+    cli.connect((a.addr(), SERVER_PORT))
+    lab.accept(listener)
+    client_ip, client_port = cli.getsockname()[:2]
+    gateway, proxy_port = b.gw4, 15001
+    entry = raw_key(gateway, proxy_port, client_ip, client_port)
+    lab.inject(entry, cli)
+
+    code, doc = audit_json(lab, "--all", "--proxy-ip", str(gateway))
+    assert code == 0, doc
+    [f] = [f for f in doc["findings"] if f["key_hex"] == entry.hex()]
+    assert f["kind"] == "proxy"
+    assert f["entry_cookie"] == cookie(cli)
+    assert f["socket"]["local"] == f"{client_ip}:{client_port}"
+
+    code, doc = audit_json(lab)  # without knowing the gateway, it cannot be told apart
+    assert code == 1
+    assert [f["kind"] for f in doc["findings"] if f["key_hex"] == entry.hex()] == ["stale"]
+    cleaned = sockguard("clean", "--map", str(lab.pin_path), "--apply", "--json",
+                        "--proxy-ip", str(gateway))
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert entry in lab.keys()

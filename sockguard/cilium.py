@@ -1,0 +1,53 @@
+"""Facts about a Cilium node that the audit needs: the host gateway address.
+
+Cilium's L7-proxy redirect entries carry the host gateway IP (the address of
+the ``cilium_host`` interface, IPV4_GATEWAY in its datapath) as their sip.
+Knowing it lets the audit call such entries ``proxy`` instead of stale.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from ipaddress import ip_address
+
+from pyroute2 import IPRoute
+
+from .audit import AuditPolicy
+from .model import IPAddress
+from .netns import NamespaceGone, entered, host_netns_path
+
+log = logging.getLogger(__name__)
+
+CILIUM_HOST = "cilium_host"
+
+
+def _addresses_of(ifname: str) -> frozenset[IPAddress]:
+    with IPRoute() as ipr:
+        links = ipr.link_lookup(ifname=ifname)
+        if not links:
+            return frozenset()
+        return frozenset(
+            ip_address(msg.get_attr("IFA_ADDRESS"))
+            for msg in ipr.get_addr(index=links[0])
+            if msg.get_attr("IFA_ADDRESS")
+        )
+
+
+def gateway_ips(netns_path: str | None = None, ifname: str = CILIUM_HOST) -> frozenset[IPAddress]:
+    """Addresses of ``cilium_host`` in the host namespace (none when Cilium is absent).
+
+    The netlink socket must be created inside the namespace, hence ``entered``;
+    a failure to look only costs the ``proxy`` label, so it is logged, not raised.
+    """
+    try:
+        with entered(netns_path or host_netns_path()):
+            return _addresses_of(ifname)
+    except (NamespaceGone, OSError) as exc:
+        log.debug("no %s addresses: %s", ifname, exc)
+        return frozenset()
+
+
+def audit_policy(explicit_proxy_ips: Iterable[IPAddress] = ()) -> AuditPolicy:
+    """The policy for this node: the operator's proxy IPs plus cilium_host's own."""
+    return AuditPolicy(proxy_ips=frozenset(explicit_proxy_ips) | gateway_ips())
