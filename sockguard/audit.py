@@ -22,10 +22,23 @@ the entry is left alone and looked at again next time.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
+from typing import cast
 
+from .compact import (
+    CKey,
+    Interner,
+    Record,
+    SocketTable,
+    ckey,
+    fold,
+    gc_paused,
+    maker,
+    target_socket,
+)
+from .layout import KeyDecodeError, KeyLayout, decode, decode_fields
 from .model import Endpoint, Finding, IPAddress, Kind, LiveSocket, MapEntry, MapInfo, Tuple4
 
 # include/net/tcp_states.h
@@ -56,6 +69,9 @@ HANDSHAKE_STATES = frozenset({TCP_SYN_SENT, TCP_SYN_RECV, TCP_NEW_SYN_RECV})
 #: Findings that mean an entry should not be in the map.
 BAD_KINDS = frozenset({Kind.STALE, Kind.SHADOWING})
 
+_new_finding = maker(Finding)
+_new_entry = maker(MapEntry)
+
 
 def _unmapped(ip: IPAddress) -> IPAddress:
     if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
@@ -71,16 +87,28 @@ def normalize(tup: Tuple4) -> Tuple4:
     return tup
 
 
-@dataclass
 class SocketIndex:
-    """Live sockets of all namespaces, indexed the ways the rules look them up."""
+    """Live sockets of all namespaces, indexed the ways the rules look them up.
 
-    owners: dict[Tuple4, list[LiveSocket]] = field(default_factory=lambda: defaultdict(list))
-    handshake: dict[Tuple4, list[LiveSocket]] = field(default_factory=lambda: defaultdict(list))
-    timewait: dict[Tuple4, list[LiveSocket]] = field(default_factory=lambda: defaultdict(list))
-    by_local: dict[Endpoint, list[LiveSocket]] = field(default_factory=lambda: defaultdict(list))
-    by_cookie: dict[int, LiveSocket] = field(default_factory=dict)
-    count: int = 0
+    The sockets are held as compact rows (:class:`~sockguard.compact.SocketTable`)
+    keyed by their folded tuple (:func:`~sockguard.compact.fold`); a
+    ``LiveSocket`` is built only for a socket a verdict names.  ``build``
+    takes ``LiveSocket`` values, ``from_table`` the rows a scan produced.
+    """
+
+    def __init__(self, table: SocketTable | None = None,
+                 interner: Interner | None = None) -> None:
+        self.table = table if table is not None else SocketTable()
+        self.interner = interner if interner is not None else Interner()
+        self.count = 0
+        self._live: dict[int, LiveSocket] = {}
+        self._owner: dict[CKey, int] = {}  # first owner row of each tuple
+        self._more: dict[CKey, list[int]] = {}  # further owners (the same tuple in other netns)
+        self._handshake: set[CKey] = set()
+        self._timewait: dict[CKey, int] = {}  # first TIME_WAIT row
+        self._by_cookie: dict[int, int] | None = None
+        self._by_local: dict[tuple[bytes, int], list[int]] | None = None
+        self._index(0)
 
     @classmethod
     def build(cls, sockets: Iterable[LiveSocket]) -> SocketIndex:
@@ -89,18 +117,120 @@ class SocketIndex:
             index.add(sock)
         return index
 
+    @classmethod
+    def from_table(cls, table: SocketTable, interner: Interner | None = None) -> SocketIndex:
+        """Index a scan's rows (the table is kept, not copied)."""
+        with gc_paused():
+            return cls(table, interner)
+
     def add(self, sock: LiveSocket) -> None:
-        self.count += 1
-        tup = normalize(sock.tuple)
-        if sock.cookie:
-            self.by_cookie[sock.cookie] = sock
-        if sock.state in OWNER_STATES:
-            self.owners[tup].append(sock)
-            self.by_local[tup.local].append(sock)
-        elif sock.state in HANDSHAKE_STATES:
-            self.handshake[tup].append(sock)
-        elif sock.state == TCP_TIME_WAIT:
-            self.timewait[tup].append(sock)
+        row = len(self.table.rows)
+        self.table.rows.append((ckey(sock.tuple), sock.state, sock.cookie, sock.inode, sock.uid))
+        spans = self.table.spans
+        if spans and spans[-1][1] == sock.netns:
+            spans[-1] = (row + 1, sock.netns)
+        else:
+            spans.append((row + 1, sock.netns))
+        self._live[row] = sock
+        self._index(row)
+
+    def _index(self, start: int) -> None:
+        rows = self.table.rows
+        owner, more, handshake, timewait = self._owner, self._more, self._handshake, self._timewait
+        owner_states, handshake_states = OWNER_STATES, HANDSHAKE_STATES
+        for i in range(start, len(rows)):
+            row = rows[i]
+            k = row[0]
+            if len(k[0]) == 16:
+                k = fold(k)
+            state = row[1]
+            if state in owner_states:
+                if owner.setdefault(k, i) != i:
+                    more.setdefault(k, []).append(i)
+            elif state in handshake_states:
+                handshake.add(k)
+            elif state == TCP_TIME_WAIT:
+                timewait.setdefault(k, i)
+        self.count += len(rows) - start
+        self._by_cookie = self._by_local = None
+
+    # -- lookups by compact key --------------------------------------------------
+
+    def sock(self, row: int) -> LiveSocket:
+        """The ``LiveSocket`` of a row (built once)."""
+        sock = self._live.get(row)
+        if sock is None:
+            sock = self._live[row] = self.table.live(row, self.interner)
+        return sock
+
+    def owner_rows(self, k: CKey) -> list[int]:
+        """Rows of the full sockets owning the folded tuple ``k``, first seen first."""
+        first = self._owner.get(k)
+        if first is None:
+            return []
+        return [first, *self._more.get(k, ())]
+
+    def describe(self, row: int) -> str:
+        """``_describe(self.sock(row))`` without building the socket."""
+        k, state = self.table.rows[row][:2]
+        return (f"{self.interner.tuple_text(k)} in netns {self.table.netns_of(row)} "
+                f"({TCP_STATE_NAMES.get(state, state)})")
+
+    def row_by_cookie(self, cookie: int) -> int | None:
+        if self._by_cookie is None:
+            self._by_cookie = {r[2]: i for i, r in enumerate(self.table.rows) if r[2]}
+        return self._by_cookie.get(cookie)
+
+    def rows_by_local(self, ip: bytes, port: int) -> list[int]:
+        """Owner rows whose folded local side is ``ip:port``."""
+        if self._by_local is None:
+            by_local: dict[tuple[bytes, int], list[int]] = defaultdict(list)
+            for k, rows in self._owner_groups():
+                by_local[(k[0], k[1])].extend(rows)
+            for rows in by_local.values():
+                rows.sort()
+            self._by_local = dict(by_local)
+        return self._by_local.get((ip, port), [])
+
+    def _owner_groups(self) -> Iterator[tuple[CKey, list[int]]]:
+        for k in self._owner:
+            yield k, self.owner_rows(k)
+
+    # -- the same, as LiveSocket dictionaries (builds every socket: slow) -----------
+
+    def _tuple_of(self, k: CKey) -> Tuple4:
+        return normalize(self.interner.tuple4(k))
+
+    @property
+    def owners(self) -> dict[Tuple4, list[LiveSocket]]:
+        return {self._tuple_of(k): [self.sock(r) for r in rows]
+                for k, rows in self._owner_groups()}
+
+    @property
+    def handshake(self) -> dict[Tuple4, list[LiveSocket]]:
+        return self._by_state(HANDSHAKE_STATES)
+
+    @property
+    def timewait(self) -> dict[Tuple4, list[LiveSocket]]:
+        return self._by_state(frozenset({TCP_TIME_WAIT}))
+
+    def _by_state(self, states: frozenset[int]) -> dict[Tuple4, list[LiveSocket]]:
+        out: dict[Tuple4, list[LiveSocket]] = defaultdict(list)
+        for i, row in enumerate(self.table.rows):
+            if row[1] in states:
+                out[self._tuple_of(fold(row[0]))].append(self.sock(i))
+        return dict(out)
+
+    @property
+    def by_local(self) -> dict[Endpoint, list[LiveSocket]]:
+        out: dict[Endpoint, list[LiveSocket]] = defaultdict(list)
+        for k, rows in self._owner_groups():
+            out[self.interner.endpoint(k[0], k[1])].extend(self.sock(r) for r in rows)
+        return dict(out)
+
+    @property
+    def by_cookie(self) -> dict[int, LiveSocket]:
+        return {r[2]: self.sock(i) for i, r in enumerate(self.table.rows) if r[2]}
 
 
 @dataclass(frozen=True)
@@ -128,31 +258,38 @@ def _describe(sock: LiveSocket) -> str:
     return f"{sock.tuple} in netns {sock.netns} ({TCP_STATE_NAMES.get(sock.state, sock.state)})"
 
 
-def _judge_proxy(entry: MapEntry, index: SocketIndex) -> Verdict:
+_Classified = tuple[Kind | None, str, LiveSocket | None, dict[str, object]]
+
+
+def _judge_proxy(entry: MapEntry, index: SocketIndex) -> _Classified:
     client = entry.key.owner.local
-    holders = index.by_local.get(client, [])
+    rows = index.rows_by_local(client.ip.packed, client.port)
     if entry.cookie is not None:
-        holders = [s for s in holders if s.cookie == entry.cookie] or []
-    if holders:
-        return Verdict(Kind.PROXY, f"L7 proxy redirect for client {client}", holders[0])
-    return Verdict(Kind.STALE, f"L7 proxy redirect entry whose client socket {client} is gone",
-                   None, {"proxy": True})
+        cookies = index.table.rows
+        rows = [r for r in rows if cookies[r][2] == entry.cookie]
+    if rows:
+        return Kind.PROXY, f"L7 proxy redirect for client {client}", index.sock(rows[0]), {}
+    return (Kind.STALE, f"L7 proxy redirect entry whose client socket {client} is gone",
+            None, {"proxy": True})
 
 
-def judge(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> Verdict:
-    """Apply the classification rules to one decoded entry."""
+def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Classified:
     key = entry.key
-    if _unmapped(key.sip) in policy.proxy_ips:
+    if policy.proxy_ips and _unmapped(key.sip) in policy.proxy_ips:
         return _judge_proxy(entry, index)
-    tup = normalize(key.owner)
-    owners = index.owners.get(tup, [])
-    if not owners:
-        if tup in index.handshake:
-            return Verdict(None, f"{tup} is in its handshake")
+    k = index.interner.key_of(key.owner)
+    if len(k[0]) == 16:
+        k = fold(k)
+    first = index._owner.get(k)
+    if first is None:
+        tup = normalize(key.owner)
+        if k in index._handshake:
+            return None, f"{tup} is in its handshake", None, {}
         details: dict[str, object] = {}
         reason = f"no live socket in any namespace has {tup}"
-        if tup in index.timewait:
-            tw = index.timewait[tup][0]
+        tw_row = index._timewait.get(k)
+        if tw_row is not None:
+            tw = index.sock(tw_row)
             details["closed_in_netns"] = str(tw.netns)
             reason += f"; the connection closed (TIME_WAIT in netns {tw.netns})"
         if entry.target is not None and entry.target.state == TCP_CLOSE:
@@ -160,46 +297,122 @@ def judge(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> Verdict:
             # it is out of the established hash, so sock_diag no longer lists it.
             details["entry_socket_state"] = "CLOSE"
             reason += "; the entry's socket was reset but its process still holds it open"
-        return Verdict(Kind.STALE, reason, None, details)
-    if entry.cookie is None:
-        return Verdict(Kind.OK, f"owned by {_describe(owners[0])}", owners[0],
-                       {"verified_by_cookie": False})
-    for sock in owners:
-        if sock.cookie == entry.cookie:
-            return Verdict(Kind.OK, f"owned by {_describe(sock)}", sock,
-                           {"verified_by_cookie": True})
-    victim = owners[0]
-    details = {"entry_cookie": entry.cookie, "owner_cookie": victim.cookie}
-    target = index.by_cookie.get(entry.cookie)
-    if target is not None:
+        return Kind.STALE, reason, None, details
+    cookie = entry.cookie
+    if cookie is None:
+        return (Kind.OK, f"owned by {index.describe(first)}", index.sock(first),
+                {"verified_by_cookie": False})
+    rows = index.table.rows
+    more = index._more.get(k)
+    for r in (first,) if more is None else (first, *more):
+        if rows[r][2] == cookie:
+            return (Kind.OK, f"owned by {index.describe(r)}", index.sock(r),
+                    {"verified_by_cookie": True})
+    victim = index.sock(first)
+    details = {"entry_cookie": cookie, "owner_cookie": victim.cookie}
+    target_row = index.row_by_cookie(cookie)
+    if target_row is not None:
+        target = index.sock(target_row)
         details["entry_socket"] = f"{target.tuple} in netns {target.netns}"
     elif entry.target is not None and entry.target.tuple is not None:
         details["entry_socket"] = str(entry.target.tuple)
-    return Verdict(
+    return (
         Kind.SHADOWING,
-        f"entry points to socket {entry.cookie}, not to the live owner {_describe(victim)}: "
+        f"entry points to socket {cookie}, not to the live owner {_describe(victim)}: "
         "its peer's payload goes to the wrong socket",
         victim,
         details,
     )
 
 
-@dataclass
-class AuditResult:
-    """One look at one map."""
+def judge(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> Verdict:
+    """Apply the classification rules to one decoded entry."""
+    return Verdict(*_classify(entry, index, policy))
 
-    map: MapInfo
-    entries: int
-    findings: list[Finding]
-    pending: int = 0  # entries whose tuple is mid-handshake
-    undecodable: list[str] = field(default_factory=list)
+
+#: An ``ok`` entry whose finding is not built yet: its key, iterator record, owner row.
+_LazyOk = tuple[bytes, Record, int]
+
+
+class AuditResult:
+    """One look at one map.
+
+    ``findings`` holds one finding per classified entry, in map order.  The
+    ``ok`` findings of the fast path (:func:`audit_records`) are kept compact
+    and built the first time ``findings`` is read; ``count``, ``bad`` and the
+    confirmation steps do not need them.
+    """
+
+    def __init__(self, map: MapInfo, entries: int, findings: Iterable[Finding],
+                 pending: int = 0, undecodable: Iterable[str] = (),
+                 *, lazy: tuple[Callable[[_LazyOk], Finding], int] | None = None) -> None:
+        self.map = map
+        self.entries = entries
+        self._parts: list[Finding | _LazyOk] = list(findings)
+        self.pending = pending  # entries whose tuple is mid-handshake
+        self.undecodable = list(undecodable)
+        self._make: Callable[[_LazyOk], Finding] | None = None
+        self._lazy = 0
+        if lazy is not None:
+            self._make, self._lazy = lazy
+
+    @property
+    def findings(self) -> list[Finding]:
+        if self._lazy:
+            make = self._make
+            assert make is not None
+            self._parts = [p if isinstance(p, Finding) else make(p) for p in self._parts]
+            self._lazy = 0
+        return cast("list[Finding]", self._parts)  # no lazy part is left
+
+    @findings.setter
+    def findings(self, value: list[Finding]) -> None:
+        self._parts = cast("list[Finding | _LazyOk]", value)
+        self._lazy = 0
+
+    def _built(self) -> Iterator[Finding]:
+        return (p for p in self._parts if isinstance(p, Finding))
 
     def count(self, kind: Kind) -> int:
-        return sum(1 for f in self.findings if f.kind is kind)
+        lazy = self._lazy if kind is Kind.OK else 0
+        return lazy + sum(1 for f in self._built() if f.kind is kind)
 
     @property
     def bad(self) -> list[Finding]:
-        return [f for f in self.findings if f.kind in BAD_KINDS]
+        return [f for f in self._built() if f.kind in BAD_KINDS]
+
+    def reported(self, include_ok: bool = False) -> list[Finding]:
+        """The findings a report lists: every one, or all but ``ok`` (without building those)."""
+        if include_ok:
+            return self.findings
+        return [f for f in self._built() if f.kind is not Kind.OK]
+
+    def confirm_bad(self, second: Sequence[Finding]) -> None:
+        """``findings = confirm(findings, second)``, leaving compact ``ok`` findings be."""
+        again = {_identity(f) for f in second}
+        parts: list[Finding | _LazyOk] = []
+        for p in self._parts:
+            if isinstance(p, Finding) and p.kind in BAD_KINDS:
+                if _identity(p) in again:
+                    parts.append(replace(p, confirmed=True))
+            else:
+                parts.append(p)
+        self._parts = parts
+
+    def substitute(self, new: dict[int, Finding]) -> None:
+        """Replace built findings by ``new[id(finding)]`` where given."""
+        self._parts = [new.get(id(p), p) if isinstance(p, Finding) else p for p in self._parts]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AuditResult):
+            return NotImplemented
+        return (self.map, self.entries, self.findings, self.pending, self.undecodable) == (
+            other.map, other.entries, other.findings, other.pending, other.undecodable)
+
+    def __repr__(self) -> str:
+        return (f"AuditResult(map={self.map!r}, entries={self.entries}, "
+                f"findings=<{len(self._parts)}>, pending={self.pending}, "
+                f"undecodable={self.undecodable!r})")
 
 
 def audit_map(
@@ -212,16 +425,75 @@ def audit_map(
     """Classify every entry of one map against the live sockets."""
     findings: list[Finding] = []
     pending = 0
-    for entry in entries:
-        verdict = judge(entry, index, policy)
-        if verdict.kind is None:
-            pending += 1
-            continue
-        findings.append(
-            Finding(verdict.kind, info, entry, verdict.reason, verdict.socket,
-                    details=verdict.details)
-        )
+    append = findings.append
+    with gc_paused():
+        for entry in entries:
+            kind, reason, sock, details = _classify(entry, index, policy)
+            if kind is None:
+                pending += 1
+                continue
+            append(_new_finding(kind, info, entry, reason, sock, None, False, details))
     return AuditResult(info, len(entries), findings, pending, list(undecodable))
+
+
+def audit_records(
+    info: MapInfo,
+    layout: KeyLayout,
+    records: Iterable[Record],
+    index: SocketIndex,
+    policy: AuditPolicy,
+) -> AuditResult:
+    """``audit_map`` over sockmap-iterator records, building little for ``ok`` entries.
+
+    The same verdicts as decoding each record into a ``MapEntry`` (key with
+    ``decode``, target with ``target_socket``) and calling ``audit_map``;
+    the common case — one live owner, and the entry points to it — is
+    recognised on compact keys, and its finding is built only when read.
+    """
+    interner = index.interner
+    parts: list[Finding | _LazyOk] = []
+    undecodable: list[str] = []
+    pending = lazy = total = 0
+    owner, more, rows = index._owner, index._more, index.table.rows
+    dst_local = layout.owner_local == "dst"
+    proxy_ips = policy.proxy_ips
+    append = parts.append
+    with gc_paused():
+        for rec in records:
+            raw = rec[0]
+            try:
+                _family, sip, sport, dip, dport = decode_fields(layout, raw)
+            except KeyDecodeError as exc:
+                undecodable.append(f"{raw.hex()}: {exc}")
+                continue
+            total += 1
+            k = (dip, dport, sip, sport) if dst_local else (sip, sport, dip, dport)
+            if len(sip) == 16:
+                k = fold(k)
+            first = owner.get(k)
+            if (first is not None and rows[first][2] == rec[1] and k not in more
+                    and not (proxy_ips and _unmapped(interner.ip(sip)) in proxy_ips)):
+                append((raw, rec, first))
+                lazy += 1
+                continue
+            target = target_socket(rec, interner)
+            entry = _new_entry(raw.hex(), decode(layout, raw, interner), target.cookie, target)
+            kind, reason, sock, details = _classify(entry, index, policy)
+            if kind is None:
+                pending += 1
+                continue
+            append(_new_finding(kind, info, entry, reason, sock, None, False, details))
+
+    def make(part: _LazyOk) -> Finding:
+        raw, rec, row = part
+        target = target_socket(rec, interner)
+        entry = _new_entry(raw.hex(), decode(layout, raw, interner), target.cookie, target)
+        return _new_finding(Kind.OK, info, entry, f"owned by {index.describe(row)}",
+                            index.sock(row), None, False, {"verified_by_cookie": True})
+
+    result = AuditResult(info, total, [], pending, undecodable, lazy=(make, lazy))
+    result._parts = parts
+    return result
 
 
 def _identity(f: Finding) -> tuple[str, Kind, int | None]:

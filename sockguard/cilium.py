@@ -11,8 +11,6 @@ import logging
 from collections.abc import Iterable
 from ipaddress import ip_address
 
-from pyroute2 import IPRoute
-
 from .audit import AuditPolicy
 from .model import IPAddress
 from .netns import NamespaceGone, entered, host_netns_path
@@ -23,6 +21,9 @@ CILIUM_HOST = "cilium_host"
 
 
 def _addresses_of(ifname: str) -> frozenset[IPAddress]:
+    # Imported here: pyroute2 costs ~150 ms of start-up, and only this needs it.
+    from pyroute2 import IPRoute
+
     with IPRoute() as ipr:
         links = ipr.link_lookup(ifname=ifname)
         if not links:

@@ -8,11 +8,11 @@ field is the owning socket's local side — so a second layout is a new
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
 from typing import Literal
 
+from .compact import Interner, maker
 from .errors import LayoutMismatchError
-from .model import Endpoint, IPAddress, SockKey, Tuple4
+from .model import IPAddress, SockKey, Tuple4
 
 
 class KeyDecodeError(ValueError):
@@ -77,41 +77,61 @@ CILIUM = KeyLayout(
 LAYOUTS: dict[str, KeyLayout] = {CILIUM.name: CILIUM}
 
 
-def _addr(raw: bytes, family: int) -> IPAddress:
-    if family == 4:
-        if any(raw[4:]):
-            raise KeyDecodeError("IPv4 address with non-zero padding")
-        return IPv4Address(raw[:4])
-    return IPv6Address(raw)
+def decode_fields(layout: KeyLayout, data: bytes) -> tuple[int, bytes, int, bytes, int]:
+    """``(family, sip, sport, dip, dport)`` of ``data``, addresses as packed bytes.
 
-
-def _port(raw: bytes, order: Literal["big", "little"]) -> int:
-    if any(raw[2:]):
-        raise KeyDecodeError("port field with non-zero high bytes")
-    return int.from_bytes(raw[:2], order)
-
-
-def _slice(data: bytes, f: Field) -> bytes:
-    return data[f.offset : f.offset + f.size]
-
-
-def decode(layout: KeyLayout, data: bytes) -> SockKey:
-    """Decode ``data``; raise KeyDecodeError for bytes this layout cannot hold."""
+    The checks and their order are those of :func:`decode`; raises KeyDecodeError.
+    """
     if len(data) != layout.size:
         raise KeyDecodeError(f"key is {len(data)} bytes, layout {layout.name} needs {layout.size}")
-    if any(any(_slice(data, pad)) for pad in layout.padding):
-        raise KeyDecodeError("non-zero padding between fields")
-    code = int.from_bytes(_slice(data, layout.family), "little")
-    family = dict(layout.families).get(code)
-    if family is None:
+    for pad in layout.padding:
+        if any(data[pad.offset : pad.offset + pad.size]):
+            raise KeyDecodeError("non-zero padding between fields")
+    f = layout.family
+    code = int.from_bytes(data[f.offset : f.offset + f.size], "little")
+    family = 0
+    for known, fam in layout.families:
+        if known == code:
+            family = fam
+            break
+    if not family:
         raise KeyDecodeError(f"unknown family code {code}")
-    sip = _addr(_slice(data, layout.sip), family)
-    dip = _addr(_slice(data, layout.dip), family)
-    sport = _port(_slice(data, layout.sport), layout.port_order)
-    dport = _port(_slice(data, layout.dport), layout.port_order)
-    src, dst = Endpoint(sip, sport), Endpoint(dip, dport)
-    owner = Tuple4(family, dst, src) if layout.owner_local == "dst" else Tuple4(family, src, dst)
-    return SockKey(family, sip, sport, dip, dport, owner)
+    f = layout.sip
+    sip = data[f.offset : f.offset + f.size]
+    f = layout.dip
+    dip = data[f.offset : f.offset + f.size]
+    if family == 4:
+        if any(sip[4:]) or any(dip[4:]):
+            raise KeyDecodeError("IPv4 address with non-zero padding")
+        sip, dip = sip[:4], dip[:4]
+    elif len(sip) != 16 or len(dip) != 16:
+        raise KeyDecodeError("IPv6 address field is not 16 bytes")
+    f = layout.sport
+    sport = data[f.offset : f.offset + f.size]
+    f = layout.dport
+    dport = data[f.offset : f.offset + f.size]
+    if any(sport[2:]) or any(dport[2:]):
+        raise KeyDecodeError("port field with non-zero high bytes")
+    order = layout.port_order
+    return family, sip, int.from_bytes(sport[:2], order), dip, int.from_bytes(dport[:2], order)
+
+
+_new_sock_key = maker(SockKey)
+
+
+def decode(layout: KeyLayout, data: bytes, interner: Interner | None = None) -> SockKey:
+    """Decode ``data``; raise KeyDecodeError for bytes this layout cannot hold.
+
+    ``interner`` shares address, endpoint and tuple objects between keys
+    (and with the sockets of the same look).
+    """
+    family, sip, sport, dip, dport = decode_fields(layout, data)
+    interner = interner if interner is not None else Interner()
+    if layout.owner_local == "dst":
+        owner = interner.tuple4((dip, dport, sip, sport))
+    else:
+        owner = interner.tuple4((sip, sport, dip, dport))
+    return _new_sock_key(family, interner.ip(sip), sport, interner.ip(dip), dport, owner)
 
 
 def _put(buf: bytearray, f: Field, value: bytes) -> None:

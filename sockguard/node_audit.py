@@ -15,15 +15,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from . import maps as maps_adapter
-from .audit import AuditPolicy, AuditResult, SocketIndex, audit_map, confirm
+from .audit import AuditPolicy, AuditResult, SocketIndex, audit_map, audit_records
+from .compact import Interner, Record, gc_paused, maker
 from .errors import LayoutMismatchError, MapGoneError, SockguardError
 from .layout import KeyDecodeError, KeyLayout, decode
 from .model import Finding, MapEntry, MapInfo, Netns
 from .owners import find_owners
 from .sockets import scan_all
-from .sockmap_iter import iterator_available, read_sockmap
+from .sockmap_iter import iterator_available, read_records, target_socket
 
 log = logging.getLogger(__name__)
+
+_new_entry = maker(MapEntry)
 
 
 @dataclass
@@ -53,34 +56,41 @@ class NodeAudit:
         return [f for r in self.results for f in r.bad]
 
 
-def read_map(info: MapInfo, layout: KeyLayout, use_iterator: bool = True) -> MapRead:
+def read_map(info: MapInfo, layout: KeyLayout, use_iterator: bool = True,
+             interner: Interner | None = None) -> MapRead:
     """Every key of a map, decoded, with the socket cookie behind it where knowable.
 
     An 8-byte value is the socket cookie (sock_map_lookup_sys); a Cilium map
     has 4-byte values, whose lookup fails with ENOSPC, so there only the
-    sockmap iterator can tell which socket an entry points to.
+    sockmap iterator can tell which socket an entry points to.  ``interner``
+    shares address and tuple objects with the rest of a look.
     """
     layout.check_map(info.key_size, info.name)
     entries: list[MapEntry] = []
     undecodable: list[str] = []
-    with maps_adapter.open_map(info) as handle:
+    interner = interner if interner is not None else Interner()
+    append = entries.append
+    with maps_adapter.open_map(info) as handle, gc_paused():
         if info.value_size != 8 and use_iterator and iterator_available()[0]:
-            targets = read_sockmap(handle.fd, info.key_size)
-            keys = list(targets)
+            records = read_records(handle.fd, info.key_size)
+            keys: list[bytes] = list(records)
             source = "iterator"
         else:
-            targets = {}
+            records = {}
             keys = list(handle.keys())
             source = "syscall"
         for raw in keys:
             try:
-                key = decode(layout, raw)
+                key = decode(layout, raw, interner)
             except KeyDecodeError as exc:
                 undecodable.append(f"{raw.hex()}: {exc}")
                 continue
-            target = targets.get(raw)
-            cookie = target.cookie if target is not None else handle.lookup_cookie(raw)
-            entries.append(MapEntry(raw.hex(), key, cookie, target))
+            rec = records.get(raw)
+            if rec is not None:
+                target = target_socket(rec, interner)
+                append(_new_entry(raw.hex(), key, target.cookie, target))
+            else:
+                append(_new_entry(raw.hex(), key, handle.lookup_cookie(raw), None))
     return MapRead(info, entries, undecodable, source)
 
 
@@ -88,20 +98,36 @@ def _look(
     maps: Sequence[MapInfo], layout: KeyLayout, policy: AuditPolicy, use_iterator: bool,
     skipped: list[str] | None = None,
 ) -> tuple[list[AuditResult], list[Netns], int, list[str], dict[int, str]]:
-    reads: list[MapRead] = []
-    for info in maps:
-        try:
-            reads.append(read_map(info, layout, use_iterator))
-        except (LayoutMismatchError, MapGoneError) as exc:
-            if skipped is None:
-                raise
-            skipped.append(str(exc))
-    scan = scan_all()
-    index = SocketIndex.build(scan.sockets)
-    results = [audit_map(r.info, r.entries, index, policy, r.undecodable) for r in reads]
-    return results, scan.namespaces, index.count, scan.vanished, {
-        r.info.id: r.source for r in reads
-    }
+    """Read every map, then the sockets of every namespace, then classify."""
+    reads: list[MapRead | tuple[MapInfo, dict[bytes, Record]]] = []
+    interner = Interner()
+    with gc_paused():
+        for info in maps:
+            try:
+                if info.value_size != 8 and use_iterator and iterator_available()[0]:
+                    # the fast path: records stay compact until a finding needs them
+                    layout.check_map(info.key_size, info.name)
+                    with maps_adapter.open_map(info) as handle:
+                        reads.append((info, read_records(handle.fd, info.key_size)))
+                else:
+                    reads.append(read_map(info, layout, use_iterator, interner))
+            except (LayoutMismatchError, MapGoneError) as exc:
+                if skipped is None:
+                    raise
+                skipped.append(str(exc))
+        scan = scan_all(compact=True)
+        index = SocketIndex.from_table(scan.table, interner)
+        results: list[AuditResult] = []
+        sources: dict[int, str] = {}
+        for r in reads:
+            if isinstance(r, MapRead):
+                results.append(audit_map(r.info, r.entries, index, policy, r.undecodable))
+                sources[r.info.id] = r.source
+            else:
+                info, records = r
+                results.append(audit_records(info, layout, records.values(), index, policy))
+                sources[info.id] = "iterator"
+    return results, scan.namespaces, index.count, scan.vanished, sources
 
 
 def _with_owners(findings: list[Finding]) -> list[Finding]:
@@ -142,11 +168,10 @@ def run_audit(
         by_id = {r.map.id: r for r in second}
         for r in results:
             again = by_id.get(r.map.id)
-            r.findings = confirm(r.findings, again.findings if again else [])
+            r.confirm_bad(again.bad if again else [])
     for r in results:
-        bad = [f for f in r.findings if f.kind.value in ("stale", "shadowing")]
+        bad = r.bad
         if bad:
-            enriched = {id(f): g for f, g in zip(bad, _with_owners(bad), strict=True)}
-            r.findings = [enriched.get(id(f), f) for f in r.findings]
+            r.substitute({id(f): g for f, g in zip(bad, _with_owners(bad), strict=True)})
     return NodeAudit(results, namespaces, nsock, vanished, skipped, sources,
                      time.monotonic() - start)

@@ -68,9 +68,7 @@ def audit_json(audit: NodeAudit, include_ok: bool = False) -> str:
             "pending": r.pending,
             "undecodable": r.undecodable,
         })
-        findings.extend(
-            finding_dict(f) for f in r.findings if include_ok or f.kind is not Kind.OK
-        )
+        findings.extend(finding_dict(f) for f in r.reported(include_ok))
     doc = {
         "version": SCHEMA_VERSION,
         "maps": maps,
@@ -116,7 +114,7 @@ def audit_text(audit: NodeAudit, include_ok: bool = False) -> str:
                  f"({audit.duration:.2f} s)")
     lines.extend(f"skipped map: {s}" for s in audit.skipped)
     lines.extend(f"namespace vanished during the scan: {v}" for v in audit.vanished)
-    shown = [f for r in audit.results for f in r.findings if include_ok or f.kind is not Kind.OK]
+    shown = [f for r in audit.results for f in r.reported(include_ok)]
     if shown:
         header = ["KIND", "MAP", "FAMILY", "KEY sip:sport -> dip:dport", "LIVE SOCKET", "PROCESS"]
         lines.append("")

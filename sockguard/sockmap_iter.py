@@ -13,14 +13,16 @@ import errno
 import functools
 import socket
 import struct
-from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import sockguard
 from sockguard import libbpf
+from sockguard.compact import Interner, Record, gc_paused, target_socket
 from sockguard.errors import LibbpfMissingError, NotRootError
 from sockguard.libbpf import BpfError
-from sockguard.model import Endpoint, TargetSocket, Tuple4
+from sockguard.model import TargetSocket
+
+__all__ = ["Record", "iterator_available", "read_records", "read_sockmap", "target_socket"]
 
 OBJECT_PATH = Path(sockguard.__file__).parent / "bpf" / "sockmap_iter.bpf.o"
 PROGRAM = "dump_sockmap"
@@ -56,39 +58,12 @@ def _load(key_size: int) -> libbpf.BpfObject:
     return obj
 
 
-def _decode(rec: tuple[object, ...], key_size: int) -> tuple[bytes, TargetSocket] | None:
-    (key, cookie, netns, _klen, family, state, flags, saddr, daddr, sport, dport, _pad) = rec
-    assert isinstance(key, bytes) and isinstance(saddr, bytes) and isinstance(daddr, bytes)
-    assert isinstance(cookie, int) and isinstance(netns, int) and isinstance(family, int)
-    assert isinstance(state, int) and isinstance(flags, int)
-    assert isinstance(sport, int) and isinstance(dport, int)
-    if not flags & REC_HAS_SOCKET:
-        return None  # an empty sockmap slot
-    tup: Tuple4 | None = None
-    fam = 0
-    if family == socket.AF_INET:
-        fam = 4
-        tup = Tuple4(
-            4,
-            Endpoint(IPv4Address(saddr[:4]), sport),
-            Endpoint(IPv4Address(daddr[:4]), dport),
-        )
-    elif family == socket.AF_INET6:
-        # v4-mapped peers of dual-stack sockets stay IPv6 (::ffff:a.b.c.d), as
-        # sock_diag reports them.
-        fam = 6
-        tup = Tuple4(6, Endpoint(IPv6Address(saddr), sport), Endpoint(IPv6Address(daddr), dport))
-    target = TargetSocket(cookie=cookie, family=fam, state=state, netns_ino=netns, tuple=tup)
-    return key[:key_size], target
-
-
-def read_sockmap(map_fd: int, key_size: int) -> dict[bytes, TargetSocket]:
-    """Map each key of the sockhash/sockmap ``map_fd`` to the socket it holds.
+def read_records(map_fd: int, key_size: int) -> dict[bytes, Record]:
+    """Each key of the sockhash/sockmap ``map_fd`` with the socket it holds, as records.
 
     One walk in the kernel under RCU (sock_hash_seq_*), so the result is
     consistent per bucket but not a global snapshot.  Empty sockmap slots
-    are left out.  Non-inet sockets (AF_UNIX in a sockmap) get family 0 and
-    no tuple.
+    are left out.
     """
     if not 0 < key_size <= KEY_MAX:
         raise ValueError(f"key size {key_size} not in 1..{KEY_MAX}")
@@ -106,12 +81,31 @@ def read_sockmap(map_fd: int, key_size: int) -> dict[bytes, TargetSocket]:
         obj.close()
     if len(data) % RECORD.size:
         raise BpfError(errno.EIO, f"sockmap iterator: {len(data)} bytes is not whole records")
-    result: dict[bytes, TargetSocket] = {}
-    for rec in RECORD.iter_unpack(data):
-        decoded = _decode(rec, key_size)
-        if decoded is not None:
-            result[decoded[0]] = decoded[1]
+    result: dict[bytes, Record] = {}
+    inet = socket.AF_INET
+    with gc_paused():
+        for (key, cookie, netns, _klen, family, state, flags, saddr, daddr, sport, dport,
+             _pad) in RECORD.iter_unpack(data):
+            if not flags & REC_HAS_SOCKET:
+                continue  # an empty sockmap slot
+            if family == inet:
+                saddr, daddr = saddr[:4], daddr[:4]
+            k = key[:key_size]
+            result[k] = (k, cookie, netns, family, state, saddr, daddr, sport, dport)
     return result
+
+
+def read_sockmap(map_fd: int, key_size: int) -> dict[bytes, TargetSocket]:
+    """Map each key of the sockhash/sockmap ``map_fd`` to the socket it holds.
+
+    One walk in the kernel under RCU (sock_hash_seq_*), so the result is
+    consistent per bucket but not a global snapshot.  Empty sockmap slots
+    are left out.  Non-inet sockets (AF_UNIX in a sockmap) get family 0 and
+    no tuple.
+    """
+    records = read_records(map_fd, key_size)
+    interner = Interner()
+    return {k: target_socket(rec, interner) for k, rec in records.items()}
 
 
 @functools.cache
