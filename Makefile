@@ -7,8 +7,14 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 pkg-config libsystemd-dev
 # where systemd is PID 1 the package also enables prometheus.service, which is why an
 # operator's `make setup` does not install it.
 TEST_APT_PACKAGES := prometheus
+# Only for `make vmtest`: the tests on Debian's 5.10/6.1 kernels under qemu (tests/vm/).
+VMTEST_APT_PACKAGES := qemu-system-x86
+KERNEL ?= 6.1
+# Seconds for one VM run (boot, tests, power-off) under TCG; the make recipe adds a margin.
+VMTEST_TIMEOUT ?= 1500
+VMTEST_ARGS ?=
 
-.PHONY: setup system-deps test-deps bpffs venv audit test lint bench clean
+.PHONY: setup system-deps test-deps bpffs venv audit test lint bench clean vmtest
 
 setup: system-deps bpffs venv
 
@@ -45,6 +51,13 @@ lint:
 
 test: test-deps lint
 	$(VENV)/bin/pytest -q
+
+# The same tests on a real Debian kernel in a VM: make vmtest KERNEL=5.10 (or 6.1).
+# Needs `make setup` first (the guest runs this tree's .venv). See tests/vm/README.md.
+vmtest:
+	$(call apt_ensure,$(VMTEST_APT_PACKAGES))
+	timeout --kill-after=30 $$(( $(VMTEST_TIMEOUT) + 300 )) \
+		tests/vm/run --kernel $(KERNEL) --timeout $(VMTEST_TIMEOUT) --quiet $(VMTEST_ARGS)
 
 bench:
 	$(PY) benchmarks/audit_scale.py

@@ -14,7 +14,15 @@ from .sockets import (
     tcp_info,
 )
 from .topology import Namespace
-from .world import STAT_NAMES, Lab, build_lab_object, lab_unavailable_reason
+from .world import (
+    STAT_NAMES,
+    Lab,
+    build_lab_object,
+    lab_unavailable_reason,
+    link_attach_unsupported,
+    sk_msg_attached,
+    sockmap_prog_query_supported,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -28,9 +36,12 @@ __all__ = [
     "describe",
     "key_for",
     "lab_unavailable_reason",
+    "link_attach_unsupported",
     "proc_net_tcp",
     "proc_tcp_state",
     "raw_key",
     "recv_exact",
+    "sk_msg_attached",
+    "sockmap_prog_query_supported",
     "tcp_info",
 ]

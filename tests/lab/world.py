@@ -6,7 +6,9 @@ What it sets up (and tears down, in reverse, even when setup fails halfway):
 2. a node netns and N pod netns joined by veths (``topology.Topology``);
 3. ``bpf/lab/cilium_lab.bpf.c`` loaded: sockops attached to the child cgroup
    and sk_msg attached to ``cilium_sock_ops``, both with bpf_links, so a
-   crashed test process detaches everything by exiting;
+   crashed test process detaches everything by exiting (before kernel 6.10
+   there is no sockmap link: sk_msg is then attached the legacy way and
+   detached in teardown, see ``sk_msg_attached``);
 4. the map pinned at ``/sys/fs/bpf/sockguard-lab-<hex>/cilium_sock_ops``, where
    sockguard's map discovery can find it like a real Cilium pin.
 
@@ -20,6 +22,7 @@ tests inject under chosen keys to fabricate stale entries.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import os
 import secrets
@@ -52,6 +55,9 @@ SK_MSG_PROG = "lab_sk_msg"
 
 #: lab_stats indices, as documented in cilium_lab.bpf.c.
 STAT_NAMES = ("insert_ok", "insert_eexist", "insert_other", "redirects", "sockops_cb")
+
+#: The kernel-internal ENOTSUPP (524) some bpf(2) paths return for "not supported".
+_ENOTSUPP = 524
 
 
 def _build_module() -> ModuleType:
@@ -152,13 +158,13 @@ class Lab:
         libbpf.obj_pin(self.map_fd, str(self.pin_path))
         stack.callback(_unlink_quiet, self.pin_path)
 
-        sk_msg_link = self.obj.program(SK_MSG_PROG).attach_to_map(
-            self.map_fd, libbpf.BPF_SK_MSG_VERDICT
+        #: True when sk_msg is attached the legacy way (kernel < 6.10, no sockmap link).
+        self.sk_msg_legacy: bool = stack.enter_context(
+            sk_msg_attached(self.obj.program(SK_MSG_PROG), self.map_fd)
         )
-        stack.callback(sk_msg_link.destroy)
         sockops_link = self.obj.program(SOCKOPS_PROG).attach_cgroup(self.cgroup.fd)
         stack.callback(sockops_link.destroy)
-        self.links = (sockops_link, sk_msg_link)
+        self.links = (sockops_link,)
 
         # Registered last, so it runs first: close every socket while the
         # links, map and namespaces still exist.
@@ -325,6 +331,55 @@ class Lab:
             raw = libbpf.map_lookup(self.stats_fd, struct.pack("I", idx), 8)
             out[name] = struct.unpack("Q", raw)[0] if raw is not None else 0
         return out
+
+
+def link_attach_unsupported(exc: libbpf.BpfError) -> bool:
+    """True when ``exc`` is a kernel saying "no such link type" (EINVAL/EOPNOTSUPP/ENOTSUPP)."""
+    return exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, _ENOTSUPP)
+
+
+def sockmap_prog_query_supported() -> bool:
+    """Whether BPF_PROG_QUERY works on a sockmap/sockhash (kernel 6.0+).
+
+    Before 6.0 (sock_map_bpf_prog_query) the kernel answers EINVAL, so nobody,
+    sockguard included, can list the sk_msg/sk_skb programs attached to a map.
+    """
+    fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_SOCKHASH, "sg_probe", 4, 4, 1)
+    try:
+        libbpf.prog_query(fd, libbpf.BPF_SK_MSG_VERDICT)
+    except libbpf.BpfError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
+@contextlib.contextmanager
+def sk_msg_attached(prog: libbpf.Program, map_fd: int) -> Iterator[bool]:
+    """Attach an sk_msg program to a sockmap/sockhash for the body; yields True if legacy.
+
+    BPF_LINK_TYPE_SOCKMAP exists only since kernel 6.10: Debian's 5.10 and 6.1
+    kernels (tests/vm) answer ``bpf_link_create`` with EINVAL.  There the
+    program is attached with ``bpf_prog_attach``, which outlives the process
+    (as long as the map lives), so it is detached explicitly on the way out
+    (DESIGN.md §5).
+    """
+    try:
+        link = prog.attach_to_map(map_fd, libbpf.BPF_SK_MSG_VERDICT)
+    except libbpf.BpfError as exc:
+        if not link_attach_unsupported(exc):
+            raise
+    else:
+        with link:
+            yield False
+        return
+    libbpf.prog_attach(prog.fd, map_fd, libbpf.BPF_SK_MSG_VERDICT)
+    try:
+        yield True
+    finally:
+        libbpf.prog_detach(prog.fd, map_fd, libbpf.BPF_SK_MSG_VERDICT)
 
 
 def _unlink_quiet(path: Path) -> None:
