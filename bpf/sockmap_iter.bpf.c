@@ -5,7 +5,9 @@
  * Userspace can list a sockhash's keys but, when value_size is 4 (Cilium's
  * cilium_sock_ops), cannot look up which socket a key holds.  This iterator
  * walks the map in the kernel and writes one fixed-size record per entry:
- * the key bytes and the socket's cookie, family, state, netns and tuple.
+ * the key bytes and the socket's cookie, family, state, netns and tuple,
+ * whether its process has closed it and which receive path it has
+ * (sock_state.h).
  *
  * The record layout is mirrored by sockguard/sockmap_iter.py (RECORD).
  */
@@ -14,17 +16,16 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_endian.h>
+#include "sock_state.h"
 
 #define KEY_MAX 64
 #define AF_INET 2
 #define AF_INET6 10
 
 #define REC_HAS_SOCKET 0x1
+#define REC_DEAD 0x2 /* SOCK_DEAD: closed by its process, the entry outlived close */
 
 char _license[] SEC("license") = "GPL";
-
-/* Set by userspace before load: the iterated map's key size (<= KEY_MAX). */
-const volatile __u32 key_size = 0;
 
 struct record {
 	__u8 key[KEY_MAX];
@@ -33,12 +34,13 @@ struct record {
 	__u32 key_len;
 	__u16 family;    /* AF_INET / AF_INET6 as the kernel stores it */
 	__u8 state;      /* skc_state, include/net/tcp_states.h */
-	__u8 flags;      /* REC_HAS_SOCKET */
+	__u8 flags;      /* REC_HAS_SOCKET, REC_DEAD */
 	__u8 saddr[16];  /* local: skc_rcv_saddr (first 4 bytes) or skc_v6_rcv_saddr */
 	__u8 daddr[16];  /* remote: skc_daddr or skc_v6_daddr */
 	__u16 sport;     /* local port, host order (skc_num) */
 	__u16 dport;     /* remote port, host order (skc_dport converted) */
-	__u32 _pad;
+	__u8 recv;       /* RECV_* of sock_state.h */
+	__u8 _pad[3];
 };
 
 /* One record lives here, not on the 512-byte stack. */
@@ -49,15 +51,22 @@ struct {
 	__type(value, struct record);
 } scratch SEC(".maps");
 
-SEC("iter/sockmap")
-int dump_sockmap(struct bpf_iter__sockmap *ctx)
+/*
+ * bpf_get_socket_cookie() is callable from iterator programs only since 5.12
+ * (tracing_prog_func_proto gained bpf_get_socket_ptr_cookie_proto); on older
+ * kernels such as 5.10, the incident's, the compat program reads the cookie
+ * field instead.  skc_cookie stays 0 until something asks for the cookie
+ * (sock_gen_cookie): sock_diag does for every socket it reports, so userspace
+ * scans the sockets first, and 0 then means "no socket sock_diag lists".
+ */
+static __always_inline int dump(struct bpf_iter__sockmap *ctx, bool cookie_helper)
 {
 	struct seq_file *seq = ctx->meta->seq;
 	struct sock *sk = ctx->sk;
 	void *key = ctx->key;
 	struct record *rec;
 	__u32 zero = 0;
-	__u32 len = key_size;
+	__u32 len = sg_config.key_size;
 
 	/* The final call of a walk (seq stop, net/core/sock_map.c) has no key. */
 	if (!key)
@@ -81,8 +90,12 @@ int dump_sockmap(struct bpf_iter__sockmap *ctx)
 		bpf_probe_read_kernel(rec->key, len, key);
 
 	if (sk) {
-		rec->flags = REC_HAS_SOCKET;
-		rec->cookie = bpf_get_socket_cookie(sk);
+		rec->flags = REC_HAS_SOCKET | (sock_dead(sk) ? REC_DEAD : 0);
+		rec->recv = recv_path(sk);
+		if (cookie_helper)
+			rec->cookie = bpf_get_socket_cookie(sk);
+		else
+			rec->cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
 		rec->family = BPF_CORE_READ(sk, __sk_common.skc_family);
 		rec->state = BPF_CORE_READ(sk, __sk_common.skc_state);
 		rec->netns_ino = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
@@ -99,4 +112,16 @@ int dump_sockmap(struct bpf_iter__sockmap *ctx)
 
 	bpf_seq_write(seq, rec, sizeof(*rec));
 	return 0;
+}
+
+SEC("iter/sockmap")
+int dump_sockmap(struct bpf_iter__sockmap *ctx)
+{
+	return dump(ctx, true);
+}
+
+SEC("iter/sockmap")
+int dump_sockmap_compat(struct bpf_iter__sockmap *ctx)
+{
+	return dump(ctx, false);
 }

@@ -12,7 +12,21 @@ sockets of every namespace; this module decides what each entry is.  The rules
 - ``shadowing``: a live socket owns the tuple but the entry points to another
   socket.  The owner's peer redirects into the wrong socket: that connection
   hangs.  The owner is reported as the endangered connection.
-- ``stale``: no live socket owns the tuple.
+- ``stale``: no live socket owns the tuple; or the entry points to the very
+  socket that owns it, but that socket's process has closed it (SOCK_DEAD):
+  the entry outlived ``close()``, which is the seed's leak caught before the
+  tuple is reused.
+- ``recvpath``: a live socket owns the tuple but reads with plain
+  ``tcp_recvmsg`` (a socket in a sockhash reads with ``tcp_bpf_recvmsg``), and
+  the entry cannot be shown to point elsewhere: the payload its peer
+  redirects by this key never reaches it.  Where the entry's socket is known
+  and is another one, the verdict is ``shadowing`` and the receive path is a
+  detail that confirms it.
+
+What the iterators add to an entry (``details``): ``entry_socket_state`` when
+the entry's socket is not in a connected state, ``entry_socket_dead``,
+``key_mismatch`` when the key does not describe the entry's own socket, and
+the receive paths (``recv_path``, ``owner_recv_path``, ``entry_recv_path``).
 
 An owner is a full TCP socket in a synchronized or closing state.  A tuple
 seen only in the handshake (SYN_SENT/SYN_RECV) is neither owned nor stale:
@@ -28,6 +42,9 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import cast
 
 from .compact import (
+    RECV_CODE_TCP,
+    RECV_CODE_UNKNOWN,
+    RECV_NAMES,
     CKey,
     Interner,
     Record,
@@ -39,7 +56,17 @@ from .compact import (
     target_socket,
 )
 from .layout import KeyDecodeError, KeyLayout, decode, decode_fields
-from .model import Endpoint, Finding, IPAddress, Kind, LiveSocket, MapEntry, MapInfo, Tuple4
+from .model import (
+    RECV_TCP,
+    Endpoint,
+    Finding,
+    IPAddress,
+    Kind,
+    LiveSocket,
+    MapEntry,
+    MapInfo,
+    Tuple4,
+)
 
 # include/net/tcp_states.h
 TCP_ESTABLISHED = 1
@@ -66,8 +93,11 @@ OWNER_STATES = frozenset(
 )
 HANDSHAKE_STATES = frozenset({TCP_SYN_SENT, TCP_SYN_RECV, TCP_NEW_SYN_RECV})
 
-#: Findings that mean an entry should not be in the map.
-BAD_KINDS = frozenset({Kind.STALE, Kind.SHADOWING})
+#: Findings that mean an entry endangers a connection (confirmed by a second
+#: look, exit status 1).  Only stale and shadowing ones are ever deleted.
+BAD_KINDS = frozenset({Kind.STALE, Kind.SHADOWING, Kind.RECVPATH})
+
+_RECV_CODES = {name: code for code, name in RECV_NAMES.items()}
 
 _new_finding = maker(Finding)
 _new_entry = maker(MapEntry)
@@ -131,6 +161,8 @@ class SocketIndex:
             spans[-1] = (row + 1, sock.netns)
         else:
             spans.append((row + 1, sock.netns))
+        if sock.recv_path is not None:
+            self.table.recv[sock.cookie] = _RECV_CODES[sock.recv_path]
         self._live[row] = sock
         self._index(row)
 
@@ -261,16 +293,62 @@ def _describe(sock: LiveSocket) -> str:
 _Classified = tuple[Kind | None, str, LiveSocket | None, dict[str, object]]
 
 
+def _target_details(entry: MapEntry, index: SocketIndex, k: CKey) -> dict[str, object]:
+    """What the sockmap iterator says about the entry's own socket, where it is not normal.
+
+    ``k`` is the folded compact key of the tuple the key describes.
+    """
+    t = entry.target
+    if t is None:
+        return {}
+    details: dict[str, object] = {}
+    if t.state and t.state not in OWNER_STATES:
+        details["entry_socket_state"] = TCP_STATE_NAMES.get(t.state, str(t.state))
+    if t.dead:
+        details["entry_socket_dead"] = True
+    # tcp_set_state(TCP_CLOSE) releases the local port (__inet_put_port zeroes
+    # inet_num), so only a socket still in a connected state has a tuple to compare.
+    if t.tuple is not None and t.state in OWNER_STATES:
+        tk = index.interner.key_of(t.tuple)
+        if len(tk[0]) == 16:
+            tk = fold(tk)
+        if tk != k:
+            details["key_mismatch"] = True
+            details["entry_socket"] = str(t.tuple)
+    if t.recv_path is not None:
+        details["entry_recv_path"] = t.recv_path
+    return details
+
+
 def _judge_proxy(entry: MapEntry, index: SocketIndex) -> _Classified:
     client = entry.key.owner.local
+    target = entry.target
     rows = index.rows_by_local(client.ip.packed, client.port)
     if entry.cookie is not None:
         cookies = index.table.rows
         rows = [r for r in rows if cookies[r][2] == entry.cookie]
-    if rows:
+    if rows and not (target is not None and target.dead):
         return Kind.PROXY, f"L7 proxy redirect for client {client}", index.sock(rows[0]), {}
+    details: dict[str, object] = {"proxy": True}
+    if target is not None:
+        if target.state and target.state not in OWNER_STATES:
+            details["entry_socket_state"] = TCP_STATE_NAMES.get(target.state, str(target.state))
+        if target.dead:
+            details["entry_socket_dead"] = True
     return (Kind.STALE, f"L7 proxy redirect entry whose client socket {client} is gone",
-            None, {"proxy": True})
+            None, details)
+
+
+def _owner_path(index: SocketIndex, entry: MapEntry, cookie: int) -> str | None:
+    """The receive path of the owner whose cookie the entry holds.
+
+    The sockmap iterator read it together with the entry; the socket source
+    (iter/tcp) a moment later.
+    """
+    t = entry.target
+    if t is not None and t.recv_path is not None:
+        return t.recv_path
+    return index.table.recv_path(cookie)
 
 
 def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Classified:
@@ -292,37 +370,63 @@ def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Clas
             tw = index.sock(tw_row)
             details["closed_in_netns"] = str(tw.netns)
             reason += f"; the connection closed (TIME_WAIT in netns {tw.netns})"
-        if entry.target is not None and entry.target.state == TCP_CLOSE:
+        details.update(_target_details(entry, index, k))
+        if details.get("entry_socket_state") == "CLOSE":
             # A reset socket keeps its entry until its fd is closed (sock_map_close);
             # it is out of the established hash, so sock_diag no longer lists it.
-            details["entry_socket_state"] = "CLOSE"
             reason += "; the entry's socket was reset but its process still holds it open"
+        if details.get("entry_socket_dead"):
+            reason += "; the entry's socket was closed by its process but the entry outlived it"
+        if details.get("key_mismatch"):
+            reason += f"; the key does not describe the entry's socket {details['entry_socket']}"
         return Kind.STALE, reason, None, details
+    rows = index.table.rows
     cookie = entry.cookie
     if cookie is None:
-        return (Kind.OK, f"owned by {index.describe(first)}", index.sock(first),
-                {"verified_by_cookie": False})
-    rows = index.table.rows
+        path = index.table.recv_path(rows[first][2])
+        if path == RECV_TCP:
+            return (Kind.RECVPATH,
+                    f"owned by {index.describe(first)}, which reads with tcp_recvmsg: the "
+                    "payload its peer redirects by this key never reaches it",
+                    index.sock(first), {"verified_by_cookie": False, "owner_recv_path": path})
+        details = {"verified_by_cookie": False}
+        if path is not None:
+            details["recv_path"] = path
+        return Kind.OK, f"owned by {index.describe(first)}", index.sock(first), details
     more = index._more.get(k)
     for r in (first,) if more is None else (first, *more):
         if rows[r][2] == cookie:
-            return (Kind.OK, f"owned by {index.describe(r)}", index.sock(r),
-                    {"verified_by_cookie": True})
+            if entry.target is not None and entry.target.dead:
+                return (Kind.STALE,
+                        f"entry points to {index.describe(r)}, which its process has closed: "
+                        "the entry outlived close() (sock_map_close did not remove it)",
+                        None, {"entry_socket_dead": True, "owner_cookie": cookie})
+            path = _owner_path(index, entry, cookie)
+            if path == RECV_TCP:
+                return (Kind.RECVPATH,
+                        f"entry points to its owner {index.describe(r)}, which reads with "
+                        "tcp_recvmsg: payload redirected to it is never read",
+                        index.sock(r), {"verified_by_cookie": True, "owner_recv_path": path})
+            details = {"verified_by_cookie": True}
+            if path is not None:
+                details["recv_path"] = path
+            return Kind.OK, f"owned by {index.describe(r)}", index.sock(r), details
     victim = index.sock(first)
     details = {"entry_cookie": cookie, "owner_cookie": victim.cookie}
     target_row = index.row_by_cookie(cookie)
     if target_row is not None:
         target = index.sock(target_row)
         details["entry_socket"] = f"{target.tuple} in netns {target.netns}"
-    elif entry.target is not None and entry.target.tuple is not None:
-        details["entry_socket"] = str(entry.target.tuple)
-    return (
-        Kind.SHADOWING,
-        f"entry points to socket {cookie}, not to the live owner {_describe(victim)}: "
-        "its peer's payload goes to the wrong socket",
-        victim,
-        details,
-    )
+    details.update({n: v for n, v in _target_details(entry, index, k).items()
+                    if n != "entry_socket" or "entry_socket" not in details})
+    reason = (f"entry points to socket {cookie}, not to the live owner {_describe(victim)}: "
+              "its peer's payload goes to the wrong socket")
+    owner_path = index.table.recv_path(victim.cookie)
+    if owner_path is not None:
+        details["owner_recv_path"] = owner_path
+        if owner_path == RECV_TCP:
+            reason += "; the owner reads with tcp_recvmsg, so it never sees that payload"
+    return Kind.SHADOWING, reason, victim, details
 
 
 def judge(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> Verdict:
@@ -447,14 +551,15 @@ def audit_records(
 
     The same verdicts as decoding each record into a ``MapEntry`` (key with
     ``decode``, target with ``target_socket``) and calling ``audit_map``;
-    the common case — one live owner, and the entry points to it — is
-    recognised on compact keys, and its finding is built only when read.
+    the common case — one live owner, the entry points to it, and that socket
+    is neither dead nor on the plain receive path — is recognised on compact
+    keys, and its finding is built only when read.
     """
     interner = index.interner
     parts: list[Finding | _LazyOk] = []
     undecodable: list[str] = []
     pending = lazy = total = 0
-    owner, more, rows = index._owner, index._more, index.table.rows
+    owner, more, rows, recv = index._owner, index._more, index.table.rows, index.table.recv
     dst_local = layout.owner_local == "dst"
     proxy_ips = policy.proxy_ips
     append = parts.append
@@ -472,6 +577,8 @@ def audit_records(
                 k = fold(k)
             first = owner.get(k)
             if (first is not None and rows[first][2] == rec[1] and k not in more
+                    and not rec[9] and rec[10] != RECV_CODE_TCP
+                    and (rec[10] != RECV_CODE_UNKNOWN or recv.get(rec[1]) != RECV_CODE_TCP)
                     and not (proxy_ips and _unmapped(interner.ip(sip)) in proxy_ips)):
                 append((raw, rec, first))
                 lazy += 1
@@ -488,8 +595,12 @@ def audit_records(
         raw, rec, row = part
         target = target_socket(rec, interner)
         entry = _new_entry(raw.hex(), decode(layout, raw, interner), target.cookie, target)
+        details: dict[str, object] = {"verified_by_cookie": True}
+        path = RECV_NAMES.get(rec[10]) or index.table.recv_path(rec[1])
+        if path is not None:
+            details["recv_path"] = path
         return _new_finding(Kind.OK, info, entry, f"owned by {index.describe(row)}",
-                            index.sock(row), None, False, {"verified_by_cookie": True})
+                            index.sock(row), None, False, details)
 
     result = AuditResult(info, total, [], pending, undecodable, lazy=(make, lazy))
     result._parts = parts

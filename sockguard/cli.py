@@ -1,4 +1,4 @@
-"""The ``sockguard`` command line: maps, audit, clean, run.
+"""The ``sockguard`` command line: maps, audit, clean, run, trace, doctor.
 
 Exit status: 0 no findings, 1 stale or shadowing entries found (for ``clean``:
 some remained or were refused), 2 an error, printed as one line.
@@ -18,7 +18,7 @@ from .cilium import audit_policy
 from .errors import ConfigError, NotRootError, SockguardError
 from .layout import LAYOUTS, KeyLayout
 from .model import IPAddress, MapInfo
-from .node_audit import NodeAudit, run_audit
+from .node_audit import SOCKET_SOURCES, NodeAudit, run_audit
 from .output import audit_json, audit_text, clean_json, clean_text, maps_json, maps_text
 from .remediation import DEFAULT_MAX_DELETES, Deletion, clean
 from .sockets import OwnerProbe
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pause before the confirming second look (default 0.2)")
         p.add_argument("--no-iterator", action="store_true",
                        help="read keys with syscalls only, even where the sockmap iterator works")
+        p.add_argument("--socket-source", choices=SOCKET_SOURCES, default="auto",
+                       help="where live sockets are read: the iter/tcp iterator (also sees "
+                            "each socket's receive path), sock_diag, or auto (the iterator "
+                            "where it loads; default)")
         p.add_argument("--all", action="store_true", help="also list ok and proxy entries")
         if name == "clean":
             p.add_argument("--apply", action="store_true", help="really delete")
@@ -90,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                            metavar="N",
                            help=f"stop after N deletes (default {DEFAULT_MAX_DELETES})")
     _add_run_parser(sub)  # `sockguard run`, see the section at the end
+    _add_tracer_parsers(sub)  # `sockguard trace` and `doctor`, see their section
     return parser
 
 
@@ -115,7 +120,8 @@ def _audit(args: argparse.Namespace) -> tuple[NodeAudit, list[MapInfo]]:
     maps, discovered = _select_maps(args)
     policy = audit_policy(args.proxy_ip)
     audit = run_audit(maps, _layout(args.layout), policy, args.confirm_delay,
-                      use_iterator=not args.no_iterator, tolerate_skips=discovered)
+                      use_iterator=not args.no_iterator, tolerate_skips=discovered,
+                      socket_source=args.socket_source)
     return audit, maps
 
 
@@ -178,7 +184,80 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(args)
 
 
-COMMANDS = {"maps": cmd_maps, "audit": cmd_audit, "clean": cmd_clean, "run": cmd_run}
+# -- `sockguard trace` and `sockguard doctor` (sockguard/tracer.py, doctor.py) ------------
+
+
+def _add_tracer_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("trace", help="live stream of sockhash/socket events (tracer)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--duration", type=_nonneg_float, default=None, metavar="SECONDS",
+                   help="stop after this long (default: until SIGINT/SIGTERM)")
+    p.add_argument("--all-states", action="store_true",
+                   help="every TCP state transition, not only ESTABLISHED and CLOSE")
+    p.add_argument("--every-recv", action="store_true",
+                   help="every recvmsg, not once per socket and receive function")
+    p.add_argument("--map", action="append", default=[], metavar="SPEC",
+                   help="maps whose keys are checked for mismatches and left-behind keys "
+                        "(default: discover)")
+    p.add_argument("--bpffs", default="/sys/fs/bpf", metavar="DIR",
+                   help="where to look for pinned maps (default /sys/fs/bpf)")
+    p.add_argument("--no-map-check", action="store_true",
+                   help="do not look keys up in maps (recv/close events)")
+    d = sub.add_parser("doctor", help="what this kernel allows and what sockguard can detect")
+    d.add_argument("--json", action="store_true", help="stable JSON on stdout")
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Print events until SIGINT/SIGTERM or --duration; links are destroyed on the way out."""
+    import json
+    import signal
+    import time
+
+    from .tracer import MapWatch, TraceEvent, Tracer, TracerOptions, attached_detections
+
+    def emit(ev: TraceEvent) -> None:
+        print(json.dumps(ev.as_dict()) if args.json else ev.line(), flush=True)
+
+    specs = list(args.map)
+    watch = None if args.no_map_check else MapWatch(
+        lambda: maps_adapter.select_maps(specs, args.bpffs, ("cilium_sock_ops",))[0])
+    options = TracerOptions(all_states=args.all_states, every_recv=args.every_recv,
+                            check_maps=not args.no_map_check)
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with Tracer(emit, options, watch) as tracer:
+            detections = tracer.start()
+            print(f"sockguard: {attached_detections(detections)}", file=sys.stderr, flush=True)
+            deadline = None if args.duration is None else time.monotonic() + args.duration
+            while not stop:
+                wait = 200 if deadline is None else max(0, min(200, int(
+                    (deadline - time.monotonic()) * 1000)))
+                tracer.poll(wait)
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """One screen about the node; always exit 0 (it reports, it does not judge)."""
+    from .doctor import render_json, render_text, report
+
+    doc = report()
+    print(render_json(doc) if args.json else render_text(doc))
+    return 0
+
+
+COMMANDS = {"maps": cmd_maps, "audit": cmd_audit, "clean": cmd_clean, "run": cmd_run,
+            "trace": cmd_trace, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

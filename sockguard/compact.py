@@ -28,7 +28,17 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TypeVar
 
-from .model import Endpoint, IPAddress, LiveSocket, Netns, TargetSocket, Tuple4
+from .model import (
+    RECV_BPF,
+    RECV_OTHER,
+    RECV_TCP,
+    Endpoint,
+    IPAddress,
+    LiveSocket,
+    Netns,
+    TargetSocket,
+    Tuple4,
+)
 
 #: A connection tuple as one socket sees it: local ip, local port, remote ip, remote port.
 CKey = tuple[bytes, int, bytes, int]
@@ -36,8 +46,13 @@ CKey = tuple[bytes, int, bytes, int]
 SockRow = tuple[CKey, int, int, int, int]
 #: A map entry as the sockmap iterator reported it: key, socket cookie, netns
 #: inode, family (AF_*), state, local address, remote address (4 bytes for
-#: AF_INET), local port, remote port.
-Record = tuple[bytes, int, int, int, int, bytes, bytes, int, int]
+#: AF_INET), local port, remote port, dead (SOCK_DEAD), receive path code.
+Record = tuple[bytes, int, int, int, int, bytes, bytes, int, int, bool, int]
+
+#: Receive path codes the iterators write (bpf/sock_state.h RECV_*), and their names.
+RECV_CODE_UNKNOWN, RECV_CODE_TCP, RECV_CODE_BPF, RECV_CODE_OTHER = 0, 1, 2, 3
+RECV_NAMES: dict[int, str] = {RECV_CODE_TCP: RECV_TCP, RECV_CODE_BPF: RECV_BPF,
+                              RECV_CODE_OTHER: RECV_OTHER}
 
 _MAPPED = bytes(10) + b"\xff\xff"
 
@@ -160,10 +175,17 @@ class SocketTable:
 
     ``spans`` lists each namespace with the end (exclusive) of its rows, in
     row order: rows ``spans[i-1][0]:spans[i][0]`` live in ``spans[i][1]``.
+    ``recv`` maps a socket cookie to its receive path code (``RECV_CODE_*``),
+    for the sockets whose path the source knows (iter/tcp; sock_diag knows none).
     """
 
     rows: list[SockRow] = field(default_factory=list)
     spans: list[tuple[int, Netns]] = field(default_factory=list)
+    recv: dict[int, int] = field(default_factory=dict)
+
+    def recv_path(self, cookie: int) -> str | None:
+        """The receive path name of the socket with this cookie, if known."""
+        return RECV_NAMES.get(self.recv.get(cookie, RECV_CODE_UNKNOWN))
 
     def close_span(self, netns: Netns) -> None:
         """Mark the rows added since the last span as ``netns``'s."""
@@ -177,7 +199,8 @@ class SocketTable:
 
     def live(self, row: int, interner: Interner) -> LiveSocket:
         k, state, cookie, inode, uid = self.rows[row]
-        return new_live_socket(interner.tuple4(k), state, cookie, inode, self.netns_of(row), uid)
+        return new_live_socket(interner.tuple4(k), state, cookie, inode, self.netns_of(row), uid,
+                               self.recv_path(cookie))
 
     def sockets(self, interner: Interner | None = None) -> list[LiveSocket]:
         """Every row as a ``LiveSocket``."""
@@ -186,7 +209,8 @@ class SocketTable:
         start = 0
         for end, netns in self.spans:
             for k, state, cookie, inode, uid in self.rows[start:end]:
-                out.append(new_live_socket(interner.tuple4(k), state, cookie, inode, netns, uid))
+                out.append(new_live_socket(interner.tuple4(k), state, cookie, inode, netns, uid,
+                                           self.recv_path(cookie)))
             start = end
         return out
 
@@ -196,13 +220,14 @@ new_target_socket = maker(TargetSocket)
 
 def target_socket(rec: Record, interner: Interner) -> TargetSocket:
     """The :class:`TargetSocket` an iterator record describes."""
-    _key, cookie, netns, family, state, saddr, daddr, sport, dport = rec
+    _key, cookie, netns, family, state, saddr, daddr, sport, dport, dead, recv = rec
+    path = RECV_NAMES.get(recv)
     if family == socket.AF_INET:
         return new_target_socket(cookie, 4, state, netns,
-                                 interner.tuple4((saddr, sport, daddr, dport)))
+                                 interner.tuple4((saddr, sport, daddr, dport)), dead, path)
     if family == socket.AF_INET6:
         # v4-mapped peers of dual-stack sockets stay IPv6 (::ffff:a.b.c.d), as
         # sock_diag reports them.
         return new_target_socket(cookie, 6, state, netns,
-                                 interner.tuple4((saddr, sport, daddr, dport)))
-    return new_target_socket(cookie, 0, state, netns, None)
+                                 interner.tuple4((saddr, sport, daddr, dport)), dead, path)
+    return new_target_socket(cookie, 0, state, netns, None, dead, path)

@@ -53,6 +53,7 @@ class Config:
     log_target: str = "auto"
     log_level: str = "info"
     log_max_findings: int = 100
+    tracer_enabled: bool = True
     source: str | None = None  # the file it came from; not a key
 
 
@@ -151,6 +152,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("log", "max_findings", "log_max_findings", "int",
            "log at most this many newly seen findings per cycle (the rest are summed up)",
            "--log-max-findings", _nonneg),
+    Option("tracer", "enabled", "tracer_enabled", "bool",
+           "run the event tracer where the kernel allows it (update failures, psock drops, "
+           "receive-path mismatches, early audit after a socket closes)", "--tracer"),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}

@@ -49,6 +49,7 @@ from types import FrameType
 from typing import Any
 
 from . import maps as maps_adapter
+from .capabilities import Detection
 from .cilium import audit_policy
 from .config import Config, describe, load_config, overrides_from_args
 from .errors import (
@@ -68,6 +69,14 @@ from .node_audit import NodeAudit, run_audit
 from .notify import Notifier, make_log_handler, monotonic_usec
 from .remediation import Deletion, clean
 from .sockets import OwnerProbe
+from .tracer import (
+    MapWatch,
+    TraceEvent,
+    Tracer,
+    TracerOptions,
+    TracerUnavailableError,
+    attached_detections,
+)
 
 log = logging.getLogger("sockguard.daemon")
 
@@ -156,6 +165,9 @@ class Daemon:
         self._seen: dict[int, set[tuple[str, str]]] = {}
         self._last_ok: str = "never"
         self._last_counts: tuple[int, ...] | None = None
+        self._early_lock = threading.Lock()
+        self._early_trigger: str | None = None
+        self.tracer = TracerRunner(self)
 
     # -- threads ------------------------------------------------------------------------
 
@@ -172,6 +184,10 @@ class Daemon:
         self.notifier.notify("STATUS=starting: first audit in progress")
         worker = threading.Thread(target=self._worker, name="audit", daemon=True)
         worker.start()
+        if self.config.tracer_enabled:
+            self.tracer.start()
+        else:
+            log.info("tracer disabled (tracer.enabled = false)")
         try:
             status = self._supervise(worker, watchdog)
         finally:
@@ -199,6 +215,7 @@ class Daemon:
 
     def _shutdown(self, worker: threading.Thread, status: int) -> int:
         self.notifier.notify("STOPPING=1", "STATUS=stopping")
+        self.tracer.stop()
         worker.join(STOP_GRACE)
         if worker.is_alive():
             log.warning("stopping: abandoning the audit in progress after %.1f s", STOP_GRACE)
@@ -226,7 +243,11 @@ class Daemon:
                 remaining = started + self.config.interval - time.monotonic()
                 if remaining <= 0:
                     break
-                if self._wake_worker.wait(min(remaining, self._tick())):
+                early = self._early_wait(started)  # tracer-triggered audit, see below
+                if early == 0:
+                    break
+                wait = min(remaining, self._tick(), early if early is not None else TICK)
+                if self._wake_worker.wait(wait):
                     self._wake_worker.clear()
                 self._beat()
 
@@ -236,6 +257,29 @@ class Daemon:
 
     def _beat(self) -> None:
         self._heartbeat = time.monotonic()
+
+    # -- early audits requested by tracer events (TracerRunner, end of file) --------------
+
+    def request_early_audit(self, trigger: str) -> None:
+        """Have the audit thread start a cycle soon (debounced by EARLY_MIN_GAP)."""
+        with self._early_lock:
+            if self._early_trigger is None:
+                self._early_trigger = trigger
+        self._wake_worker.set()
+
+    def _early_wait(self, started: float) -> float | None:
+        """None: no early audit pending; 0: start one now; else seconds until it is due."""
+        with self._early_lock:
+            trigger = self._early_trigger
+            if trigger is None:
+                return None
+            due = started + EARLY_MIN_GAP - time.monotonic()
+            if due > 0:
+                return due
+            self._early_trigger = None
+        self.metrics.tracer.early_audits.labels(trigger=trigger).inc()
+        log.debug("early audit (%s)", trigger)
+        return 0.0
 
     # -- one cycle ----------------------------------------------------------------------
 
@@ -367,6 +411,12 @@ class Daemon:
             self.metrics.reloads.labels(result="success").inc()
             log.info("configuration reloaded: %s", describe(new),
                      extra={"SOCKGUARD_RELOAD": "success"})
+            if new.tracer_enabled != old.tracer_enabled:
+                if new.tracer_enabled:
+                    self.tracer.start()
+                else:
+                    self.tracer.stop()
+                    log.info("tracer stopped (tracer.enabled = false)")
             self._wake_worker.set()
         if self._ready:
             self.notifier.notify("READY=1", f"STATUS=configuration reloaded; last successful "
@@ -419,6 +469,132 @@ class Daemon:
     def _restore_signals(self, previous: dict[int, Any]) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# -- tracer events: metrics, journal, early audits (sockguard/tracer.py) ------------------
+
+#: An early audit starts at least this long after the previous audit started, so a
+#: burst of closing sockets costs one audit per second at most, and a key left behind
+#: is still found within about a second (plus audit.confirm_delay).
+EARLY_MIN_GAP = 1.0
+
+
+def tracer_event_fields(ev: TraceEvent) -> dict[str, object]:
+    """Journal fields of a tracer event: ``journalctl SOCKGUARD_EVENT=update_failure``."""
+    fields: dict[str, object] = {"SOCKGUARD_COOKIE": ev.cookie, "SOCKGUARD_NETNS": ev.netns,
+                                 "SOCKGUARD_PID": ev.pid, "SOCKGUARD_COMM": ev.comm,
+                                 "SOCKGUARD_TRACE_SOURCE": ev.source}
+    if ev.sock is not None:
+        fields["SOCKGUARD_LIVE_SOCKET"] = str(ev.sock)
+    if ev.map_id is not None:
+        fields["SOCKGUARD_MAP_ID"] = ev.map_id
+        fields["SOCKGUARD_MAP_NAME"] = ev.map_name
+    if ev.key_hex is not None:
+        fields["SOCKGUARD_KEY"] = ev.key_hex
+    if ev.key is not None:
+        fields["SOCKGUARD_TUPLE"] = str(ev.key)
+    if ev.errno_name is not None:
+        fields["SOCKGUARD_ERRNO"] = ev.errno_name
+    if ev.caller is not None:
+        fields["SOCKGUARD_CALLER"] = ev.caller
+        fields["SOCKGUARD_CALLER_CLASS"] = ev.caller_class
+    if ev.recv_fn is not None:
+        fields["SOCKGUARD_RECV_FN"] = ev.recv_fn
+    if ev.key_in_maps:
+        fields["SOCKGUARD_KEY_IN_MAPS"] = ",".join(ev.key_in_maps)
+    return fields
+
+
+class TracerRunner:
+    """The daemon's tracer thread: start what the kernel allows, consume events, stop.
+
+    Why a thread of its own: ``ring_buffer__poll`` blocks, and the audit
+    thread's heartbeat must not depend on event traffic.  The tracer is an
+    addition: if it cannot start (no ringbuf, nothing attachable) the daemon
+    says why and carries on auditing every interval.
+    """
+
+    POLL_MS = 250
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.detections: dict[str, Detection] = {}
+        self.started = threading.Event()  # set once start was attempted (tests wait on it)
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self.started.clear()
+        self._thread = threading.Thread(target=self._run, name="tracer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        d = self.daemon
+        layout = LAYOUTS[d.config.layout]
+        watch = MapWatch(lambda: select_maps(d.config)[0], layout)
+        options = TracerOptions(failures_only=True, closes_only=True, only_tcp_recvmsg=True)
+        tracer = Tracer(self._on_event, options, watch)
+        try:
+            self.detections = tracer.start()
+        except TracerUnavailableError as exc:
+            log.warning("tracer unavailable, audits only every %.3g s: %s", d.config.interval,
+                        exc, extra={"SOCKGUARD_TRACER": "unavailable"})
+            self.started.set()
+            return
+        except (SockguardError, OSError) as exc:
+            log.error("tracer failed to start, audits only every %.3g s: %s", d.config.interval,
+                      exc, extra={"SOCKGUARD_TRACER": "failed"})
+            self.started.set()
+            return
+        d.metrics.tracer.set_active({k: v.active for k, v in self.detections.items()})
+        log.info("%s", attached_detections(self.detections),
+                 extra={"SOCKGUARD_TRACER": "started"})
+        self.started.set()
+        try:
+            while not self._stop.is_set():
+                tracer.poll(self.POLL_MS)
+        except Exception:  # never take the daemon down: audits go on without events
+            log.exception("tracer crashed; continuing with periodic audits only")
+        finally:
+            tracer.close()
+            d.metrics.tracer.set_active({})
+
+    def _on_event(self, ev: TraceEvent) -> None:
+        d = self.daemon
+        fields = tracer_event_fields(ev)
+        if ev.kind == "update" and ev.errno:
+            d.metrics.tracer.update_failed(ev.errno_name or "other")
+            log.warning("sockhash insert failed with %s: map %s#%s key %s for socket %s "
+                        "(netns %d, pid %d %s)", ev.errno_name, ev.map_name, ev.map_id,
+                        ev.key or ev.key_hex, ev.sock, ev.netns, ev.pid, ev.comm,
+                        extra={**fields, "SOCKGUARD_EVENT": "update_failure"})
+            d.request_early_audit("update_failure")
+        elif ev.kind == "psock_drop":
+            d.metrics.tracer.psock_dropped(ev.caller_class or "unknown")
+            level = logging.WARNING if ev.caller_class == "update_failed" else logging.DEBUG
+            log.log(level, "psock of socket %s dropped by %s (%s)", ev.sock, ev.caller,
+                    ev.caller_class, extra={**fields, "SOCKGUARD_EVENT": "psock_drop"})
+        elif ev.mismatch:
+            d.metrics.tracer.recvmsg_mismatches.inc()
+            log.warning("socket %s (netns %d, pid %d %s) receives via %s although its key is in "
+                        "%s: its peer redirects into another socket", ev.sock, ev.netns, ev.pid,
+                        ev.comm, ev.recv_fn, ", ".join(ev.key_in_maps or ()),
+                        extra={**fields, "SOCKGUARD_EVENT": "recv_mismatch"})
+            d.request_early_audit("recv_mismatch")
+        elif ev.left_behind:
+            log.info("socket %s closed but the key of its tuple is still in %s: auditing now",
+                     ev.sock, ", ".join(ev.key_in_maps or ()),
+                     extra={**fields, "SOCKGUARD_EVENT": "key_left_behind"})
+            d.request_early_audit("key_left_behind")
 
 
 def _test_block() -> None:

@@ -145,6 +145,8 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
         [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t],
     ),
     "bpf_program__fd": (ctypes.c_int, [ctypes.c_void_p]),
+    "bpf_program__set_autoload": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_bool]),
+    "bpf_program__attach": (ctypes.c_void_p, [ctypes.c_void_p]),
     "bpf_program__name": (ctypes.c_char_p, [ctypes.c_void_p]),
     "bpf_program__attach_cgroup": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int]),
     "bpf_program__attach_iter": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p]),
@@ -602,6 +604,22 @@ class Program:
     def fd(self) -> int:
         return _check(lib().bpf_program__fd(self._ptr), f"bpf_program__fd({self.name})")
 
+    def set_autoload(self, autoload: bool) -> None:
+        """Include or leave out this program when its object is loaded (before load).
+
+        A program the kernel would refuse (fentry where trampolines are not
+        allowed, a helper an older kernel lacks) must be left out, or the
+        whole object fails to load.
+        """
+        ret = lib().bpf_program__set_autoload(self._ptr, autoload)
+        if ret < 0:
+            raise BpfError(-ret, f"bpf_program__set_autoload({self.name})")
+
+    def attach(self) -> Link:
+        """Attach by section name (kprobe/..., tp_btf/..., raw_tp/..., fexit/...)."""
+        ptr = lib().bpf_program__attach(self._ptr)
+        return Link(ptr=_check_ptr(ptr, f"attach {self.name}"))
+
     def attach_cgroup(self, cgroup_fd: int) -> Link:
         """Attach (sockops, cgroup_skb, ...) to the cgroup v2 dir ``cgroup_fd`` by link."""
         ptr = lib().bpf_program__attach_cgroup(self._ptr, cgroup_fd)
@@ -616,6 +634,11 @@ class Program:
         opts.link_info = ctypes.pointer(info)
         opts.link_info_len = ctypes.sizeof(info)
         ptr = lib().bpf_program__attach_iter(self._ptr, ctypes.byref(opts))
+        return Link(ptr=_check_ptr(ptr, f"bpf_program__attach_iter({self.name})"))
+
+    def attach_iter(self) -> Link:
+        """Attach an iterator that takes no target (``iter/tcp``, ``iter/task``, ...)."""
+        ptr = lib().bpf_program__attach_iter(self._ptr, None)
         return Link(ptr=_check_ptr(ptr, f"bpf_program__attach_iter({self.name})"))
 
     def attach_to_map(self, map_fd: int, attach_type: int) -> Link:
@@ -720,7 +743,20 @@ def iter_read(link: Link) -> bytes:
 
     Each ``bpf_iter_create`` starts a fresh walk; the read returns 0 at the end.
     """
-    fd = _check(lib().bpf_iter_create(link.fd), "bpf_iter_create")
+    return iter_read_fd(iter_create(link))
+
+
+def iter_create(link: Link) -> int:
+    """A new iterator fd of ``link`` (a fresh walk); the caller reads it with ``iter_read_fd``.
+
+    Iterators over network objects (``iter/tcp``) walk the network namespace
+    of the calling thread at this moment.
+    """
+    return _check(lib().bpf_iter_create(link.fd), "bpf_iter_create")
+
+
+def iter_read_fd(fd: int) -> bytes:
+    """Read an iterator fd to its end and close it."""
     chunks: list[bytes] = []
     try:
         while True:

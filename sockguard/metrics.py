@@ -173,6 +173,7 @@ class Metrics:
             self.reloads.labels(result=result)
         self._snapshot = _SnapshotCollector()
         r.register(self._snapshot)
+        self.tracer = TracerMetrics(r)  # see the tracer section below
 
     def audit_succeeded(self, audit: NodeAudit, deletions: Sequence[Deletion], seconds: float,
                         when: float) -> None:
@@ -194,6 +195,64 @@ class Metrics:
     def configured(self, interval: float, remediate: bool) -> None:
         self.interval.set(interval)
         self.remediation_enabled.set(1 if remediate else 0)
+
+
+# -- tracer events (sockguard/tracer.py, consumed by daemon.TracerRunner) ----------------
+
+#: Bounded label values (mirrors tracer.UPDATE_ERRNOS / DROP_CALLERS / capabilities.plan).
+UPDATE_ERRNOS = ("EEXIST", "EBUSY", "EINVAL", "ENOMEM", "ENOSPC", "EOPNOTSUPP", "other")
+DROP_CALLERS = ("close", "update_failed", "delete", "map_free", "other", "unknown")
+DETECTIONS = ("update_failures", "psock_drops", "recv_path", "lifecycle")
+
+
+class TracerMetrics:
+    """Counters of what the tracer saw, and which of its detections are running.
+
+    ``sockguard_detection_active{detection}`` is 0 for a detection the kernel
+    does not allow (the journal says why at start): an alert on the counters
+    alone would be silently blind there.
+    """
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.update_failures = Counter(
+            "sockguard_sockhash_update_failures",
+            "Sockhash inserts that failed, by errno (EEXIST: a stale key collides with a new "
+            "connection)", ["errno"], registry=r)
+        self.psock_drops = Counter(
+            "sockguard_psock_drops", "psock drops by caller (update_failed: the insert of a "
+            "socket failed and its psock was dropped, the seed's smoking gun)", ["caller"],
+            registry=r)
+        self.recvmsg_mismatches = Counter(
+            "sockguard_recvmsg_mismatches",
+            "Sockets that received via tcp_recvmsg while the key of their tuple was in a "
+            "sockhash (their peer redirects into another socket)", registry=r)
+        self.early_audits = Counter(
+            "sockguard_early_audits",
+            "Audits started ahead of the interval by a tracer event, by trigger", ["trigger"],
+            registry=r)
+        self.active = Gauge("sockguard_detection_active",
+                            "1 when the tracer detection runs on this kernel", ["detection"],
+                            registry=r)
+        for e in UPDATE_ERRNOS:
+            self.update_failures.labels(errno=e)
+        for c in DROP_CALLERS:
+            self.psock_drops.labels(caller=c)
+        for t in ("update_failure", "recv_mismatch", "key_left_behind"):
+            self.early_audits.labels(trigger=t)
+        for d in DETECTIONS:
+            self.active.labels(detection=d).set(0)
+
+    def update_failed(self, errno_name: str) -> None:
+        self.update_failures.labels(
+            errno=errno_name if errno_name in UPDATE_ERRNOS else "other").inc()
+
+    def psock_dropped(self, caller_class: str) -> None:
+        self.psock_drops.labels(
+            caller=caller_class if caller_class in DROP_CALLERS else "other").inc()
+
+    def set_active(self, active: dict[str, bool]) -> None:
+        for d in DETECTIONS:
+            self.active.labels(detection=d).set(1 if active.get(d) else 0)
 
 
 def start_server(metrics: Metrics, address: str, port: int) -> Any:

@@ -21,6 +21,15 @@ class Kind(enum.StrEnum):
     STALE = "stale"
     SHADOWING = "shadowing"
     PROXY = "proxy"
+    #: A live socket owns the key's tuple but reads with plain ``tcp_recvmsg``:
+    #: its peer's payload is redirected by this key, and it will never see it.
+    RECVPATH = "recvpath"
+
+
+#: Receive paths an iterator can report (``sk->sk_prot->recvmsg``); None: unknown.
+RECV_TCP = "tcp_recvmsg"
+RECV_BPF = "tcp_bpf_recvmsg"  # also tcp_bpf_recvmsg_parser (a psock with an sk_skb verdict)
+RECV_OTHER = "other"
 
 
 @dataclass(frozen=True, order=True)
@@ -99,13 +108,19 @@ class MapInfo:
 
 @dataclass(frozen=True)
 class TargetSocket:
-    """The socket a map entry points to, as a BPF iterator reports it."""
+    """The socket a map entry points to, as a BPF iterator reports it.
+
+    ``dead``: its process has closed it (SOCK_DEAD), so its entries should
+    have gone with it (sock_map_close).  ``recv_path``: ``RECV_*`` or None.
+    """
 
     cookie: int
     family: int = 0
     state: int = 0
     netns_ino: int = 0
     tuple: Tuple4 | None = None
+    dead: bool = False
+    recv_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +150,10 @@ class Netns:
 
 @dataclass(frozen=True)
 class LiveSocket:
-    """A TCP socket as sock_diag reports it in one namespace."""
+    """A TCP socket as sock_diag (or the iter/tcp iterator) reports it in one namespace.
+
+    ``recv_path`` (``RECV_*``) is known only from the iterator.
+    """
 
     tuple: Tuple4
     state: int  # TCP state number, as in include/net/tcp_states.h
@@ -143,6 +161,7 @@ class LiveSocket:
     inode: int
     netns: Netns
     uid: int = 0
+    recv_path: str | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@ sockets) and the pure audit core.  One *look* reads every map first and the
 sockets second, so a connection that opens during the look has its socket
 seen; a look's stale and shadowing verdicts are then confirmed by a second,
 independent look (``audit.confirm``) before anyone calls them findings.
+
+The sockets come from the ``iter/tcp`` iterator where it loads (it also
+reports each socket's receive path) and from sock_diag otherwise
+(``socket_source``); remediation re-verifies with sock_diag either way.
 """
 
 from __future__ import annotations
@@ -17,16 +21,21 @@ from dataclasses import dataclass, field, replace
 from . import maps as maps_adapter
 from .audit import AuditPolicy, AuditResult, SocketIndex, audit_map, audit_records
 from .compact import Interner, Record, gc_paused, maker
-from .errors import LayoutMismatchError, MapGoneError, SockguardError
+from .errors import LayoutMismatchError, LibbpfMissingError, MapGoneError, SockguardError
 from .layout import KeyDecodeError, KeyLayout, decode
+from .libbpf import BpfError
 from .model import Finding, MapEntry, MapInfo, Netns
 from .owners import find_owners
-from .sockets import scan_all
-from .sockmap_iter import iterator_available, read_records, target_socket
+from .sockets import Scan, scan_all
+from .sockmap_iter import cookies_need_scan_first, iterator_available, read_records, target_socket
+from .tcp_iter import read_tcp, tcp_iterator_available
 
 log = logging.getLogger(__name__)
 
 _new_entry = maker(MapEntry)
+
+#: ``--socket-source`` choices: where a look reads the live sockets from.
+SOCKET_SOURCES = ("auto", "iterator", "sock_diag")
 
 
 @dataclass
@@ -50,6 +59,7 @@ class NodeAudit:
     skipped: list[str] = field(default_factory=list)
     sources: dict[int, str] = field(default_factory=dict)
     duration: float = 0.0
+    socket_source: str = "sock_diag"  # "iterator" (iter/tcp) or "sock_diag"
 
     @property
     def bad(self) -> list[Finding]:
@@ -94,14 +104,39 @@ def read_map(info: MapInfo, layout: KeyLayout, use_iterator: bool = True,
     return MapRead(info, entries, undecodable, source)
 
 
+def scan_sockets(socket_source: str = "auto") -> tuple[Scan, str]:
+    """The live sockets of every namespace, and which source gave them.
+
+    ``auto`` takes iter/tcp where it loads and falls back to sock_diag (with a
+    warning when the iterator fails after loading); ``iterator`` insists.
+    """
+    if socket_source not in SOCKET_SOURCES:
+        raise SockguardError(f"unknown socket source {socket_source!r}")
+    if socket_source != "sock_diag":
+        ok, why = tcp_iterator_available()
+        if ok:
+            try:
+                return read_tcp(), "iterator"
+            except (BpfError, LibbpfMissingError) as exc:
+                if socket_source == "iterator":
+                    raise SockguardError(f"the tcp iterator failed: {exc}") from exc
+                log.warning("tcp iterator failed, reading sockets with sock_diag: %s", exc)
+        elif socket_source == "iterator":
+            raise SockguardError(f"--socket-source iterator: {why}")
+    return scan_all(compact=True), "sock_diag"
+
+
 def _look(
     maps: Sequence[MapInfo], layout: KeyLayout, policy: AuditPolicy, use_iterator: bool,
-    skipped: list[str] | None = None,
-) -> tuple[list[AuditResult], list[Netns], int, list[str], dict[int, str]]:
+    skipped: list[str] | None = None, socket_source: str = "auto",
+) -> tuple[list[AuditResult], list[Netns], int, list[str], dict[int, str], str]:
     """Read every map, then the sockets of every namespace, then classify."""
     reads: list[MapRead | tuple[MapInfo, dict[bytes, Record]]] = []
     interner = Interner()
+    scan_first = use_iterator and cookies_need_scan_first()
     with gc_paused():
+        if scan_first:  # gives every live socket its cookie before the iterator reads it
+            scan, sock_source = scan_sockets("sock_diag")
         for info in maps:
             try:
                 if info.value_size != 8 and use_iterator and iterator_available()[0]:
@@ -115,7 +150,8 @@ def _look(
                 if skipped is None:
                     raise
                 skipped.append(str(exc))
-        scan = scan_all(compact=True)
+        if not scan_first:
+            scan, sock_source = scan_sockets(socket_source)
         index = SocketIndex.from_table(scan.table, interner)
         results: list[AuditResult] = []
         sources: dict[int, str] = {}
@@ -127,7 +163,7 @@ def _look(
                 info, records = r
                 results.append(audit_records(info, layout, records.values(), index, policy))
                 sources[info.id] = "iterator"
-    return results, scan.namespaces, index.count, scan.vanished, sources
+    return results, scan.namespaces, index.count, scan.vanished, sources, sock_source
 
 
 def _with_owners(findings: list[Finding]) -> list[Finding]:
@@ -146,22 +182,24 @@ def run_audit(
     confirm_delay: float = 0.2,
     use_iterator: bool = True,
     tolerate_skips: bool = False,
+    socket_source: str = "auto",
 ) -> NodeAudit:
-    """Audit ``maps``; stale and shadowing verdicts are confirmed by a second look.
+    """Audit ``maps``; stale, shadowing and recvpath verdicts are confirmed by a second look.
 
     With ``tolerate_skips`` (discovered maps) a map that does not fit the
     layout or vanished is noted in ``skipped``; otherwise it is an error.
+    ``socket_source`` is one of ``SOCKET_SOURCES``.
     """
     start = time.monotonic()
     skipped: list[str] = []
-    results, namespaces, nsock, vanished, sources = _look(
-        maps, layout, policy, use_iterator, skipped if tolerate_skips else None
+    results, namespaces, nsock, vanished, sources, sock_source = _look(
+        maps, layout, policy, use_iterator, skipped if tolerate_skips else None, socket_source
     )
     if any(r.bad for r in results):
         time.sleep(confirm_delay)
         checked = [r.map for r in results]
         try:
-            second, *_ = _look(checked, layout, policy, use_iterator, [])
+            second, *_ = _look(checked, layout, policy, use_iterator, [], socket_source)
         except SockguardError as exc:
             log.warning("second look failed, nothing confirmed: %s", exc)
             second = []
@@ -174,4 +212,4 @@ def run_audit(
         if bad:
             r.substitute({id(f): g for f, g in zip(bad, _with_owners(bad), strict=True)})
     return NodeAudit(results, namespaces, nsock, vanished, skipped, sources,
-                     time.monotonic() - start)
+                     time.monotonic() - start, sock_source)

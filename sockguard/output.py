@@ -28,6 +28,7 @@ def _socket(sock: LiveSocket | None) -> dict[str, Any] | None:
         "cookie": sock.cookie,
         "inode": sock.inode,
         "netns": {"inode": sock.netns.ino, "name": sock.netns.name},
+        "recv_path": sock.recv_path,
     }
 
 
@@ -78,6 +79,7 @@ def audit_json(audit: NodeAudit, include_ok: bool = False) -> str:
         "vanished_namespaces": audit.vanished,
         "skipped_maps": audit.skipped,
         "duration_seconds": round(audit.duration, 4),
+        "socket_source": audit.socket_source,
     }
     return json.dumps(doc, indent=2, sort_keys=True)
 
@@ -110,8 +112,9 @@ def audit_text(audit: NodeAudit, include_ok: bool = False) -> str:
             f"{r.entries} entries: {counts}; {r.pending} in handshake"
         )
         lines.extend(f"  undecodable key {u}" for u in r.undecodable)
+    via = "iter/tcp" if audit.socket_source == "iterator" else audit.socket_source
     lines.append(f"{audit.sockets} TCP sockets in {len(audit.namespaces)} network namespace(s) "
-                 f"({audit.duration:.2f} s)")
+                 f"via {via} ({audit.duration:.2f} s)")
     lines.extend(f"skipped map: {s}" for s in audit.skipped)
     lines.extend(f"namespace vanished during the scan: {v}" for v in audit.vanished)
     shown = [f for r in audit.results for f in r.reported(include_ok)]
@@ -126,7 +129,7 @@ def audit_text(audit: NodeAudit, include_ok: bool = False) -> str:
         lines.append("no sockhash maps on this node to audit "
                      "(none pinned under the bpffs, none loaded under the discovered names)")
     else:
-        lines.append("no stale or shadowing entries")
+        lines.append("no stale, shadowing or recvpath entries")
     return "\n".join(lines)
 
 

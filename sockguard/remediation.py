@@ -10,8 +10,14 @@ again immediately before its delete:
 2. when the entry's socket cookie is known from an 8-byte value, it is
    unchanged (else the key was re-inserted for a new connection);
 3. an exact sock_diag lookup of the key's tuple in every namespace finds no
-   live socket that owns the entry: for ``stale``, no owner at all; for
-   ``shadowing``, the owner is still not the socket the entry points to.
+   live socket that owns the entry: for ``stale``, no owner at all (or, for
+   an entry whose socket its process has closed, only that dead socket
+   itself, still finishing its FIN exchange); for ``shadowing``, the owner is
+   still not the socket the entry points to.
+
+``recvpath`` findings are never deleted by themselves: the entry that
+causes one is the shadowing entry of that key, deleted as ``shadowing`` when
+the sockmap iterator shows it points elsewhere.
 
 L7-proxy entries are never deleted: they are judged by their client side
 alone, which an exact lookup cannot re-verify.
@@ -54,6 +60,13 @@ def reverify(handle: MapHandle, finding: Finding, probe: OwnerProbe) -> tuple[bo
     if finding.details.get("proxy"):
         return False, "refused: L7 proxy entries are reported, not deleted"
     owner = probe.owner(finding.entry.key.owner)
+    dead = finding.details.get("entry_socket_dead")
+    if (finding.kind is Kind.STALE and owner is not None and dead
+            and finding.entry.cookie is not None and owner.cookie == finding.entry.cookie):
+        # The tuple's only full socket is the entry's own, closed by its process
+        # (cookies are never reused): deleting its entry lets the peer's payload
+        # reach it through TCP, which answers an orphan with a reset, as without sockops.
+        return True, "verified: the entry's socket is closed (SOCK_DEAD)"
     if finding.kind is Kind.STALE and owner is not None:
         return False, f"refused: a live socket owns {owner.tuple} now (netns {owner.netns})"
     if finding.kind is Kind.SHADOWING and owner is not None and finding.entry.cookie is not None \

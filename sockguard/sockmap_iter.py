@@ -4,7 +4,9 @@ A userspace lookup on a map with a 4-byte value (Cilium's ``cilium_sock_ops``)
 always fails with ENOSPC, so only a BPF ``iter/sockmap`` program can see the
 socket behind a key.  ``bpf/sockmap_iter.bpf.c`` writes one fixed-size record
 per entry; this module loads it, runs it once over a map and decodes the
-records into :class:`~sockguard.model.TargetSocket` values.
+records into :class:`~sockguard.model.TargetSocket` values.  Each record also
+says whether the socket is dead (SOCK_DEAD) and which receive path it has
+(``sk_prot->recvmsg``, see :mod:`sockguard.recvsyms`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import struct
 from pathlib import Path
 
 import sockguard
-from sockguard import libbpf
+from sockguard import libbpf, recvsyms
 from sockguard.compact import Interner, Record, gc_paused, target_socket
 from sockguard.errors import LibbpfMissingError, NotRootError
 from sockguard.libbpf import BpfError
@@ -26,19 +28,26 @@ __all__ = ["Record", "iterator_available", "read_records", "read_sockmap", "targ
 
 OBJECT_PATH = Path(sockguard.__file__).parent / "bpf" / "sockmap_iter.bpf.o"
 PROGRAM = "dump_sockmap"
+#: Reads skc_cookie instead of calling bpf_get_socket_cookie (kernels before 5.12).
+COMPAT_PROGRAM = "dump_sockmap_compat"
 KEY_MAX = 64
 
 # struct record in bpf/sockmap_iter.bpf.c: key[64], cookie, netns_ino, key_len,
-# family, state, flags, saddr[16], daddr[16], sport, dport, pad.
-RECORD = struct.Struct("=64sQQIHBB16s16sHHI")
+# family, state, flags, saddr[16], daddr[16], sport, dport, recv, pad.
+RECORD = struct.Struct("=64sQQIHBB16s16sHHB3x")
 REC_HAS_SOCKET = 0x1
+REC_DEAD = 0x2
+
+RODATA = recvsyms.CONFIG  # .rodata: struct sg_config (bpf/sock_state.h)
 
 
-RODATA = struct.Struct("=I")  # .rodata: const volatile __u32 key_size
+def _load(key_size: int, program: str | None = None) -> libbpf.BpfObject:
+    """Open and load the iterator object specialised for ``key_size``.
 
-
-def _load(key_size: int) -> libbpf.BpfObject:
-    """Open and load the iterator object specialised for ``key_size``."""
+    Only ``program`` (default: the variant this kernel takes) is loaded: the
+    other one would fail the whole object where its helper is missing.
+    """
+    program = program or iterator_variant()
     if not OBJECT_PATH.is_file():
         raise LibbpfMissingError(
             f"{OBJECT_PATH} is missing: reinstall sockguard (pip install .) to build BPF objects"
@@ -50,7 +59,9 @@ def _load(key_size: int) -> libbpf.BpfObject:
             raise LibbpfMissingError(
                 f"{OBJECT_PATH}: unexpected .rodata size {len(rodata)}; rebuild sockguard"
             )
-        obj.set_rodata(RODATA.pack(key_size))
+        obj.set_rodata(recvsyms.config(key_size))
+        for name in (PROGRAM, COMPAT_PROGRAM):
+            obj.program(name).set_autoload(name == program)
         obj.load()
     except BaseException:
         obj.close()
@@ -75,7 +86,7 @@ def read_records(map_fd: int, key_size: int) -> dict[bytes, Record]:
             raise NotRootError(f"loading the sockmap iterator: {exc.strerror}") from None
         raise
     try:
-        with obj.program(PROGRAM).attach_iter_map(map_fd) as link:
+        with obj.program(iterator_variant()).attach_iter_map(map_fd) as link:
             data = libbpf.iter_read(link)
     finally:
         obj.close()
@@ -85,13 +96,14 @@ def read_records(map_fd: int, key_size: int) -> dict[bytes, Record]:
     inet = socket.AF_INET
     with gc_paused():
         for (key, cookie, netns, _klen, family, state, flags, saddr, daddr, sport, dport,
-             _pad) in RECORD.iter_unpack(data):
+             recv) in RECORD.iter_unpack(data):
             if not flags & REC_HAS_SOCKET:
                 continue  # an empty sockmap slot
             if family == inet:
                 saddr, daddr = saddr[:4], daddr[:4]
             k = key[:key_size]
-            result[k] = (k, cookie, netns, family, state, saddr, daddr, sport, dport)
+            result[k] = (k, cookie, netns, family, state, saddr, daddr, sport, dport,
+                         bool(flags & REC_DEAD), recv)
     return result
 
 
@@ -109,17 +121,42 @@ def read_sockmap(map_fd: int, key_size: int) -> dict[bytes, TargetSocket]:
 
 
 @functools.cache
+def _probe() -> tuple[str | None, str]:
+    """(the program this kernel loads, or None; why) — tried once per process."""
+    why = ""
+    for program in (PROGRAM, COMPAT_PROGRAM):
+        try:
+            obj = _load(4, program)
+        except LibbpfMissingError as exc:
+            return None, str(exc)
+        except BpfError as exc:
+            if exc.errno == errno.EPERM:
+                return None, f"loading the sockmap iterator is not permitted: {exc.strerror}"
+            why = f"the kernel rejects the sockmap iterator: {str(exc).splitlines()[0]}"
+            continue
+        obj.close()
+        if program == COMPAT_PROGRAM:
+            return program, ("iter/sockmap loads (reading skc_cookie: this kernel has no "
+                             "bpf_get_socket_cookie for iterators)")
+        return program, "iter/sockmap loads"
+    return None, why
+
+
+def iterator_variant() -> str:
+    """The iterator program this kernel loads (PROGRAM, or COMPAT_PROGRAM before 5.12)."""
+    return _probe()[0] or PROGRAM
+
+
+def cookies_need_scan_first() -> bool:
+    """Whether live sockets must be scanned by sock_diag before the map is read.
+
+    The compat program reads skc_cookie, which is 0 until sock_gen_cookie runs;
+    sock_diag calls it for every socket it reports.
+    """
+    return _probe()[0] == COMPAT_PROGRAM
+
+
 def iterator_available() -> tuple[bool, str]:
     """Whether the sockmap iterator can run here, and if not, why (cached)."""
-    try:
-        obj = _load(4)
-    except LibbpfMissingError as exc:
-        return False, str(exc)
-    except BpfError as exc:
-        if exc.errno == errno.EPERM:
-            return False, f"loading the sockmap iterator is not permitted: {exc.strerror}"
-        if exc.errno == errno.EINVAL:
-            return False, f"the kernel rejects the sockmap iterator: {exc.strerror}"
-        return False, f"the sockmap iterator does not load: {str(exc).splitlines()[0]}"
-    obj.close()
-    return True, "iter/sockmap loads"
+    program, why = _probe()
+    return program is not None, why

@@ -29,19 +29,23 @@ V6 = [bytes(10) + b"\xff\xff\x0a\x00\x00\x01", bytes(15) + b"\x01", bytes(15) + 
 
 
 def _world(seed: int) -> tuple[SocketTable, list[Record]]:
-    """Sockets in two namespaces (duplicates, all states, v4-mapped) and records about them."""
+    """Sockets in two namespaces (duplicates, all states, v4-mapped, receive paths) and
+    records about them (dead sockets, receive paths, keys not describing their socket)."""
     rnd = random.Random(seed)
     table = SocketTable()
     for netns in NETNS:
         for i in range(200):
             pool = V6 if rnd.random() < 0.25 else V4
             k = (rnd.choice(pool), rnd.randint(1, 12), rnd.choice(pool), rnd.randint(1, 12))
-            table.rows.append((k, rnd.choice([1, 1, 1, 2, 3, 4, 6, 7, 8, 12]),
-                               rnd.randint(1, 300), i, 0))
+            cookie = rnd.randint(1, 300)
+            table.rows.append((k, rnd.choice([1, 1, 1, 2, 3, 4, 6, 7, 8, 12]), cookie, i, 0))
+            if rnd.random() < 0.5:  # the receive path iter/tcp saw, for some sockets
+                table.recv[cookie] = rnd.choice([1, 2, 2, 3])
         table.close_span(netns)
     records: list[Record] = []
     for _ in range(500):
-        (lip, lport, rip, rport), *_rest = rnd.choice(table.rows)
+        row = rnd.choice(table.rows)
+        (lip, lport, rip, rport), own_cookie = row[0], row[2]
         if rnd.random() < 0.3:
             lport = rnd.randint(1, 12)
         local: IPv4Address | IPv6Address = (IPv4Address(lip) if len(lip) == 4
@@ -55,10 +59,14 @@ def _world(seed: int) -> tuple[SocketTable, list[Record]]:
         family = 4 if isinstance(local, IPv4Address) else 6
         key = key_for_socket(CILIUM, Tuple4(family, Endpoint(local, lport),
                                             Endpoint(remote, rport)))
-        cookie = rnd.choice([rnd.randint(1, 300), *(r[2] for r in table.rows[:5])])
+        cookie = rnd.choice([rnd.randint(1, 300), *(r[2] for r in table.rows[:5]),
+                             *[own_cookie] * 6])
         af = socket.AF_INET if len(lip) == 4 else socket.AF_INET6
-        records.append((key, cookie, 1, af, rnd.choice([1, 7]), lip, rip, lport, rport))
-    records.append((b"\x01" * 44, 5, 1, socket.AF_INET, 1, V4[0], V4[1], 1, 2))  # undecodable
+        if rnd.random() < 0.2:  # an entry whose socket has another tuple (seed's dummy)
+            lip, lport = rnd.choice(V4 if af == socket.AF_INET else V6), rnd.randint(1, 12)
+        records.append((key, cookie, 1, af, rnd.choice([1, 1, 7]), lip, rip, lport, rport,
+                        rnd.random() < 0.1, rnd.choice([0, 1, 2, 2, 2, 3])))
+    records.append((b"\x01" * 44, 5, 1, socket.AF_INET, 1, V4[0], V4[1], 1, 2, False, 2))
     return table, records
 
 
@@ -134,7 +142,7 @@ def test_interner_text_matches_str() -> None:
 def test_maker_builds_equal_values_and_refuses_others() -> None:
     new = maker(LiveSocket)
     tup = Tuple4(4, Endpoint(IPv4Address("10.0.0.1"), 1), Endpoint(IPv4Address("10.0.0.2"), 2))
-    made = new(tup, 1, 2, 3, NETNS[0], 4)
+    made = new(tup, 1, 2, 3, NETNS[0], 4, None)
     plain = LiveSocket(tup, 1, 2, 3, NETNS[0], 4)
     assert made == plain and hash(made) == hash(plain) and repr(made) == repr(plain)
     with pytest.raises(TypeError):

@@ -50,6 +50,7 @@ NON_DEFAULT: dict[str, tuple[str, object]] = {
     "log.target": ('"stderr"', "stderr"),
     "log.level": ('"debug"', "debug"),
     "log.max_findings": ("3", 3),
+    "tracer.enabled": ("false", False),
 }
 
 

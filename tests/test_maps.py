@@ -21,6 +21,7 @@ from sockguard.errors import (
     NotASockMapError,
 )
 from sockguard.model import MapInfo
+from tests.lab import sk_msg_attached, sockmap_prog_query_supported
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_kernel")]
 
@@ -127,13 +128,16 @@ def test_discover_dedupes_pinned_and_named(make_map: MakeMap, bpffs_dir: Path) -
 
 
 def test_discover_reports_attached_sk_msg(make_map: MakeMap, sk_msg_object: Path) -> None:
+    if not sockmap_prog_query_supported():
+        pytest.skip(f"no BPF_PROG_QUERY on sockmaps before kernel 6.0 ({os.uname().release})")
     name = unique_name()
     fd = make_map(SOCKHASH, KEY, 4, name=name)
     with libbpf.BpfObject(sk_msg_object) as obj:
         obj.load()
         prog = obj.program("sg_test_msg")
         prog_id = libbpf.prog_info(prog.fd).id
-        with prog.attach_to_map(fd, libbpf.BPF_SK_MSG_VERDICT):
+        # by link where the kernel has sockmap links (6.10+), else legacy attach + detach
+        with sk_msg_attached(prog, fd):
             map_id = libbpf.map_info(fd).id
             # other sockhashes may be pinned under /sys/fs/bpf meanwhile
             (found,) = [m for m in maps.discover_maps(names=(name,)) if m.id == map_id]

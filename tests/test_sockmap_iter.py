@@ -14,7 +14,7 @@ from ipaddress import ip_address
 import pytest
 
 from sockguard import libbpf, sockmap_iter
-from sockguard.model import Endpoint, TargetSocket, Tuple4
+from sockguard.model import RECV_BPF, Endpoint, TargetSocket, Tuple4
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_kernel", "iterator_object")]
 
@@ -68,6 +68,8 @@ def expected(sock: socket.socket) -> TargetSocket:
         state=TCP_ESTABLISHED,
         netns_ino=os.stat("/proc/self/ns/net").st_ino,
         tuple=t,
+        dead=False,
+        recv_path=RECV_BPF,  # in a sockhash, so its proto is the psock's (tcp_bpf_recvmsg)
     )
 
 
@@ -164,3 +166,32 @@ def test_record_layout_matches_btf() -> None:
     match = re.search(r"STRUCT 'record' size=(\d+)", out)
     assert match is not None
     assert int(match.group(1)) == sockmap_iter.RECORD.size == 128
+
+
+def test_compat_program_reads_the_cookie_field_once_sock_diag_gave_one(
+        make_map: MakeMap, tcp_pair: TcpPair) -> None:
+    """Kernels before 5.12 (the incident's 5.10) refuse bpf_get_socket_cookie in
+    iterators; the compat program reads skc_cookie, which is 0 until something
+    generates it — sock_diag does for every socket it lists."""
+    from sockguard.sockets import scan_all
+
+    fd = make_map(SOCKHASH, KEY, 4, 16, name="sg_compat")
+    cli, srv = tcp_pair()
+    libbpf.map_update(fd, cilium_key(cli), struct.pack("i", cli.fileno()))
+
+    def compat_records() -> dict[bytes, object]:
+        obj = sockmap_iter._load(KEY, sockmap_iter.COMPAT_PROGRAM)
+        try:
+            with obj.program(sockmap_iter.COMPAT_PROGRAM).attach_iter_map(fd) as link:
+                data = libbpf.iter_read(link)
+        finally:
+            obj.close()
+        return {rec[0][:KEY]: rec for rec in sockmap_iter.RECORD.iter_unpack(data)}
+
+    [before] = compat_records().values()
+    assert before[1] == 0  # nobody asked for the cookie yet
+    scan = scan_all()
+    assert cookie_of(cli) in {s.cookie for s in scan.sockets}  # SO_COOKIE generates too
+    [after] = compat_records().values()
+    assert after[1] == cookie_of(cli)
+    assert srv.fileno() >= 0

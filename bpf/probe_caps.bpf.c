@@ -1,0 +1,48 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * probe_caps: one do-nothing program per program type sockguard's tracer
+ * uses.  sockguard/capabilities.py loads each one alone (the others with
+ * autoload off) and, where harmless, attaches and detaches it: that is the
+ * only honest answer to "does this kernel allow X" — config files, kernel
+ * versions and BTF can all say yes while the verifier, lockdown or a missing
+ * PMU says no.
+ *
+ * The attach points are the tracer's own (sk_psock_drop, sock_recv_length,
+ * inet_sock_set_state): if the probe attaches, so will the tracer, and the
+ * do-nothing programs are detached again within microseconds.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+char _license[] SEC("license") = "GPL";
+
+SEC("kprobe/sk_psock_drop")
+int BPF_KPROBE(probe_kprobe)
+{
+	return 0;
+}
+
+SEC("fentry/sk_psock_drop")
+int BPF_PROG(probe_fentry)
+{
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(probe_tp_btf)
+{
+	return 0;
+}
+
+SEC("raw_tp/inet_sock_set_state")
+int BPF_PROG(probe_raw_tp)
+{
+	return 0;
+}
+
+SEC("iter/tcp")
+int probe_iter_tcp(struct bpf_iter__tcp *ctx)
+{
+	return 0;
+}

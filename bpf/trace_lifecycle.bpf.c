@@ -1,0 +1,121 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * trace_lifecycle: TCP sockets becoming established, closing and dying.
+ *
+ * A sockhash entry is removed when its socket closes (sock_map_close).  On
+ * the seed's kernels that removal sometimes did not happen; the daemon
+ * therefore checks, right after a socket closes, whether the key of its
+ * tuple is still in a map and then runs an audit at once instead of waiting
+ * up to audit.interval seconds.
+ *
+ * Tracepoints sock:inet_sock_set_state and tcp:tcp_destroy_sock, attached as
+ * tp_btf (typed struct sock, bpf_get_socket_cookie) or, before kernel 5.5,
+ * as raw_tp.  Both attach by name through bpf(2), so neither needs tracefs
+ * (which is not mounted at boot on some nodes); a classic "tracepoint/"
+ * program would need /sys/kernel/tracing/events/.../id to attach.
+ *
+ * Only TCP sockets are reported, and only transitions that matter for
+ * sockhash entries: into ESTABLISHED (the sockops insert point) and into
+ * CLOSE from a synchronized state (the socket's entry must be gone by now).
+ * `states_all` (trace --all-states) reports every transition.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "sockguard_trace.h"
+
+char _license[] SEC("license") = "GPL";
+
+#define SG_TCP_ESTABLISHED 1
+#define SG_TCP_SYN_SENT 2
+#define SG_TCP_SYN_RECV 3
+#define SG_TCP_CLOSE 7
+#define SG_TCP_LISTEN 10
+
+/* Set by userspace before load (one struct: its .rodata layout is fixed). */
+const volatile struct {
+	__u8 states_all;   /* every transition (sockguard trace --all-states) */
+	__u8 closes_only;  /* only CLOSE transitions: all the daemon needs */
+	__u8 _pad[6];
+} cfg = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+static __always_inline int wanted(int oldstate, int newstate)
+{
+	if (cfg.states_all)
+		return 1;
+	if (newstate == SG_TCP_ESTABLISHED)
+		return !cfg.closes_only;
+	if (newstate != SG_TCP_CLOSE)
+		return 0;
+	/* a failed connect or a listener closing never had a sockhash entry */
+	return oldstate != SG_TCP_SYN_SENT && oldstate != SG_TCP_SYN_RECV &&
+	       oldstate != SG_TCP_LISTEN && oldstate != SG_TCP_CLOSE;
+}
+
+static __always_inline int emit(const struct sock *sk, __u64 cookie, __u32 type,
+				int oldstate, int newstate, __u32 source)
+{
+	struct sg_event *ev;
+
+	if (!sk || !sg_is_tcp(sk))
+		return 0;
+	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	if (!ev)
+		return 0;
+	__builtin_memset(ev, 0, sizeof(*ev));
+	sg_fill_sock(ev, sk, type);
+	if (cookie)
+		ev->cookie = cookie;
+	if (type == SG_EV_STATE) {
+		ev->state_old = oldstate;
+		ev->state_new = newstate;
+	}
+	ev->source = source;
+	bpf_ringbuf_submit(ev, 0);
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(state_tp_btf, const struct sock *sk, const int oldstate, const int newstate)
+{
+	if (!wanted(oldstate, newstate))
+		return 0;
+	return emit(sk, bpf_get_socket_cookie((void *)sk), SG_EV_STATE, oldstate, newstate,
+		    SG_SRC_TP_BTF);
+}
+
+/* Listeners are destroyed too; they never had an entry (no remote port). */
+static __always_inline int connected(const struct sock *sk)
+{
+	return sk && BPF_CORE_READ(sk, __sk_common.skc_dport) != 0;
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(destroy_tp_btf, struct sock *sk)
+{
+	if (cfg.closes_only || !connected(sk))
+		return 0;
+	return emit(sk, bpf_get_socket_cookie(sk), SG_EV_DESTROY, 0, 0, SG_SRC_TP_BTF);
+}
+
+SEC("raw_tp/inet_sock_set_state")
+int BPF_PROG(state_raw_tp, const struct sock *sk, const int oldstate, const int newstate)
+{
+	if (!wanted(oldstate, newstate))
+		return 0;
+	return emit(sk, 0, SG_EV_STATE, oldstate, newstate, SG_SRC_RAW_TP);
+}
+
+SEC("raw_tp/tcp_destroy_sock")
+int BPF_PROG(destroy_raw_tp, struct sock *sk)
+{
+	if (cfg.closes_only || !connected(sk))
+		return 0;
+	return emit(sk, 0, SG_EV_DESTROY, 0, 0, SG_SRC_RAW_TP);
+}

@@ -1,0 +1,83 @@
+"""Kernel text symbols from ``/proc/kallsyms``, for the tracer's addresses.
+
+Why userspace symbolization: the tracer's BPF programs report raw kernel
+addresses (``sk->sk_prot->recvmsg``, the return addresses above
+``sk_psock_drop``) and stay free of ``__ksym`` externs, which would make an
+object fail to load where one named function is missing or renamed.  Naming
+happens here against the running kernel's table: address -> containing
+function for stack frames, exact start address for function pointers.
+(``recvsyms`` resolves only the three receive functions, for the iterators'
+``.rodata``; stacks need the whole table.)
+
+Addresses read as zero when ``kptr_restrict`` hides them; ``usable`` says so,
+and callers then report names as unknown instead of guessing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+from dataclasses import dataclass, field
+
+KALLSYMS = "/proc/kallsyms"
+
+
+@dataclass
+class Kallsyms:
+    """Sorted text symbols with address -> name and name -> address lookups."""
+
+    addrs: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    by_name: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> Kallsyms:
+        """Read the ``kallsyms`` format: ``address type name [module]`` per line."""
+        rows: list[tuple[int, str]] = []
+        by_name: dict[str, int] = {}
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) < 3 or parts[1] not in ("t", "T"):
+                continue
+            addr = int(parts[0], 16)
+            name = parts[2]
+            rows.append((addr, name))
+            by_name.setdefault(name, addr)
+        rows.sort()
+        return cls([a for a, _ in rows], [n for _, n in rows], by_name)
+
+    @property
+    def usable(self) -> bool:
+        """False when the table is empty or every address is hidden (kptr_restrict)."""
+        return bool(self.addrs) and self.addrs[-1] != 0
+
+    def address(self, name: str) -> int | None:
+        """The address of function ``name``; None when absent or hidden."""
+        addr = self.by_name.get(name)
+        return addr if addr else None
+
+    def name_at(self, addr: int) -> str | None:
+        """The function containing ``addr`` (the nearest symbol at or below it)."""
+        if not addr or not self.usable:
+            return None
+        i = bisect.bisect_right(self.addrs, addr) - 1
+        return self.names[i] if i >= 0 else None
+
+    def exact(self, addr: int) -> str | None:
+        """The symbol starting exactly at ``addr`` (function pointers point there)."""
+        if not addr or not self.usable:
+            return None
+        i = bisect.bisect_left(self.addrs, addr)
+        if i < len(self.addrs) and self.addrs[i] == addr:
+            return self.names[i]
+        return None
+
+
+@functools.cache
+def load(path: str = KALLSYMS) -> Kallsyms:
+    """The running kernel's symbols (read once per process; empty when unreadable)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return Kallsyms.parse(fh.read())
+    except OSError:
+        return Kallsyms()

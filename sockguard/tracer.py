@@ -1,0 +1,548 @@
+"""The tracer: sockhash events as they happen, from three small CO-RE objects.
+
+==========================  ===============================================
+``trace_sockhash.bpf.o``    sockhash inserts and their result (EEXIST: the
+                            seed's collision); ``sk_psock_drop`` with a short
+                            kernel stack naming its caller.  kprobe+kretprobe
+                            or fentry/fexit — neither attaches on every kernel.
+``trace_recvpath.bpf.o``    ``sk->sk_prot->recvmsg`` of each TCP socket that
+                            receives (tp_btf ``sock_recv_length``, or kprobes
+                            on ``inet_recvmsg``/``inet6_recvmsg``).
+``trace_lifecycle.bpf.o``   TCP sockets established / closing / destroyed
+                            (tp_btf or raw_tp ``inet_sock_set_state``,
+                            ``tcp_destroy_sock``).
+==========================  ===============================================
+
+Every object writes the same 256+8-byte record (``bpf/sockguard_trace.h``,
+mirrored by :data:`EVENT`) to its own ring buffer; one libbpf consumer polls
+all of them (``sockguard.ringbuf``).  Which variant of each object is loaded
+comes from the capability probe (``capabilities.plan``); a detection that
+cannot run is reported with the probe's reason, never silently missing.
+
+Userspace adds what the kernel side leaves out on purpose: names for the
+addresses (``/proc/kallsyms``), the decoded key (layout), and — for a socket
+that receives via ``tcp_recvmsg`` or a socket that just closed — whether the
+key of its tuple is in one of the audited maps.  A socket receiving via
+``tcp_recvmsg`` while its key is in a map is the seed's shadowed connection:
+its peer redirects every payload into whatever socket that entry holds.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from pathlib import Path
+
+import sockguard
+from sockguard import maps as maps_adapter
+from sockguard import trace_symbols as kallsyms
+from sockguard.capabilities import Capabilities, Detection, plan, probe
+from sockguard.errors import SockguardError
+from sockguard.layout import CILIUM, KeyDecodeError, KeyLayout, decode, key_for_socket
+from sockguard.libbpf import BpfError, BpfObject, Link
+from sockguard.model import Endpoint, IPAddress, MapInfo, SockKey, Tuple4
+from sockguard.ringbuf import RingBuffer
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(sockguard.__file__).parent / "bpf"
+
+# struct sg_event (bpf/sockguard_trace.h)
+EVENT = struct.Struct("=QQQIIIi16sHHHBB16s16sQII16s64s8QII")
+EV_UPDATE, EV_PSOCK_DROP, EV_RECV, EV_STATE, EV_DESTROY = 1, 2, 3, 4, 5
+EVENT_KINDS = {EV_UPDATE: "update", EV_PSOCK_DROP: "psock_drop", EV_RECV: "recv",
+               EV_STATE: "state", EV_DESTROY: "destroy"}
+SOURCES = {1: "kprobe", 2: "fentry", 3: "tp_btf", 4: "raw_tp"}
+
+TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
+              "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV",
+              "BOUND_INACTIVE")
+TCP_CLOSE = 7
+
+#: Bounded metric labels.
+UPDATE_ERRNOS = ("EEXIST", "EBUSY", "EINVAL", "ENOMEM", "ENOSPC", "EOPNOTSUPP", "other")
+DROP_CALLERS = ("close", "update_failed", "delete", "map_free", "other", "unknown")
+
+#: Frames of the psock-drop stack that are the drop itself, not its caller.
+_DROP_SELF = frozenset({"sk_psock_drop", "sk_psock_put", "sk_psock_put.part.0"})
+#: Caller function -> caller class.
+CALLER_CLASSES = {
+    "sock_map_close": "close",
+    "sock_hash_update_common": "update_failed",
+    "sock_map_update_common": "update_failed",
+    "sock_map_link": "update_failed",
+    "bpf_sock_hash_update": "update_failed",
+    "bpf_sock_map_update": "update_failed",
+    "sock_map_update_elem_sys": "update_failed",
+    "sock_map_update_elem": "update_failed",
+    "sock_map_unref": "delete",
+    "sock_map_remove_links": "delete",
+    "sock_hash_delete_elem": "delete",
+    "sock_map_delete_elem": "delete",
+    "__sock_map_delete": "delete",
+    "sock_hash_delete_from_link": "delete",
+    "sock_map_delete_from_link": "delete",
+    "sock_hash_free": "map_free",
+    "sock_map_free": "map_free",
+}
+RECV_PATHS = {"tcp_recvmsg": "tcp", "tcp_bpf_recvmsg": "bpf", "tcp_bpf_recvmsg_parser": "bpf"}
+
+#: Programs of each object per variant.
+PROGRAMS: dict[str, dict[str, tuple[str, ...]]] = {
+    "trace_sockhash": {
+        "update_failures:kprobe": ("update_kprobe", "update_kretprobe"),
+        "update_failures:fentry": ("update_fexit",),
+        "psock_drops:kprobe": ("drop_kprobe",),
+        "psock_drops:fentry": ("drop_fentry",),
+    },
+    "trace_recvpath": {
+        "recv_path:tp_btf": ("recv_tp_btf",),
+        "recv_path:kprobe": ("recv_kprobe_inet", "recv_kprobe_inet6"),
+    },
+    "trace_lifecycle": {
+        "lifecycle:tp_btf": ("state_tp_btf", "destroy_tp_btf"),
+        "lifecycle:raw_tp": ("state_raw_tp", "destroy_raw_tp"),
+    },
+}
+
+
+class TracerUnavailableError(SockguardError):
+    """No detection of the tracer can run on this kernel (the message says why)."""
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One decoded tracer event; fields that do not apply to its kind are None."""
+
+    kind: str
+    time: float  # Unix time
+    pid: int
+    tid: int
+    comm: str
+    netns: int
+    cookie: int
+    sock: Tuple4 | None  # the socket's local -> remote
+    state: str
+    source: str
+    old_state: str | None = None
+    # update
+    errno: int | None = None  # 0 = success
+    flags: int | None = None
+    map_id: int | None = None
+    map_name: str | None = None
+    key_hex: str | None = None
+    key: SockKey | None = None
+    # psock_drop
+    caller: str | None = None
+    caller_class: str | None = None
+    stack: tuple[str, ...] = ()
+    # recv
+    length: int | None = None
+    recv_fn: str | None = None
+    recv_path: str | None = None
+    # recv on tcp_recvmsg, close, destroy: maps holding the key of this socket's tuple
+    key_in_maps: tuple[str, ...] | None = None
+
+    @property
+    def errno_name(self) -> str | None:
+        if self.errno is None:
+            return None
+        return "OK" if self.errno == 0 else errno.errorcode.get(self.errno, str(self.errno))
+
+    @property
+    def mismatch(self) -> bool:
+        """Receives via tcp_recvmsg although its key is in a map: a shadowed connection."""
+        return self.kind == "recv" and self.recv_path == "tcp" and bool(self.key_in_maps)
+
+    @property
+    def left_behind(self) -> bool:
+        """Closed or destroyed while the key of its tuple is still in a map."""
+        return self.kind in ("state", "destroy") and bool(self.key_in_maps)
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-ready dict (``sockguard trace --json``); fields that do not apply left out."""
+        out: dict[str, object] = {
+            "time": round(self.time, 6), "event": self.kind, "pid": self.pid, "tid": self.tid,
+            "comm": self.comm, "netns": self.netns, "cookie": self.cookie,
+            "state": self.state, "source": self.source,
+        }
+        if self.sock is not None:
+            out["family"] = self.sock.family
+            out["local"] = str(self.sock.local)
+            out["remote"] = str(self.sock.remote)
+        optional: dict[str, object | None] = {
+            "old_state": self.old_state, "errno": self.errno, "errno_name": self.errno_name,
+            "flags": self.flags, "map_id": self.map_id, "map_name": self.map_name,
+            "key_hex": self.key_hex, "key": self.key.as_dict() if self.key else None,
+            "caller": self.caller, "caller_class": self.caller_class,
+            "stack": list(self.stack) if self.stack else None, "length": self.length,
+            "recv_fn": self.recv_fn, "recv_path": self.recv_path,
+            "key_in_maps": list(self.key_in_maps) if self.key_in_maps is not None else None,
+        }
+        out.update({k: v for k, v in optional.items() if v is not None})
+        if self.kind == "recv":
+            out["mismatch"] = self.mismatch
+        if self.kind in ("state", "destroy") and self.key_in_maps is not None:
+            out["left_behind"] = self.left_behind
+        return out
+
+    def line(self) -> str:
+        """One human-readable line (``sockguard trace``)."""
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.time)) + \
+            f".{int(self.time % 1 * 1e6):06d}"
+        who = f"{self.pid}/{self.comm}" if self.pid else f"-/{self.comm or 'softirq'}"
+        tup = str(self.sock) if self.sock else "-"
+        parts = [stamp, f"{self.kind:<10}", f"{who:<22}", f"netns {self.netns}", tup,
+                 f"cookie {self.cookie}", self.state]
+        if self.kind == "update":
+            parts.append(f"map {self.map_name}#{self.map_id} key {self.key or self.key_hex} "
+                         f"-> {self.errno_name}")
+        elif self.kind == "psock_drop":
+            parts.append(f"caller {self.caller} ({self.caller_class})")
+        elif self.kind == "recv":
+            parts.append(f"via {self.recv_fn} ({self.recv_path}) ret {self.length}")
+            if self.mismatch:
+                parts.append(f"MISMATCH: key in {', '.join(self.key_in_maps or ())}")
+        elif self.kind == "state":
+            parts.append(f"{self.old_state} -> {self.state}")
+        if self.left_behind:
+            parts.append(f"KEY LEFT BEHIND in {', '.join(self.key_in_maps or ())}")
+        return "  ".join(parts)
+
+
+def _ip(family: int, raw: bytes) -> IPAddress:
+    if family == socket.AF_INET6:
+        v6 = IPv6Address(raw)
+        return v6.ipv4_mapped or v6
+    return IPv4Address(raw[:4])
+
+
+def _tuple(family: int, saddr: bytes, sport: int, daddr: bytes, dport: int) -> Tuple4 | None:
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    local, remote = _ip(family, saddr), _ip(family, daddr)
+    fam = 4 if isinstance(local, IPv4Address) and isinstance(remote, IPv4Address) else 6
+    if fam == 6:  # a mapped address on one side only: keep both as IPv6
+        local, remote = ip_address(saddr), ip_address(daddr)
+    return Tuple4(fam, Endpoint(local, sport), Endpoint(remote, dport))
+
+
+def classify_caller(frames: Sequence[int],
+                    syms: kallsyms.Kallsyms) -> tuple[str, str, tuple[str, ...]]:
+    """(caller function, caller class, named stack) of an ``sk_psock_drop`` stack.
+
+    The caller is the first frame that is neither the drop itself
+    (sk_psock_drop, the inlined sk_psock_put) nor BPF (the program or its
+    trampoline, with fentry).
+    """
+    names: list[str] = []
+    caller = None
+    for addr in frames:
+        if not addr:
+            break
+        name = syms.name_at(addr) or f"0x{addr:x}"
+        names.append(name)
+        if caller is None and name not in _DROP_SELF and not name.startswith(("bpf_prog_",
+                                                                             "bpf_trampoline")):
+            caller = name
+    if caller is None:
+        return "?", "unknown", tuple(names)
+    return caller, CALLER_CLASSES.get(caller, "other"), tuple(names)
+
+
+def recv_path(fn: str | None) -> str:
+    """"tcp", "bpf", or "other" (kTLS, MPTCP, ...) for a recvmsg function name."""
+    if fn is None:
+        return "unknown"
+    return RECV_PATHS.get(fn, "other")
+
+
+class MapWatch:
+    """Answers "is the key of this tuple in one of the audited maps?" for the tracer.
+
+    The maps are resolved by ``provider`` (the daemon's map selection, or
+    discovery for ``sockguard trace``) and re-resolved every ``refresh``
+    seconds, since Cilium may recreate its map; their fds stay open in
+    between, so one question costs two ``get_next_key`` calls per map.
+    """
+
+    def __init__(self, provider: Callable[[], list[MapInfo]], layout: KeyLayout = CILIUM,
+                 refresh: float = 10.0) -> None:
+        self.provider = provider
+        self.layout = layout
+        self.refresh = refresh
+        self._handles: list[maps_adapter.MapHandle] = []
+        self._at = float("-inf")
+
+    def _resolve(self) -> list[maps_adapter.MapHandle]:
+        now = time.monotonic()
+        if now - self._at < self.refresh:
+            return self._handles
+        self._at = now
+        self.close()
+        try:
+            infos = [m for m in self.provider()
+                     if m.key_size == self.layout.size and m.map_type == "sockhash"]
+        except (SockguardError, OSError) as exc:
+            log.debug("tracer: cannot resolve maps: %s", exc)
+            return self._handles
+        for info in infos:
+            try:
+                self._handles.append(maps_adapter.open_map(info))
+            except (SockguardError, OSError) as exc:
+                log.debug("tracer: map %s id %d: %s", info.name, info.id, exc)
+        return self._handles
+
+    def holding(self, tup: Tuple4) -> tuple[str, ...]:
+        """Names (``name#id``) of the maps that hold the key of the socket ``tup``."""
+        key = key_for_socket(self.layout, tup)
+        found: list[str] = []
+        for handle in self._resolve():
+            try:
+                if handle.contains(key):
+                    found.append(f"{handle.info.name}#{handle.info.id}")
+            except (SockguardError, OSError) as exc:
+                log.debug("tracer: map %s id %d: %s", handle.info.name, handle.info.id, exc)
+                self._at = float("-inf")  # re-resolve next time
+        return tuple(found)
+
+    def close(self) -> None:
+        """Close the open map fds."""
+        for handle in self._handles:
+            handle.close()
+        self._handles = []
+
+
+@dataclass
+class TracerOptions:
+    """What the tracer reports; the daemon and ``sockguard trace`` differ."""
+
+    failures_only: bool = False   # updates: only failed ones (daemon)
+    closes_only: bool = False     # lifecycle: only CLOSE/destroy, not ESTABLISHED (daemon)
+    all_states: bool = False      # lifecycle: every TCP state transition
+    only_tcp_recvmsg: bool = False  # recv: only sockets receiving via tcp_recvmsg (daemon)
+    every_recv: bool = False      # recv: every recvmsg, not once per socket and function
+    check_maps: bool = True       # annotate recv/close events with key_in_maps
+
+
+@dataclass
+class _Loaded:
+    obj: BpfObject
+    links: list[Link] = field(default_factory=list)
+
+
+class Tracer:
+    """Loads, attaches and polls the tracer objects this kernel supports.
+
+    ``handler`` gets each :class:`TraceEvent` in the thread calling
+    :meth:`poll`.  :meth:`close` destroys every link (detaching the programs)
+    and closes the objects; links also go away if the process dies.
+    """
+
+    def __init__(self, handler: Callable[[TraceEvent], None],
+                 options: TracerOptions | None = None, watch: MapWatch | None = None,
+                 caps: Capabilities | None = None, bpf_dir: Path = BPF_DIR) -> None:
+        self.handler = handler
+        self.options = options or TracerOptions()
+        self.watch = watch
+        self.caps = caps
+        self.bpf_dir = bpf_dir
+        self.detections: dict[str, Detection] = {}
+        self._loaded: list[_Loaded] = []
+        self._rb: RingBuffer | None = None
+        self._syms = kallsyms.load()
+        self._clock = time.time_ns() - time.monotonic_ns()
+        self._batch: list[tuple[int, bytes]] = []
+        self.events = 0
+        self.lost_handler_errors = 0
+
+    # -- setup ------------------------------------------------------------------------
+
+    def start(self) -> dict[str, Detection]:
+        """Load and attach what the kernel allows; the resulting detections (tracer ones).
+
+        Raises TracerUnavailableError when no tracer detection could be started.
+        """
+        caps = self.caps or probe()
+        wanted = {k: d for k, d in plan(caps).items() if k != "shadowing"}
+        self.detections = dict(wanted)
+        rb = RingBuffer(self._on_record)
+        self._rb = rb
+        try:
+            for obj_name, variants in PROGRAMS.items():
+                self._start_object(obj_name, variants, wanted, rb)
+        except BaseException:
+            self.close()
+            raise
+        if not any(d.active for d in self.detections.values()):
+            reasons = "; ".join(f"{k}: {d.reason}" for k, d in self.detections.items())
+            self.close()
+            raise TracerUnavailableError(f"no tracer detection can run here ({reasons})")
+        return self.detections
+
+    def _rodata(self, obj_name: str) -> bytes:
+        o = self.options
+        if obj_name == "trace_sockhash":
+            return struct.pack("=B7x", o.failures_only)
+        if obj_name == "trace_recvpath":
+            only = self._syms.address("tcp_recvmsg") if o.only_tcp_recvmsg else None
+            return struct.pack("=QB7x", only or 0, not o.every_recv)
+        return struct.pack("=BB6x", o.all_states, o.closes_only)
+
+    def _start_object(self, obj_name: str, variants: dict[str, tuple[str, ...]],
+                      wanted: dict[str, Detection], rb: RingBuffer) -> None:
+        chosen: dict[str, tuple[str, ...]] = {}
+        for variant, progs in variants.items():
+            det_name, via = variant.split(":")
+            det = wanted.get(det_name)
+            if det is not None and det.active and det.via == via:
+                chosen[det_name] = progs
+        if not chosen:
+            return
+        path = self.bpf_dir / f"{obj_name}.bpf.o"
+        if not path.is_file():
+            self._disable(chosen, f"{path} is missing: reinstall sockguard to build it")
+            return
+        obj = BpfObject(path)
+        loaded = _Loaded(obj)
+        self._loaded.append(loaded)
+        enabled = {p for progs in chosen.values() for p in progs}
+        for progs in variants.values():
+            for prog in progs:
+                obj.program(prog).set_autoload(prog in enabled)
+        obj.set_rodata(self._rodata(obj_name))
+        try:
+            obj.load()
+        except BpfError as exc:
+            self._disable(chosen, f"{obj_name} does not load: {str(exc).splitlines()[0]}")
+            return
+        for det_name, progs in chosen.items():
+            try:
+                for prog in progs:
+                    loaded.links.append(obj.program(prog).attach())
+            except BpfError as exc:
+                self._disable({det_name: progs}, f"attaching {prog} failed: "
+                                                 f"{errno.errorcode.get(exc.errno or 0, '?')}")
+        rb.add(obj.map("events").fd)
+
+    def _disable(self, chosen: dict[str, tuple[str, ...]], reason: str) -> None:
+        for det_name in chosen:
+            self.detections[det_name] = replace(self.detections[det_name], active=False,
+                                                via=None, reason=reason)
+
+    # -- events -----------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to ``timeout_ms`` and handle the events that arrived; how many.
+
+        Each object has its own ring buffer, so one poll's records are sorted
+        by their kernel timestamp before they are decoded and handed on.
+        """
+        if self._rb is None:
+            return 0
+        self._batch = []
+        try:
+            n = self._rb.poll(timeout_ms)
+        finally:
+            batch, self._batch = self._batch, []
+        batch.sort()
+        for _ts, data in batch:
+            try:
+                event = self.decode(data)
+            except Exception:
+                self.lost_handler_errors += 1
+                log.exception("tracer: cannot decode an event")
+                continue
+            self.events += 1
+            self.handler(event)
+        return n
+
+    def _on_record(self, data: bytes) -> None:
+        if len(data) >= EVENT.size:
+            self._batch.append((int.from_bytes(data[:8], "little"), data[: EVENT.size]))
+
+    def decode(self, data: bytes) -> TraceEvent:
+        """Decode one ``struct sg_event`` and add names, key and map membership."""
+        (ts, cookie, netns, etype, pid, tid, ret, comm, family, sport, dport, old, new,
+         saddr, daddr, aux, map_id, key_size, map_name, key, *rest) = EVENT.unpack(data)
+        stack, source = rest[:8], rest[8]
+        tup = _tuple(family, saddr, sport, daddr, dport)
+        kw: dict[str, object] = {}  # one constructor call: replace() per field is slow
+        if etype == EV_UPDATE:
+            raw_key = key[:key_size]
+            decoded: SockKey | None = None
+            if key_size == CILIUM.size:
+                try:
+                    decoded = decode(CILIUM, raw_key)
+                except KeyDecodeError:
+                    decoded = None
+            kw = {"errno": -ret if ret < 0 else 0, "flags": aux, "map_id": map_id,
+                  "map_name": map_name.split(b"\0", 1)[0].decode(errors="replace"),
+                  "key_hex": raw_key.hex(), "key": decoded}
+        elif etype == EV_PSOCK_DROP:
+            caller, klass, names = classify_caller(stack, self._syms)
+            kw = {"caller": caller, "caller_class": klass, "stack": names}
+        elif etype == EV_RECV:
+            fn = self._syms.exact(aux)
+            path = recv_path(fn)
+            kw = {"length": ret, "recv_fn": fn or f"0x{aux:x}", "recv_path": path}
+            if path == "tcp":
+                kw["key_in_maps"] = self._holding(tup)
+        elif etype == EV_STATE:
+            kw = {"old_state": TCP_STATES[old] if old < len(TCP_STATES) else str(old)}
+            if new == TCP_CLOSE:
+                kw["key_in_maps"] = self._holding(tup)
+        elif etype == EV_DESTROY and not self.options.closes_only:
+            kw = {"key_in_maps": self._holding(tup)}
+        return TraceEvent(
+            kind=EVENT_KINDS.get(etype, f"type{etype}"), time=(ts + self._clock) / 1e9,
+            pid=pid, tid=tid, comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
+            netns=netns, cookie=cookie, sock=tup,
+            state=TCP_STATES[new] if new < len(TCP_STATES) else str(new),
+            source=SOURCES.get(source, "?"), **kw)  # type: ignore[arg-type]
+
+    def _holding(self, tup: Tuple4 | None) -> tuple[str, ...] | None:
+        if tup is None or self.watch is None or not self.options.check_maps:
+            return None
+        return self.watch.holding(tup)
+
+    # -- teardown ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach every program and free everything; idempotent."""
+        if self.watch is not None:
+            self.watch.close()
+        if self._rb is not None:
+            self._rb.close()
+            self._rb = None
+        for loaded in self._loaded:
+            for link in loaded.links:
+                link.destroy()
+            loaded.obj.close()
+        self._loaded.clear()
+
+    def __enter__(self) -> Tracer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attached_detections(detections: dict[str, Detection]) -> str:
+    """One log line: which tracer detections run, and why the others do not."""
+    on = [f"{k} ({d.via})" for k, d in detections.items() if d.active]
+    off = [f"{k}: {d.reason}" for k, d in detections.items() if not d.active]
+    text = "tracer active: " + (", ".join(on) if on else "nothing")
+    if off:
+        text += "; inactive: " + "; ".join(off)
+    return text
+
+
+__all__ = ["EVENT", "MapWatch", "TraceEvent", "Tracer", "TracerOptions", "TracerUnavailableError",
+           "attached_detections", "classify_caller", "recv_path"]
