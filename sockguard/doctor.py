@@ -199,7 +199,8 @@ def sock_maps() -> list[dict[str, object]]:
             continue
         out.append({"id": info.id, "name": info.name, "type": info.map_type,
                     "key_size": info.key_size, "value_size": info.value_size,
-                    "max_entries": info.max_entries, "programs": list(info.programs)})
+                    "max_entries": info.max_entries,
+                    "programs": None if info.programs is None else list(info.programs)})
     return out
 
 

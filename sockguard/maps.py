@@ -100,15 +100,22 @@ def _type_name(map_type: int) -> str:
     return SOCK_MAP_TYPES.get(map_type) or _MAP_TYPE_NAMES.get(map_type, f"type {map_type}")
 
 
-def _attached_programs(fd: int) -> tuple[str, ...]:
-    """The sk_msg/sk_skb programs attached to the map, as ``"kind:name:id"``."""
+def _attached_programs(fd: int) -> tuple[str, ...] | None:
+    """The sk_msg/sk_skb programs attached to the map, as ``"kind:name:id"``.
+
+    None when the kernel cannot say: BPF_PROG_QUERY on a sockmap exists only
+    since 6.0 (sock_map_bpf_prog_query) and fails with EINVAL before; an empty
+    list there would wrongly read as "nothing attached".
+    """
     found: list[str] = []
+    answered = False
     for attach_type, kind in _MAP_PROG_ATTACH:
         try:
             ids = libbpf.prog_query(fd, attach_type)
         except BpfError as exc:  # EOPNOTSUPP without CONFIG_BPF_STREAM_PARSER, EINVAL < 6.0
             log.debug("prog_query(%s) on map fd %d: %s", kind, fd, exc)
             continue
+        answered = True
         for prog_id in ids:
             name = "?"
             try:
@@ -120,7 +127,7 @@ def _attached_programs(fd: int) -> tuple[str, ...]:
             except BpfError:
                 pass
             found.append(f"{kind}:{name}:{prog_id}")
-    return tuple(found)
+    return tuple(found) if answered else None
 
 
 def _map_info_from_fd(fd: int, path: str | None) -> MapInfo:

@@ -100,7 +100,8 @@ class MapInfo:
     value_size: int
     max_entries: int
     path: str | None = None  # a bpffs pin path, when the map was found by one
-    programs: tuple[str, ...] = ()  # attached sk_msg/sk_skb programs, "type:name:id"
+    # attached sk_msg/sk_skb programs, "type:name:id"; None: the kernel cannot list them
+    programs: tuple[str, ...] | None = ()
 
     def as_dict(self) -> dict[str, object]:
         return {"id": self.id, "name": self.name, "path": self.path}

@@ -53,7 +53,8 @@ def map_dict(info: MapInfo) -> dict[str, Any]:
     return {
         "id": info.id, "name": info.name, "path": info.path, "type": info.map_type,
         "key_size": info.key_size, "value_size": info.value_size,
-        "max_entries": info.max_entries, "programs": list(info.programs),
+        "max_entries": info.max_entries,
+        "programs": None if info.programs is None else list(info.programs),
     }
 
 
@@ -133,6 +134,12 @@ def audit_text(audit: NodeAudit, include_ok: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _programs_text(programs: tuple[str, ...] | None) -> str:
+    if programs is None:
+        return "? (kernel cannot list)"
+    return ",".join(programs) or "-"
+
+
 def maps_text(maps: Sequence[MapInfo], counts: dict[int, int | None]) -> str:
     if not maps:
         return ("no sockhash or sockmap maps found "
@@ -140,7 +147,7 @@ def maps_text(maps: Sequence[MapInfo], counts: dict[int, int | None]) -> str:
     header = ["ID", "NAME", "TYPE", "KEY", "VALUE", "ENTRIES", "MAX", "PATH", "PROGRAMS"]
     rows = [[str(m.id), m.name, m.map_type, str(m.key_size), str(m.value_size),
              "?" if counts.get(m.id) is None else str(counts[m.id]), str(m.max_entries),
-             m.path or "-", ",".join(m.programs) or "-"] for m in maps]
+             m.path or "-", _programs_text(m.programs)] for m in maps]
     return _table([header, *rows])
 
 
