@@ -103,4 +103,132 @@ static __always_inline int sg_is_tcp(const struct sock *sk)
 	return BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) == SG_IPPROTO_TCP;
 }
 
+/*
+ * Kernel-side filter (the daemon's mode): the key the audited map's layout
+ * would store for a socket, looked up in `watched`, a hash of the keys
+ * userspace last read from the audited maps (sockguard/tracer.py,
+ * WatchedKeys).  Only the Cilium layout is known here (DESIGN.md section 2):
+ * written from the peer's point of view, sip = remote ip, dip = local ip,
+ * sport = remote port, dport = local port, family 1 (IPv4, also for an
+ * AF_INET6 socket whose two addresses are IPv4-mapped) or 2 (IPv6), ports
+ * as big-endian u16 in the low-addressed bytes of a u32.  Another layout is
+ * never filtered: userspace then loads with filter_watched = 0.
+ *
+ * A socket whose key is not watched is not forgotten: its would-be event is
+ * parked in the `pending` array, in the slot its key hashes to (the next
+ * socket hashing there overwrites it), and when a refresh adds that key to
+ * `watched` userspace takes it from there (a connection
+ * shorter than the refresh period, or a key injected just before the event).
+ *
+ * Objects that define SG_WATCHED get the maps; userspace creates `watched`
+ * once and hands the same fd to each object (bpf_map__reuse_fd).
+ */
+#define SG_LAYOUT_NONE 0
+#define SG_LAYOUT_CILIUM 1
+#define SG_WATCHED_MAX 262144
+#define SG_PENDING_BITS 13 /* 8192 slots */
+
+struct sg_cilium_key {
+	__u32 sip[4];
+	__u32 dip[4];
+	__u8 family;
+	__u8 pad[3];
+	__u32 sport;
+	__u32 dport;
+};
+
+_Static_assert(sizeof(struct sg_cilium_key) == 44, "Cilium's sock_key is 44 bytes");
+
+/* A parked event: a direct-mapped slot (sg_slot of its key), overwritten by the
+ * next socket hashing there.  A plain array, not an LRU hash: an LRU that is
+ * always full (every new socket parks) pays an eviction on every update. */
+struct sg_parked {
+	struct sg_cilium_key key;
+	__u32 _pad;
+	struct sg_event ev;
+};
+
+#ifdef SG_WATCHED
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SG_WATCHED_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct sg_cilium_key);
+	__type(value, __u32);  /* id of the (first) audited map holding the key */
+} watched SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1 << SG_PENDING_BITS);
+	__type(key, __u32);
+	__type(value, struct sg_parked);
+} pending SEC(".maps");
+#endif
+
+/* The pending slot of a key; sockguard/tracer.py (pending_slot) computes the same. */
+static __always_inline __u32 sg_slot(const struct sg_cilium_key *k)
+{
+	__u32 h;
+
+	h = k->sip[0] ^ k->sip[1] ^ k->sip[2] ^ k->sip[3];
+	h = h * 0x9E3779B1u ^ (k->dip[0] ^ k->dip[1] ^ k->dip[2] ^ k->dip[3]);
+	h = h * 0x9E3779B1u ^ (k->sport | (k->dport << 16) | k->family);
+	h *= 0x9E3779B1u;
+	return h >> (32 - SG_PENDING_BITS);
+}
+
+static __always_inline int sg_v4_mapped(const __u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0x0000ffff);
+}
+
+/* The Cilium key stored for `sk` (its peer's point of view); 0 when it has none. */
+static __always_inline int sg_cilium_key_of(const struct sock *sk, struct sg_cilium_key *k)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 lport = BPF_CORE_READ((struct inet_sock *)sk, inet_sport); /* network order */
+	__u16 rport = BPF_CORE_READ(sk, __sk_common.skc_dport);          /* network order */
+	__u32 l6[4] = {}, r6[4] = {};
+
+	__builtin_memset(k, 0, sizeof(*k));
+	if (family == SG_AF_INET6) {
+		BPF_CORE_READ_INTO(&l6, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO(&r6, sk, __sk_common.skc_v6_daddr);
+		if (sg_v4_mapped(l6) && sg_v4_mapped(r6)) {
+			k->sip[0] = r6[3];
+			k->dip[0] = l6[3];
+			k->family = 1;
+		} else {
+			__builtin_memcpy(k->sip, r6, sizeof(r6));
+			__builtin_memcpy(k->dip, l6, sizeof(l6));
+			k->family = 2;
+		}
+	} else if (family == SG_AF_INET) {
+		k->sip[0] = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		k->dip[0] = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		k->family = 1;
+	} else {
+		return 0;
+	}
+	/* a u16 in network order stored into a little-endian u32: its bytes land in
+	 * the low-addressed half, as Cilium's `bpf_ntohl(local_port) >> 16` does */
+	k->sport = rport;
+	k->dport = lport;
+	return 1;
+}
+
+#ifdef SG_WATCHED
+/* Park an event under `k` in its pending slot, filled in place by `fill_stmt` (on `ev`). */
+#define SG_PARK(k, fill_stmt)                                                   \
+	do {                                                                    \
+		__u32 __slot = sg_slot(k);                                      \
+		struct sg_parked *__p = bpf_map_lookup_elem(&pending, &__slot); \
+		if (__p) {                                                      \
+			struct sg_event *ev = &__p->ev;                         \
+			__p->key = *(k);                                        \
+			fill_stmt;                                              \
+		}                                                               \
+	} while (0)
+#endif
+
 #endif /* SOCKGUARD_TRACE_H */

@@ -18,11 +18,17 @@
  * sockhash entries: into ESTABLISHED (the sockops insert point) and into
  * CLOSE from a synchronized state (the socket's entry must be gone by now).
  * `states_all` (trace --all-states) reports every transition.
+ *
+ * `filter_watched` (the daemon, Cilium layout only): only sockets whose key
+ * is in the `watched` set are reported; a CLOSE or destroy of any other
+ * socket is parked in `pending` (sockguard_trace.h) in case its key shows up
+ * in the map at the next refresh, i.e. was left behind.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
+#define SG_WATCHED
 #include "sockguard_trace.h"
 
 char _license[] SEC("license") = "GPL";
@@ -37,7 +43,9 @@ char _license[] SEC("license") = "GPL";
 const volatile struct {
 	__u8 states_all;   /* every transition (sockguard trace --all-states) */
 	__u8 closes_only;  /* only CLOSE transitions: all the daemon needs */
-	__u8 _pad[6];
+	__u8 filter_watched;  /* only sockets whose key is in `watched`, closes parked */
+	__u8 key_layout;      /* SG_LAYOUT_CILIUM: the only layout the filter knows */
+	__u8 _pad[4];
 } cfg = {};
 
 struct {
@@ -58,16 +66,9 @@ static __always_inline int wanted(int oldstate, int newstate)
 	       oldstate != SG_TCP_LISTEN && oldstate != SG_TCP_CLOSE;
 }
 
-static __always_inline int emit(const struct sock *sk, __u64 cookie, __u32 type,
-				int oldstate, int newstate, __u32 source)
+static __always_inline void fill(struct sg_event *ev, const struct sock *sk, __u64 cookie,
+				 __u32 type, int oldstate, int newstate, __u32 source)
 {
-	struct sg_event *ev;
-
-	if (!sk || !sg_is_tcp(sk))
-		return 0;
-	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
-	if (!ev)
-		return 0;
 	__builtin_memset(ev, 0, sizeof(*ev));
 	sg_fill_sock(ev, sk, type);
 	if (cookie)
@@ -77,6 +78,30 @@ static __always_inline int emit(const struct sock *sk, __u64 cookie, __u32 type,
 		ev->state_new = newstate;
 	}
 	ev->source = source;
+}
+
+static __always_inline int emit(const struct sock *sk, __u64 cookie, __u32 type,
+				int oldstate, int newstate, __u32 source)
+{
+	struct sg_cilium_key key;
+	struct sg_event *ev;
+
+	if (!sk || !sg_is_tcp(sk))
+		return 0;
+	if (cfg.filter_watched && cfg.key_layout == SG_LAYOUT_CILIUM) {
+		if (!sg_cilium_key_of(sk, &key))
+			return 0;
+		if (!bpf_map_lookup_elem(&watched, &key)) {
+			if (type == SG_EV_DESTROY || newstate == SG_TCP_CLOSE)
+				SG_PARK(&key, fill(ev, sk, cookie, type, oldstate, newstate,
+						   source));
+			return 0;
+		}
+	}
+	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	if (!ev)
+		return 0;
+	fill(ev, sk, cookie, type, oldstate, newstate, source);
 	bpf_ringbuf_submit(ev, 0);
 	return 0;
 }

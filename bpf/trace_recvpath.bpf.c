@@ -20,13 +20,17 @@
  *   kprobe/inet_recvmsg + kprobe/inet6_recvmsg  (older kernels, needs kprobes)
  *
  * Volume: a recvmsg is a hot path, so by default each (socket, recvmsg
- * function) pair is reported once (LRU "seen" map); `only_fn` restricts the
- * events to one function (the daemon passes tcp_recvmsg's address).
+ * function) pair is reported once ("seen" slots); `only_fn` restricts the
+ * events to one function (the daemon passes tcp_recvmsg's address), and
+ * `filter_watched` (the daemon, Cilium layout only) to sockets whose key is
+ * in the `watched` set (sockguard_trace.h): a plain socket outside every map
+ * then costs one hash lookup once, and no ring buffer record.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
+#define SG_WATCHED
 #include "sockguard_trace.h"
 
 char _license[] SEC("license") = "GPL";
@@ -35,19 +39,31 @@ char _license[] SEC("license") = "GPL";
 const volatile struct {
 	__u64 only_fn;  /* non-zero: report only this recvmsg function */
 	__u8 dedup;     /* report each (socket, function) pair once */
-	__u8 _pad[7];
+	__u8 filter_watched;  /* only sockets whose key is in `watched`, others parked */
+	__u8 key_layout;      /* SG_LAYOUT_CILIUM: the only layout the filter knows */
+	__u8 _pad[5];
 } cfg = {.dedup = 1};
 
-struct seen_key {
-	__u64 sk;
+/*
+ * Dedup: a direct-mapped array by socket address (a slot remembers the last
+ * socket hashing there and its recvmsg function).  Not an LRU hash: under
+ * connection churn an LRU is always full and pays an eviction per new socket
+ * (microseconds each); not socket-local storage: an allocation per socket.
+ * Two sockets sharing a slot only cost a repeated report.
+ */
+#define SEEN_BITS 16
+
+struct seen_slot {
+	__u64 sk;      /* the cookie (tp_btf) or the socket's address >> 6 (kprobe) */
 	__u64 cookie;
+	__u64 fn;
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct seen_key);
-	__type(value, __u64);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1 << SEEN_BITS);
+	__type(key, __u32);
+	__type(value, struct seen_slot);
 } seen SEC(".maps");
 
 struct {
@@ -55,28 +71,9 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
-static __always_inline int report(struct sock *sk, __u64 cookie, int ret, __u32 source)
+static __always_inline void fill(struct sg_event *ev, struct sock *sk, __u64 cookie, __u64 fn,
+				 int ret, __u32 source)
 {
-	struct seen_key k = {};
-	struct sg_event *ev;
-	__u64 fn, *old;
-
-	if (!sk || !sg_is_tcp(sk))
-		return 0;
-	fn = (__u64)BPF_CORE_READ(sk, __sk_common.skc_prot, recvmsg);
-	if (cfg.only_fn && fn != cfg.only_fn)
-		return 0;
-	if (cfg.dedup) {
-		k.sk = (__u64)sk;
-		k.cookie = cookie;
-		old = bpf_map_lookup_elem(&seen, &k);
-		if (old && *old == fn)
-			return 0;
-		bpf_map_update_elem(&seen, &k, &fn, BPF_ANY);
-	}
-	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
-	if (!ev)
-		return 0;
 	__builtin_memset(ev, 0, sizeof(*ev));
 	sg_fill_sock(ev, sk, SG_EV_RECV);
 	if (cookie)
@@ -84,6 +81,48 @@ static __always_inline int report(struct sock *sk, __u64 cookie, int ret, __u32 
 	ev->aux = fn;
 	ev->ret = ret;
 	ev->source = source;
+}
+
+/* typed (tp_btf): `cookie` is always set and unique, and `sk` is a pointer the
+ * verifier will not hash; untyped (kprobe): `sk` is a plain number. */
+static __always_inline int report(struct sock *sk, __u64 cookie, int ret, __u32 source,
+				  bool typed)
+{
+	struct sg_cilium_key key;
+	struct seen_slot *slot;
+	struct sg_event *ev;
+	__u64 fn, id;
+	__u32 idx;
+
+	if (!sk || !sg_is_tcp(sk))
+		return 0;
+	fn = (__u64)BPF_CORE_READ(sk, __sk_common.skc_prot, recvmsg);
+	if (cfg.only_fn && fn != cfg.only_fn)
+		return 0;
+	if (cfg.dedup) {
+		id = typed ? cookie : (__u64)sk >> 6;
+		idx = (__u32)((id * 0x9E3779B97F4A7C15ull) >> (64 - SEEN_BITS));
+		slot = bpf_map_lookup_elem(&seen, &idx);
+		if (slot) {
+			if (slot->sk == id && slot->cookie == cookie && slot->fn == fn)
+				return 0;
+			slot->sk = id;
+			slot->cookie = cookie;
+			slot->fn = fn;
+		}
+	}
+	if (cfg.filter_watched && cfg.key_layout == SG_LAYOUT_CILIUM) {
+		if (!sg_cilium_key_of(sk, &key))
+			return 0;
+		if (!bpf_map_lookup_elem(&watched, &key)) {
+			SG_PARK(&key, fill(ev, sk, cookie, fn, ret, source));
+			return 0;
+		}
+	}
+	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	if (!ev)
+		return 0;
+	fill(ev, sk, cookie, fn, ret, source);
 	bpf_ringbuf_submit(ev, 0);
 	return 0;
 }
@@ -92,7 +131,7 @@ SEC("tp_btf/sock_recv_length")
 int BPF_PROG(recv_tp_btf, struct sock *sk, int ret, int flags)
 {
 	/* bpf_get_socket_cookie assigns a cookie when the socket has none yet. */
-	return report(sk, sk ? bpf_get_socket_cookie(sk) : 0, ret, SG_SRC_TP_BTF);
+	return report(sk, sk ? bpf_get_socket_cookie(sk) : 0, ret, SG_SRC_TP_BTF, true);
 }
 
 SEC("kprobe/inet_recvmsg")
@@ -100,7 +139,7 @@ int BPF_KPROBE(recv_kprobe_inet, struct socket *sock)
 {
 	struct sock *sk = BPF_CORE_READ(sock, sk);
 
-	return report(sk, 0, 0, SG_SRC_KPROBE);
+	return report(sk, 0, 0, SG_SRC_KPROBE, false);
 }
 
 SEC("kprobe/inet6_recvmsg")
@@ -108,5 +147,5 @@ int BPF_KPROBE(recv_kprobe_inet6, struct socket *sock)
 {
 	struct sock *sk = BPF_CORE_READ(sock, sk);
 
-	return report(sk, 0, 0, SG_SRC_KPROBE);
+	return report(sk, 0, 0, SG_SRC_KPROBE, false);
 }

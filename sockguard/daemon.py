@@ -73,9 +73,9 @@ from .tracer import (
     MapWatch,
     TraceEvent,
     Tracer,
-    TracerOptions,
     TracerUnavailableError,
     attached_detections,
+    daemon_options,
 )
 
 log = logging.getLogger("sockguard.daemon")
@@ -541,8 +541,7 @@ class TracerRunner:
         d = self.daemon
         layout = LAYOUTS[d.config.layout]
         watch = MapWatch(lambda: select_maps(d.config)[0], layout)
-        options = TracerOptions(failures_only=True, closes_only=True, only_tcp_recvmsg=True)
-        tracer = Tracer(self._on_event, options, watch)
+        tracer = Tracer(self._on_event, daemon_options(), watch)
         try:
             self.detections = tracer.start()
         except TracerUnavailableError as exc:

@@ -139,6 +139,7 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_object__find_map_by_name": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]),
     "bpf_map__fd": (ctypes.c_int, [ctypes.c_void_p]),
     "bpf_map__name": (ctypes.c_char_p, [ctypes.c_void_p]),
+    "bpf_map__reuse_fd": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
     "bpf_map__initial_value": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]),
     "bpf_map__set_initial_value": (
         ctypes.c_int,
@@ -374,6 +375,8 @@ class RawProgInfo:
     type: int
     id: int
     name: str
+    run_time_ns: int = 0  # with kernel.bpf_stats_enabled = 1 only
+    run_cnt: int = 0
 
 
 def _get_info(fd: int, info: ctypes.Structure, op: str) -> None:
@@ -433,7 +436,8 @@ def prog_info(fd: int) -> RawProgInfo:
         )
     info = _BpfProgInfo()
     _get_info(fd, info, "bpf_obj_get_info_by_fd(prog)")
-    return RawProgInfo(type=info.type, id=info.id, name=info.name.decode(errors="replace"))
+    return RawProgInfo(type=info.type, id=info.id, name=info.name.decode(errors="replace"),
+                       run_time_ns=info.run_time_ns, run_cnt=info.run_cnt)
 
 
 # --- maps ---------------------------------------------------------------------
@@ -703,6 +707,18 @@ class BpfObject:
             raise BpfError(errno.EBUSY, f"{self.path}: set_rodata after load")
         ret = lib().bpf_map__set_initial_value(self._map_ptr(".rodata"), data, len(data))
         _check(ret, f"{self.path}: bpf_map__set_initial_value(.rodata, {len(data)} bytes)")
+
+    def reuse_map(self, name: str, fd: int) -> None:
+        """Before load: make map ``name`` the existing map ``fd`` instead of creating it.
+
+        Several objects then share one map (``bpf_map__reuse_fd``); its type,
+        key/value sizes and max_entries must be those the object declares.
+        libbpf keeps a dup of ``fd``: the caller still owns (and closes) its own.
+        """
+        if self.loaded:
+            raise BpfError(errno.EBUSY, f"{self.path}: reuse_map after load")
+        ret = lib().bpf_map__reuse_fd(self._map_ptr(name), fd)
+        _check(ret, f"{self.path}: bpf_map__reuse_fd({name})")
 
     def load(self) -> Self:
         """Create the maps, apply CO-RE relocations and verify the programs."""

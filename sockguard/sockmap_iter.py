@@ -24,7 +24,8 @@ from sockguard.errors import LibbpfMissingError, NotRootError
 from sockguard.libbpf import BpfError
 from sockguard.model import TargetSocket
 
-__all__ = ["Record", "iterator_available", "read_records", "read_sockmap", "target_socket"]
+__all__ = ["KeyReader", "Record", "iterator_available", "read_records", "read_sockmap",
+           "target_socket"]
 
 OBJECT_PATH = Path(sockguard.__file__).parent / "bpf" / "sockmap_iter.bpf.o"
 PROGRAM = "dump_sockmap"
@@ -105,6 +106,40 @@ def read_records(map_fd: int, key_size: int) -> dict[bytes, Record]:
             result[k] = (k, cookie, netns, family, state, saddr, daddr, sport, dport,
                          bool(flags & REC_DEAD), recv)
     return result
+
+
+_FLAGS_AT = struct.calcsize("=64sQQIHB")  # offset of the record's flags byte
+
+
+class KeyReader:
+    """Only the keys of sockhash/sockmap maps, with the iterator object loaded once.
+
+    For the tracer's watched set, refreshed every second or so: loading the
+    object (the verifier) costs more than walking a few thousand entries.
+    """
+
+    def __init__(self, key_size: int) -> None:
+        if not 0 < key_size <= KEY_MAX:
+            raise ValueError(f"key size {key_size} not in 1..{KEY_MAX}")
+        self.key_size = key_size
+        self._obj: libbpf.BpfObject | None = _load(key_size)
+
+    def keys(self, map_fd: int) -> list[bytes]:
+        """Every key of ``map_fd`` that holds a socket (one kernel walk, see read_records)."""
+        if self._obj is None:
+            raise BpfError(errno.EBADF, "sockmap iterator: reader is closed")
+        with self._obj.program(iterator_variant()).attach_iter_map(map_fd) as link:
+            data = libbpf.iter_read(link)
+        size, ks, at = RECORD.size, self.key_size, _FLAGS_AT
+        if len(data) % size:
+            raise BpfError(errno.EIO, f"sockmap iterator: {len(data)} bytes is not whole records")
+        return [data[i : i + ks] for i in range(0, len(data), size)
+                if data[i + at] & REC_HAS_SOCKET]
+
+    def close(self) -> None:
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
 
 
 def read_sockmap(map_fd: int, key_size: int) -> dict[bytes, TargetSocket]:

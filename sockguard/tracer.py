@@ -25,21 +25,36 @@ that receives via ``tcp_recvmsg`` or a socket that just closed — whether the
 key of its tuple is in one of the audited maps.  A socket receiving via
 ``tcp_recvmsg`` while its key is in a map is the seed's shadowed connection:
 its peer redirects every payload into whatever socket that entry holds.
+
+In the daemon (``filter_watched``) the kernel side asks first: the receive
+and lifecycle objects compute the Cilium key of the socket at hand and look
+it up in ``watched``, a BPF hash of the audited maps' keys that
+:class:`WatchedKeys` keeps in step (added and deleted keys only, every
+``watch_interval`` seconds or less often when the maps are large).  A socket
+outside every map then costs a hash lookup and no record, so plain traffic
+does not wake the consumer.  A socket whose key is not (yet) watched has its
+would-be event parked in its object's ``pending`` array, in the slot its
+key hashes to (8,192 slots; the next socket hashing there overwrites it); a
+refresh that adds the key takes the parked event out and reports it
+``late``.  The filter knows only the Cilium layout; with any other layout the
+objects load unfiltered.  Failed updates and psock drops are never filtered.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
 import sockguard
+from sockguard import libbpf
 from sockguard import maps as maps_adapter
 from sockguard import trace_symbols as kallsyms
 from sockguard.capabilities import Capabilities, Detection, plan, probe
@@ -48,6 +63,7 @@ from sockguard.layout import CILIUM, KeyDecodeError, KeyLayout, decode, key_for_
 from sockguard.libbpf import BpfError, BpfObject, Link
 from sockguard.model import Endpoint, IPAddress, MapInfo, SockKey, Tuple4
 from sockguard.ringbuf import RingBuffer
+from sockguard.sockmap_iter import KeyReader, iterator_available
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +75,29 @@ EV_UPDATE, EV_PSOCK_DROP, EV_RECV, EV_STATE, EV_DESTROY = 1, 2, 3, 4, 5
 EVENT_KINDS = {EV_UPDATE: "update", EV_PSOCK_DROP: "psock_drop", EV_RECV: "recv",
                EV_STATE: "state", EV_DESTROY: "destroy"}
 SOURCES = {1: "kprobe", 2: "fentry", 3: "tp_btf", 4: "raw_tp"}
+
+#: Key layouts the kernel-side filter knows (SG_LAYOUT_* in bpf/sockguard_trace.h).
+FILTER_LAYOUTS = {CILIUM.name: 1}
+#: Capacity of ``watched`` (SG_WATCHED_MAX): keys beyond it are not watched.
+WATCHED_MAX = 262144
+#: Objects that have the ``watched`` and ``pending`` maps.
+FILTERED_OBJECTS = ("trace_recvpath", "trace_lifecycle")
+#: struct sg_parked: the key, 4 bytes of padding, the event; 2**PENDING_BITS slots.
+PARKED_EVENT_AT = 48
+PARKED_SIZE = PARKED_EVENT_AT + EVENT.size
+PENDING_BITS = 13
+_KEY_WORDS = struct.Struct("<8IB3xII")
+
+
+def pending_slot(key: bytes) -> int:
+    """The ``pending`` slot of a Cilium key: ``sg_slot`` in bpf/sockguard_trace.h."""
+    w: tuple[int, ...] = _KEY_WORDS.unpack(key)
+    mask, gold = 0xFFFFFFFF, 0x9E3779B1
+    h = w[0] ^ w[1] ^ w[2] ^ w[3]
+    h = ((h * gold) & mask) ^ (w[4] ^ w[5] ^ w[6] ^ w[7])
+    h = ((h * gold) & mask) ^ ((w[9] | (w[10] << 16) | w[8]) & mask)
+    h = (h * gold) & mask
+    return h >> (32 - PENDING_BITS)
 
 TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
               "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV",
@@ -148,6 +187,8 @@ class TraceEvent:
     recv_path: str | None = None
     # recv on tcp_recvmsg, close, destroy: maps holding the key of this socket's tuple
     key_in_maps: tuple[str, ...] | None = None
+    # parked in the kernel while its key was not watched yet, reported at a refresh
+    late: bool = False
 
     @property
     def errno_name(self) -> str | None:
@@ -186,6 +227,8 @@ class TraceEvent:
             "key_in_maps": list(self.key_in_maps) if self.key_in_maps is not None else None,
         }
         out.update({k: v for k, v in optional.items() if v is not None})
+        if self.late:
+            out["late"] = True
         if self.kind == "recv":
             out["mismatch"] = self.mismatch
         if self.kind in ("state", "destroy") and self.key_in_maps is not None:
@@ -213,6 +256,8 @@ class TraceEvent:
             parts.append(f"{self.old_state} -> {self.state}")
         if self.left_behind:
             parts.append(f"KEY LEFT BEHIND in {', '.join(self.key_in_maps or ())}")
+        if self.late:
+            parts.append("(late: parked until its key was watched)")
         return "  ".join(parts)
 
 
@@ -263,6 +308,11 @@ def recv_path(fn: str | None) -> str:
     return RECV_PATHS.get(fn, "other")
 
 
+def recv_length(ret: int, source: int) -> int | None:
+    """recvmsg's result of a recv event; None from the kprobe variant, which fires on entry."""
+    return None if SOURCES.get(source) == "kprobe" else ret
+
+
 class MapWatch:
     """Answers "is the key of this tuple in one of the audited maps?" for the tracer.
 
@@ -279,6 +329,8 @@ class MapWatch:
         self.refresh = refresh
         self._handles: list[maps_adapter.MapHandle] = []
         self._at = float("-inf")
+        self._reader: KeyReader | None = None  # the sockmap iterator, for keys()
+        self._reader_ok = True
 
     def _resolve(self) -> list[maps_adapter.MapHandle]:
         now = time.monotonic()
@@ -312,11 +364,47 @@ class MapWatch:
                 self._at = float("-inf")  # re-resolve next time
         return tuple(found)
 
+    def keys(self) -> dict[bytes, int]:
+        """Every key of the audited maps now, with the id of the (first) map holding it.
+
+        Read with the sockmap iterator when it works here (one kernel walk per
+        map, the iterator object loaded once), else with get_next_key.
+        """
+        out: dict[bytes, int] = {}
+        for handle in self._resolve():
+            try:
+                for key in self._keys_of(handle):
+                    out.setdefault(key, handle.info.id)
+            except (SockguardError, OSError) as exc:
+                log.debug("tracer: map %s id %d: %s", handle.info.name, handle.info.id, exc)
+                self._at = float("-inf")
+        return out
+
+    def _keys_of(self, handle: maps_adapter.MapHandle) -> Iterable[bytes]:
+        if self._reader is None and self._reader_ok:
+            self._reader_ok = iterator_available()[0]
+            if self._reader_ok:
+                try:
+                    self._reader = KeyReader(self.layout.size)
+                except (SockguardError, OSError) as exc:
+                    log.debug("tracer: no sockmap iterator for the watched set: %s", exc)
+                    self._reader_ok = False
+        if self._reader is not None:
+            return self._reader.keys(handle.fd)
+        return handle.keys()
+
     def close(self) -> None:
         """Close the open map fds."""
         for handle in self._handles:
             handle.close()
         self._handles = []
+
+    def close_all(self) -> None:
+        """Close the map fds and the key reader (the tracer's close)."""
+        self.close()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 @dataclass
@@ -329,6 +417,102 @@ class TracerOptions:
     only_tcp_recvmsg: bool = False  # recv: only sockets receiving via tcp_recvmsg (daemon)
     every_recv: bool = False      # recv: every recvmsg, not once per socket and function
     check_maps: bool = True       # annotate recv/close events with key_in_maps
+    # recv/lifecycle: only sockets whose key is in the audited maps (daemon; Cilium layout)
+    filter_watched: bool = False
+    watch_interval: float = 1.0   # shortest period between refreshes of the watched set
+    #: a refresh may take at most this share of the tracer thread's time (longer period)
+    watch_budget: float = 0.05
+
+
+def daemon_options() -> TracerOptions:
+    """What ``sockguard run`` traces (also the overhead benchmark's configuration)."""
+    return TracerOptions(failures_only=True, closes_only=True, only_tcp_recvmsg=True,
+                         filter_watched=True)
+
+
+class WatchedKeys:
+    """The ``watched`` BPF hash kept equal to the audited maps' keys, and its parked events.
+
+    :meth:`refresh` reads the keys (``MapWatch.keys``), deletes the gone and
+    adds the new ones, then takes out of the ``pending`` maps the events
+    parked under each added key.  Work per refresh beyond the key walk is
+    proportional to the change.  A parked event older than the previous
+    refresh's start is dropped: its key was not in the maps then (or the walk
+    would have watched it), so it belongs to an earlier socket of that tuple.
+    """
+
+    SLACK_NS = 100_000_000  # events and key walk are not atomic with each other
+
+    def __init__(self, watch: MapWatch, watched_fd: int, pending_fds: Sequence[int],
+                 options: TracerOptions) -> None:
+        self.watch = watch
+        self.fd = watched_fd
+        self.pending_fds = list(pending_fds)
+        self.options = options
+        self.keys: dict[bytes, int] = {}
+        self.due = 0.0
+        self.refreshes = 0
+        self.last_seconds = 0.0
+        self.overflow = 0
+        self._prev_start_ns: int | None = None
+
+    def refresh(self) -> list[tuple[bytes, bytes]]:
+        """Bring ``watched`` up to date; (key, raw event) parked under each added key."""
+        start, start_ns = time.monotonic(), time.monotonic_ns()
+        try:
+            new = self.watch.keys()
+        except (SockguardError, OSError) as exc:
+            log.debug("tracer: watched set not refreshed: %s", exc)
+            self.due = start + self.options.watch_interval
+            return []
+        old = self.keys
+        for key in [k for k in old if k not in new]:
+            try:
+                libbpf.map_delete(self.fd, key)
+            except BpfError as exc:
+                log.debug("tracer: watched delete: %s", exc)
+            del old[key]
+        added: list[bytes] = []
+        for key, map_id in new.items():
+            if key in old:
+                continue
+            if len(old) >= WATCHED_MAX:
+                self.overflow += 1
+                continue
+            try:
+                libbpf.map_update(self.fd, key, map_id.to_bytes(4, "little"))
+            except BpfError as exc:
+                self.overflow += 1
+                log.debug("tracer: watched update: %s", exc)
+                continue
+            old[key] = map_id
+            added.append(key)
+        if self.overflow and self.refreshes == 0:
+            log.warning("tracer: more than %d keys: %d are not watched (their sockets are "
+                        "found by the audit only)", WATCHED_MAX, self.overflow)
+        parked: list[tuple[bytes, bytes]] = []
+        oldest = None if self._prev_start_ns is None else self._prev_start_ns - self.SLACK_NS
+        empty = bytes(PARKED_SIZE)
+        for key in added:
+            slot = pending_slot(key).to_bytes(4, "little")
+            for fd in self.pending_fds:
+                raw = libbpf.map_lookup(fd, slot, PARKED_SIZE)
+                if raw is None or raw[: len(key)] != key:
+                    continue
+                libbpf.map_update(fd, slot, empty)
+                ev = raw[PARKED_EVENT_AT:]
+                if oldest is None or int.from_bytes(ev[:8], "little") >= oldest:
+                    parked.append((key, ev))
+        self._prev_start_ns = start_ns
+        self.refreshes += 1
+        end = time.monotonic()
+        self.last_seconds = end - start
+        # the first refresh loads the iterator and fills the whole set: no measure of the rest
+        period = max(self.options.watch_interval,
+                     self.last_seconds / max(self.options.watch_budget, 1e-3)
+                     if self.refreshes > 1 else 0.0)
+        self.due = end + period
+        return parked
 
 
 @dataclass
@@ -358,9 +542,19 @@ class Tracer:
         self._rb: RingBuffer | None = None
         self._syms = kallsyms.load()
         self._clock = time.time_ns() - time.monotonic_ns()
-        self._batch: list[tuple[int, bytes]] = []
+        self._batch: list[tuple[int, bytes, bool]] = []
         self.events = 0
         self.lost_handler_errors = 0
+        self.watched: WatchedKeys | None = None
+        self._watched_fd: int | None = None  # our dup of the shared map's fd
+        self._pending_fds: list[int] = []
+
+    @property
+    def filtering(self) -> bool:
+        """Whether the kernel side filters by the watched set (decided by :meth:`start`)."""
+        o = self.options
+        return (o.filter_watched and self.watch is not None
+                and self.watch.layout.name in FILTER_LAYOUTS)
 
     # -- setup ------------------------------------------------------------------------
 
@@ -384,16 +578,26 @@ class Tracer:
             reasons = "; ".join(f"{k}: {d.reason}" for k, d in self.detections.items())
             self.close()
             raise TracerUnavailableError(f"no tracer detection can run here ({reasons})")
+        if self.options.filter_watched and not self.filtering:
+            layout = self.watch.layout.name if self.watch is not None else "none"
+            log.info("tracer: no kernel-side filter for key layout %s: every socket's events "
+                     "reach userspace", layout)
+        if self.filtering and self._watched_fd is not None and self.watch is not None:
+            self.watched = WatchedKeys(self.watch, self._watched_fd, self._pending_fds,
+                                       self.options)
+            self._poll_late()  # fill the set before the first events are waited for
         return self.detections
 
     def _rodata(self, obj_name: str) -> bytes:
         o = self.options
+        layout = FILTER_LAYOUTS.get(self.watch.layout.name, 0) if self.watch else 0
+        filtering = self.filtering
         if obj_name == "trace_sockhash":
             return struct.pack("=B7x", o.failures_only)
         if obj_name == "trace_recvpath":
             only = self._syms.address("tcp_recvmsg") if o.only_tcp_recvmsg else None
-            return struct.pack("=QB7x", only or 0, not o.every_recv)
-        return struct.pack("=BB6x", o.all_states, o.closes_only)
+            return struct.pack("=QBBB5x", only or 0, not o.every_recv, filtering, layout)
+        return struct.pack("=BBBB4x", o.all_states, o.closes_only, filtering, layout)
 
     def _start_object(self, obj_name: str, variants: dict[str, tuple[str, ...]],
                       wanted: dict[str, Detection], rb: RingBuffer) -> None:
@@ -417,11 +621,18 @@ class Tracer:
             for prog in progs:
                 obj.program(prog).set_autoload(prog in enabled)
         obj.set_rodata(self._rodata(obj_name))
+        shared = self.filtering and obj_name in FILTERED_OBJECTS
         try:
+            if shared and self._watched_fd is not None:
+                obj.reuse_map("watched", self._watched_fd)  # one set for both objects
             obj.load()
         except BpfError as exc:
             self._disable(chosen, f"{obj_name} does not load: {str(exc).splitlines()[0]}")
             return
+        if shared:
+            if self._watched_fd is None:
+                self._watched_fd = os.dup(obj.map("watched").fd)
+            self._pending_fds.append(obj.map("pending").fd)
         for det_name, progs in chosen.items():
             try:
                 for prog in progs:
@@ -442,32 +653,53 @@ class Tracer:
         """Wait up to ``timeout_ms`` and handle the events that arrived; how many.
 
         Each object has its own ring buffer, so one poll's records are sorted
-        by their kernel timestamp before they are decoded and handed on.
+        by their kernel timestamp before they are decoded and handed on.  With
+        the kernel-side filter, the watched set is refreshed first when due,
+        and the events parked under its new keys are handled with the rest.
         """
         if self._rb is None:
             return 0
+        n = self._poll_late()
         self._batch = []
         try:
-            n = self._rb.poll(timeout_ms)
+            n += self._rb.poll(timeout_ms)
         finally:
             batch, self._batch = self._batch, []
+        self._handle(batch)
+        return n
+
+    def _poll_late(self) -> int:
+        """Refresh the watched set when due; handle the parked events it released."""
+        w = self.watched
+        if w is None or time.monotonic() < w.due:
+            return 0
+        records = w.refresh()
+        self._handle([(int.from_bytes(r[:8], "little"), r, True) for _k, r in records],
+                     {r: k for k, r in records})
+        return len(records)
+
+    def _handle(self, batch: list[tuple[int, bytes, bool]],
+                keys: dict[bytes, bytes] | None = None) -> None:
         batch.sort()
-        for _ts, data in batch:
+        for _ts, data, late in batch:
             try:
-                event = self.decode(data)
+                event = self.decode(data, late=late)
             except Exception:
                 self.lost_handler_errors += 1
                 log.exception("tracer: cannot decode an event")
                 continue
+            if keys is not None and self.watch is not None and (
+                    event.sock is None
+                    or key_for_socket(self.watch.layout, event.sock) != keys.get(data)):
+                continue  # a slot written by two CPUs at once: not one socket's event
             self.events += 1
             self.handler(event)
-        return n
 
     def _on_record(self, data: bytes) -> None:
         if len(data) >= EVENT.size:
-            self._batch.append((int.from_bytes(data[:8], "little"), data[: EVENT.size]))
+            self._batch.append((int.from_bytes(data[:8], "little"), data[: EVENT.size], False))
 
-    def decode(self, data: bytes) -> TraceEvent:
+    def decode(self, data: bytes, late: bool = False) -> TraceEvent:
         """Decode one ``struct sg_event`` and add names, key and map membership."""
         (ts, cookie, netns, etype, pid, tid, ret, comm, family, sport, dport, old, new,
          saddr, daddr, aux, map_id, key_size, map_name, key, *rest) = EVENT.unpack(data)
@@ -491,7 +723,8 @@ class Tracer:
         elif etype == EV_RECV:
             fn = self._syms.exact(aux)
             path = recv_path(fn)
-            kw = {"length": ret, "recv_fn": fn or f"0x{aux:x}", "recv_path": path}
+            kw = {"length": recv_length(ret, source), "recv_fn": fn or f"0x{aux:x}",
+                  "recv_path": path}
             if path == "tcp":
                 kw["key_in_maps"] = self._holding(tup)
         elif etype == EV_STATE:
@@ -505,7 +738,7 @@ class Tracer:
             pid=pid, tid=tid, comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
             netns=netns, cookie=cookie, sock=tup,
             state=TCP_STATES[new] if new < len(TCP_STATES) else str(new),
-            source=SOURCES.get(source, "?"), **kw)  # type: ignore[arg-type]
+            source=SOURCES.get(source, "?"), late=late, **kw)  # type: ignore[arg-type]
 
     def _holding(self, tup: Tuple4 | None) -> tuple[str, ...] | None:
         if tup is None or self.watch is None or not self.options.check_maps:
@@ -517,7 +750,12 @@ class Tracer:
     def close(self) -> None:
         """Detach every program and free everything; idempotent."""
         if self.watch is not None:
-            self.watch.close()
+            self.watch.close_all()
+        self.watched = None
+        self._pending_fds = []
+        if self._watched_fd is not None:
+            os.close(self._watched_fd)
+            self._watched_fd = None
         if self._rb is not None:
             self._rb.close()
             self._rb = None
@@ -545,4 +783,4 @@ def attached_detections(detections: dict[str, Detection]) -> str:
 
 
 __all__ = ["EVENT", "MapWatch", "TraceEvent", "Tracer", "TracerOptions", "TracerUnavailableError",
-           "attached_detections", "classify_caller", "recv_path"]
+           "WatchedKeys", "attached_detections", "classify_caller", "daemon_options", "recv_path"]
