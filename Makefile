@@ -13,8 +13,10 @@ KERNEL ?= 6.1
 # Seconds for one VM run (boot, tests, power-off) under TCG; the make recipe adds a margin.
 VMTEST_TIMEOUT ?= 1500
 VMTEST_ARGS ?=
+# Seconds for the systemd-as-PID-1 VM run (boot, checks, power-off; ~4 min under TCG).
+VMTEST_SYSTEMD_TIMEOUT ?= 900
 
-.PHONY: setup system-deps test-deps bpffs venv audit test lint bench clean vmtest
+.PHONY: setup system-deps test-deps bpffs venv audit test lint bench clean vmtest vmtest-systemd
 
 setup: system-deps bpffs venv
 
@@ -58,6 +60,12 @@ vmtest:
 	$(call apt_ensure,$(VMTEST_APT_PACKAGES))
 	timeout --kill-after=30 $$(( $(VMTEST_TIMEOUT) + 300 )) \
 		tests/vm/run --kernel $(KERNEL) --timeout $(VMTEST_TIMEOUT) --quiet $(VMTEST_ARGS)
+
+# sockguard.service under systemd as PID 1 in the VM: READY, STATUS, journal, watchdog, stop.
+vmtest-systemd:
+	$(call apt_ensure,$(VMTEST_APT_PACKAGES))
+	timeout --kill-after=30 $$(( $(VMTEST_SYSTEMD_TIMEOUT) + 300 )) \
+		tests/vm/run --kernel $(KERNEL) --systemd --timeout $(VMTEST_SYSTEMD_TIMEOUT) --quiet
 
 bench:
 	$(PY) benchmarks/audit_scale.py

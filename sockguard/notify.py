@@ -150,7 +150,10 @@ def _library_sender() -> Sender | None:
     def send(fields: dict[str, str]) -> None:
         rest = dict(fields)
         message = rest.pop("MESSAGE")
-        journal.send(message, **rest)
+        # systemd.journal.send formats CODE_LINE with {:d}: a str raises ValueError, and
+        # every record would end up as a "Logging error" on stderr instead of the journal.
+        line = rest.pop("CODE_LINE", "")
+        journal.send(message, CODE_LINE=int(line) if line.isdigit() else None, **rest)
 
     return send
 

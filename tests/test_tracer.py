@@ -231,9 +231,10 @@ def test_every_tracer_program_passes_the_verifier(obj_name: str, program: str,
             # helper (bpf_get_socket_cookie in tracing programs before 5.12).
             helper = "unknown func " in str(exc)
             if not caps.ok(via) and (exc.errno == errno.ESRCH or helper):
-                what = "a helper it calls is not allowed" if helper else "its attach target is"
-                pytest.skip(f"{program}: {what} not in this kernel; the tracer does not use "
-                            f"{via} here: {caps[via].reason}")
+                what = ("calls a helper this kernel refuses in tracing programs" if helper
+                        else "its attach target is missing in this kernel")
+                pytest.skip(f"{program}: {what}; the tracer does not use {via} here: "
+                            f"{caps[via].reason}")
             raise
         if not caps.ok(via):
             pytest.skip(f"{program} loads; attach impossible here: {caps[via].reason}")
