@@ -54,7 +54,8 @@ def test_unit_is_a_watchdogged_notify_service_with_least_privilege() -> None:
     assert re.fullmatch(r"\d+s", unit["WatchdogSec"][0])
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     caps = unit["CapabilityBoundingSet"][0].split()
-    assert sorted(caps) == ["CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"]
+    assert sorted(caps) == ["CAP_DAC_READ_SEARCH", "CAP_SYSLOG", "CAP_SYS_ADMIN",
+                            "CAP_SYS_PTRACE"]
     assert unit["NoNewPrivileges"] == ["yes"]
     assert unit["ProtectSystem"] == ["strict"]
     assert "ReadWritePaths" not in unit  # nothing is written, bpffs included
