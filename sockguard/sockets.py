@@ -61,24 +61,8 @@ class Scan:
     table: SocketTable = field(default_factory=SocketTable)  # the same sockets, as rows
 
 
-class _AddrCache:
-    """Interns addresses: a node has few distinct IPs and many sockets."""
-
-    def __init__(self) -> None:
-        self._v4: dict[bytes, IPAddress] = {}
-        self._v6: dict[bytes, IPAddress] = {}
-
-    def get(self, family: int, raw: bytes) -> IPAddress:
-        if family == socket.AF_INET:
-            b = raw[:4]
-            ip = self._v4.get(b)
-            if ip is None:
-                ip = self._v4[b] = IPv4Address(b)
-            return ip
-        ip = self._v6.get(raw)
-        if ip is None:
-            ip = self._v6[raw] = IPv6Address(raw)
-        return ip
+def _ip(family: int, raw: bytes) -> IPAddress:
+    return IPv4Address(raw[:4]) if family == socket.AF_INET else IPv6Address(raw)
 
 
 def _request(family: int, seq: int, flags: int, *, states: int = _ALL_BUT_LISTEN,
@@ -135,14 +119,15 @@ def _messages(sock: socket.socket, seq: int) -> Iterator[memoryview]:
                 return
 
 
-def _decode(payload: memoryview, netns: Netns, addrs: _AddrCache) -> LiveSocket:
+def _decode(payload: memoryview, netns: Netns) -> LiveSocket:
+    """One exact-lookup reply (bulk dumps decode to rows, see ``dump_rows``)."""
     (family, state, _timer, _retrans, sport, dport, src, dst, _if, cookie,
      _exp, _rq, _wq, uid, inode) = _DIAG_MSG.unpack_from(payload)
     fam = 4 if family == socket.AF_INET else 6
     tup = Tuple4(
         fam,
-        Endpoint(addrs.get(family, src), int.from_bytes(sport, "big")),
-        Endpoint(addrs.get(family, dst), int.from_bytes(dport, "big")),
+        Endpoint(_ip(family, src), int.from_bytes(sport, "big")),
+        Endpoint(_ip(family, dst), int.from_bytes(dport, "big")),
     )
     return LiveSocket(tup, state, cookie, inode, netns, uid)
 
@@ -196,17 +181,6 @@ def dump_rows(sock: socket.socket, rows: list[SockRow]) -> None:
     """Append a row for every non-listening TCP socket of the namespace ``sock`` lives in."""
     for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
         _dump_rows(sock, family, seq, rows)
-
-
-def dump(sock: socket.socket, netns: Netns, addrs: object = None) -> list[LiveSocket]:
-    """Every non-listening TCP socket of the namespace ``sock`` lives in.
-
-    ``addrs`` is accepted for compatibility and unused.
-    """
-    table = SocketTable()
-    dump_rows(sock, table.rows)
-    table.close_span(netns)
-    return table.sockets()
 
 
 def scan_all(refs: Sequence[NetnsRef] | None = None, *, compact: bool = False) -> Scan:
@@ -270,7 +244,7 @@ class OwnerProbe:
             ))
             try:
                 for payload in _messages(sock, self._seq):
-                    found = _decode(payload, netns, _AddrCache())
+                    found = _decode(payload, netns)
                     # inet_diag_find_one_icsk() falls back to a listener on the
                     # local port (inet_lookup), so the reply must be checked.
                     if found.state in OWNER_STATES and normalize(found.tuple) == want:
