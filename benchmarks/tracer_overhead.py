@@ -136,11 +136,15 @@ def _consumer(map_id: int, filtered: bool) -> int:
         while not stop:
             tracer.poll(250)
         cpu = _cpu_self() - cpu0
-        bpf_ns = _bpf_ns(tracer)
+        runs = _bpf_runs(tracer)
+        bpf_ns = sum(ns for _, ns in runs.values())
         w = tracer.watched
         extra = (f" watched {len(w.keys)} refreshes {w.refreshes} last_refresh_s "
                  f"{w.last_seconds:.4f}" if w else "")
-    print(f"events {events} cpu_s {cpu:.4f} bpf_s {bpf_ns / 1e9:.4f}{extra}", flush=True)
+    per_prog = " ".join(f"{name}={cnt}x{ns // max(cnt, 1)}ns"
+                        for name, (cnt, ns) in sorted(runs.items()))
+    print(f"events {events} cpu_s {cpu:.4f} bpf_s {bpf_ns / 1e9:.4f}{extra} [{per_prog}]",
+          flush=True)
     return 0
 
 
@@ -149,21 +153,23 @@ def _cpu_self() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _bpf_ns(tracer: object) -> int:
-    """Run time of the tracer's programs (kernel.bpf_stats_enabled = 1 during the run)."""
+def _bpf_runs(tracer: object) -> dict[str, tuple[int, int]]:
+    """(runs, run time in ns) per tracer program (kernel.bpf_stats_enabled = 1 during the run)."""
     from sockguard import libbpf
     from sockguard.tracer import PROGRAMS
 
-    total = 0
+    runs: dict[str, tuple[int, int]] = {}
     for loaded in getattr(tracer, "_loaded", []):
         for variants in PROGRAMS.values():
             for progs in variants.values():
                 for name in progs:
                     try:
-                        total += libbpf.prog_info(loaded.obj.program(name).fd).run_time_ns
+                        info = libbpf.prog_info(loaded.obj.program(name).fd)
                     except (OSError, ValueError):
                         continue  # not in this object, or not loaded
-    return total
+                    if info.run_cnt:
+                        runs[name] = (info.run_cnt, info.run_time_ns)
+    return runs
 
 
 def _free_port() -> int:
