@@ -64,8 +64,47 @@ struct sg_event {
 	__u32 _pad;
 };
 
+/*
+ * A field of a kernel object.  tp_btf programs get `struct sock *` as a BTF
+ * pointer they may load from directly (the verifier turns the load into a
+ * PROBE_MEM load: a few ns); kprobe and raw_tp programs get a plain number
+ * and need bpf_probe_read_kernel (BPF_CORE_READ), a helper call of ~50 ns
+ * here, ~20 of them per event before this existed (benchmarks/README.md).
+ * `typed` is a constant in every caller (all always_inline), so clang keeps
+ * one branch and the verifier never sees a direct load in an untyped program.
+ */
+#define SG_READ(typed, p, field) ((typed) ? (p)->field : BPF_CORE_READ(p, field))
+
+/* Copy an in6_addr field: direct or through bpf_probe_read_kernel, as SG_READ. */
+#define SG_READ_ADDR6(typed, dst, sk, field)                                    \
+	do {                                                                    \
+		if (typed)                                                      \
+			__builtin_memcpy(dst, &(sk)->field, 16);                \
+		else                                                            \
+			BPF_CORE_READ_INTO(dst, sk, field);                     \
+	} while (0)
+
+/*
+ * The local port in network order: skc_num (typed: a direct load) while the
+ * socket holds its port, else inet_sport.  A closing socket releases its
+ * port (inet_put_port zeroes skc_num) in tcp_set_state before
+ * inet_sk_state_store fires inet_sock_set_state, so at CLOSE and at destroy
+ * only inet_sport is left.  It lives in struct inet_sock, beyond struct
+ * sock, where the verifier does not let a typed `struct sock *` load
+ * (btf_struct_access), so it is a probe read.
+ */
+static __always_inline __u16 sg_local_port(const struct sock *sk, const bool typed)
+{
+	__u16 num = SG_READ(typed, sk, __sk_common.skc_num);
+
+	if (num)
+		return bpf_htons(num);
+	return BPF_CORE_READ((struct inet_sock *)sk, inet_sport);
+}
+
 /* Fill the header and the socket's identity from a kernel `struct sock *`. */
-static __always_inline void sg_fill_sock(struct sg_event *ev, const struct sock *sk, __u32 type)
+static __always_inline void sg_fill_sock(struct sg_event *ev, const struct sock *sk, __u32 type,
+					 const bool typed)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 
@@ -76,30 +115,31 @@ static __always_inline void sg_fill_sock(struct sg_event *ev, const struct sock 
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
 	if (!sk)
 		return;
-	ev->cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
-	ev->netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
-	ev->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	ev->state_new = BPF_CORE_READ(sk, __sk_common.skc_state);
-	/* inet_sport, not skc_num: skc_num is zeroed when a closing socket
-	 * releases its port (inet_put_port), before CLOSE and destroy fire. */
-	ev->sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
-	ev->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	ev->cookie = SG_READ(typed, sk, __sk_common.skc_cookie.counter);
+	ev->netns = typed ? sk->__sk_common.skc_net.net->ns.inum
+			  : BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	ev->family = SG_READ(typed, sk, __sk_common.skc_family);
+	ev->state_new = SG_READ(typed, sk, __sk_common.skc_state);
+	ev->sport = bpf_ntohs(sg_local_port(sk, typed));
+	ev->dport = bpf_ntohs(SG_READ(typed, sk, __sk_common.skc_dport));
 	if (ev->family == SG_AF_INET6) {
-		BPF_CORE_READ_INTO(&ev->saddr, sk, __sk_common.skc_v6_rcv_saddr);
-		BPF_CORE_READ_INTO(&ev->daddr, sk, __sk_common.skc_v6_daddr);
+		SG_READ_ADDR6(typed, &ev->saddr, sk, __sk_common.skc_v6_rcv_saddr);
+		SG_READ_ADDR6(typed, &ev->daddr, sk, __sk_common.skc_v6_daddr);
 	} else {
-		BPF_CORE_READ_INTO((__be32 *)ev->saddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__be32 *)ev->daddr, sk, __sk_common.skc_daddr);
+		*(__be32 *)ev->saddr = SG_READ(typed, sk, __sk_common.skc_rcv_saddr);
+		*(__be32 *)ev->daddr = SG_READ(typed, sk, __sk_common.skc_daddr);
 	}
 }
 
 /* A TCP socket of family inet/inet6 (the only ones sockguard cares about). */
-static __always_inline int sg_is_tcp(const struct sock *sk)
+static __always_inline int sg_is_tcp(const struct sock *sk, const bool typed)
 {
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 family = SG_READ(typed, sk, __sk_common.skc_family);
 
 	if (family != SG_AF_INET && family != SG_AF_INET6)
 		return 0;
+	if (typed)
+		return BPF_CORE_READ_BITFIELD(sk, sk_protocol) == SG_IPPROTO_TCP;
 	return BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) == SG_IPPROTO_TCP;
 }
 
@@ -114,18 +154,34 @@ static __always_inline int sg_is_tcp(const struct sock *sk)
  * as big-endian u16 in the low-addressed bytes of a u32.  Another layout is
  * never filtered: userspace then loads with filter_watched = 0.
  *
+ * In front of the hash sits `watched_bits`, one bit per key hash (2^17 bits,
+ * 16 KiB): a socket whose bit is clear is not watched, and the program is
+ * done without touching the hash.  Measured here (benchmarks/README.md) a
+ * lookup in the hash costs ~450 ns under churn, almost all of it cache and
+ * TLB misses (its bucket array is vmalloc'ed); the bitmap is small enough
+ * for bpf_map_area_alloc to kmalloc it, and stays in cache.  Userspace sets
+ * the bits of every key it watches; a bit shared by another key only costs
+ * the hash lookup.
+ *
  * A socket whose key is not watched is not forgotten: its would-be event is
- * parked in the `pending` array, in the slot its key hashes to (the next
- * socket hashing there overwrites it), and when a refresh adds that key to
- * `watched` userspace takes it from there (a connection
- * shorter than the refresh period, or a key injected just before the event).
+ * parked in its object's `pending` array, in the slot its key hashes to (the
+ * next socket hashing there overwrites it), and when a refresh adds that key
+ * to `watched` userspace takes it from there and reports it late (a
+ * connection shorter than the refresh period left its key behind, or a key
+ * showed up just before the event).  Every unwatched close and receive
+ * writes a slot, so the record is small (struct sg_parked, the tuple being
+ * the key itself): a full struct sg_event, zeroed and filled, cost ~350 ns
+ * more per close under churn, in cache misses.  A plain array, not an LRU
+ * hash: an LRU that is always full pays an eviction per update.
  *
  * Objects that define SG_WATCHED get the maps; userspace creates `watched`
- * once and hands the same fd to each object (bpf_map__reuse_fd).
+ * and `watched_bits` once and hands the same fds to each object
+ * (bpf_map__reuse_fd); each has its own `pending`.
  */
 #define SG_LAYOUT_NONE 0
 #define SG_LAYOUT_CILIUM 1
 #define SG_WATCHED_MAX 262144
+#define SG_WATCHED_BITS 17 /* 2^17 bits: 16 KiB */
 #define SG_PENDING_BITS 13 /* 8192 slots */
 
 struct sg_cilium_key {
@@ -139,13 +195,30 @@ struct sg_cilium_key {
 
 _Static_assert(sizeof(struct sg_cilium_key) == 44, "Cilium's sock_key is 44 bytes");
 
-/* A parked event: a direct-mapped slot (sg_slot of its key), overwritten by the
- * next socket hashing there.  A plain array, not an LRU hash: an LRU that is
- * always full (every new socket parks) pays an eviction on every update. */
+/* A parked event; sockguard/tracer.py (PARKED, parked_event) decodes it. */
 struct sg_parked {
 	struct sg_cilium_key key;
-	__u32 _pad;
-	struct sg_event ev;
+	__u8 type;          /* enum sg_event_type */
+	__u8 state_old;
+	__u8 state_new;
+	__u8 source;        /* enum sg_source */
+	__u64 ts_ns;
+	__u64 cookie;
+	__u64 aux;          /* as in struct sg_event */
+	__u32 netns;        /* inode number (ns.inum is 32 bits) */
+	__u32 pid;
+	__u16 family;       /* the socket's (AF_INET6 for a v4-mapped key of family 1) */
+	__u16 _pad;
+	__u32 check;        /* (u32)cookie ^ key hash: a slot two CPUs wrote at once fails it */
+	__s32 ret;
+	char comm[16];
+	__u32 _pad2;
+};
+
+_Static_assert(sizeof(struct sg_parked) == 112, "decoded by sockguard/tracer.py");
+
+struct sg_watched_bits {
+	__u64 word[(1 << SG_WATCHED_BITS) / 64];
 };
 
 #ifdef SG_WATCHED
@@ -159,22 +232,28 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sg_watched_bits);
+} watched_bits SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1 << SG_PENDING_BITS);
 	__type(key, __u32);
 	__type(value, struct sg_parked);
 } pending SEC(".maps");
 #endif
 
-/* The pending slot of a key; sockguard/tracer.py (pending_slot) computes the same. */
-static __always_inline __u32 sg_slot(const struct sg_cilium_key *k)
+/* A key's hash; sockguard/tracer.py (key_hash) computes the same. */
+static __always_inline __u32 sg_key_hash(const struct sg_cilium_key *k)
 {
 	__u32 h;
 
 	h = k->sip[0] ^ k->sip[1] ^ k->sip[2] ^ k->sip[3];
 	h = h * 0x9E3779B1u ^ (k->dip[0] ^ k->dip[1] ^ k->dip[2] ^ k->dip[3]);
 	h = h * 0x9E3779B1u ^ (k->sport | (k->dport << 16) | k->family);
-	h *= 0x9E3779B1u;
-	return h >> (32 - SG_PENDING_BITS);
+	return h * 0x9E3779B1u;
 }
 
 static __always_inline int sg_v4_mapped(const __u32 *a)
@@ -183,17 +262,18 @@ static __always_inline int sg_v4_mapped(const __u32 *a)
 }
 
 /* The Cilium key stored for `sk` (its peer's point of view); 0 when it has none. */
-static __always_inline int sg_cilium_key_of(const struct sock *sk, struct sg_cilium_key *k)
+static __always_inline int sg_cilium_key_of(const struct sock *sk, struct sg_cilium_key *k,
+					    const bool typed)
 {
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	__u16 lport = BPF_CORE_READ((struct inet_sock *)sk, inet_sport); /* network order */
-	__u16 rport = BPF_CORE_READ(sk, __sk_common.skc_dport);          /* network order */
+	__u16 family = SG_READ(typed, sk, __sk_common.skc_family);
+	__u16 lport = sg_local_port(sk, typed);                         /* network order */
+	__u16 rport = SG_READ(typed, sk, __sk_common.skc_dport);        /* network order */
 	__u32 l6[4] = {}, r6[4] = {};
 
 	__builtin_memset(k, 0, sizeof(*k));
 	if (family == SG_AF_INET6) {
-		BPF_CORE_READ_INTO(&l6, sk, __sk_common.skc_v6_rcv_saddr);
-		BPF_CORE_READ_INTO(&r6, sk, __sk_common.skc_v6_daddr);
+		SG_READ_ADDR6(typed, &l6, sk, __sk_common.skc_v6_rcv_saddr);
+		SG_READ_ADDR6(typed, &r6, sk, __sk_common.skc_v6_daddr);
 		if (sg_v4_mapped(l6) && sg_v4_mapped(r6)) {
 			k->sip[0] = r6[3];
 			k->dip[0] = l6[3];
@@ -204,8 +284,8 @@ static __always_inline int sg_cilium_key_of(const struct sock *sk, struct sg_cil
 			k->family = 2;
 		}
 	} else if (family == SG_AF_INET) {
-		k->sip[0] = BPF_CORE_READ(sk, __sk_common.skc_daddr);
-		k->dip[0] = BPF_CORE_READ(sk, __sk_common.skc_rcv_saddr);
+		k->sip[0] = SG_READ(typed, sk, __sk_common.skc_daddr);
+		k->dip[0] = SG_READ(typed, sk, __sk_common.skc_rcv_saddr);
 		k->family = 1;
 	} else {
 		return 0;
@@ -218,17 +298,75 @@ static __always_inline int sg_cilium_key_of(const struct sock *sk, struct sg_cil
 }
 
 #ifdef SG_WATCHED
-/* Park an event under `k` in its pending slot, filled in place by `fill_stmt` (on `ev`). */
-#define SG_PARK(k, fill_stmt)                                                   \
-	do {                                                                    \
-		__u32 __slot = sg_slot(k);                                      \
-		struct sg_parked *__p = bpf_map_lookup_elem(&pending, &__slot); \
-		if (__p) {                                                      \
-			struct sg_event *ev = &__p->ev;                         \
-			__p->key = *(k);                                        \
-			fill_stmt;                                              \
-		}                                                               \
-	} while (0)
+/* Whether key `k` (of hash `hash`) is watched: its bit first, then the hash. */
+static __always_inline int sg_watched(const struct sg_cilium_key *k, __u32 hash)
+{
+	__u32 zero = 0, bit = hash >> (32 - SG_WATCHED_BITS);
+	struct sg_watched_bits *bits = bpf_map_lookup_elem(&watched_bits, &zero);
+
+	if (bits && !(bits->word[bit / 64] & (1ull << (bit % 64))))
+		return 0;
+	return bpf_map_lookup_elem(&watched, k) != NULL;
+}
+
+static __always_inline int sg_key_eq(const struct sg_cilium_key *a,
+				     const struct sg_cilium_key *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+	__u32 diff = 0;
+	int i;
+
+	for (i = 0; i < sizeof(*a) / 4; i++)
+		diff |= x[i] ^ y[i];
+	return diff == 0;
+}
+
+/*
+ * Park an event of `sk` under its key `k` (of hash `hash`).  Helper calls
+ * are what a park costs on a mitigated kernel (each returns through the
+ * SRSO/retbleed return thunk: ~100 ns apiece on the development machine),
+ * so: the same socket's same event again (every receive of a long
+ * connection) only refreshes the time, and tp_btf programs read pid and
+ * comm from the BTF task (one call, not two).
+ */
+static __always_inline void sg_park(const struct sg_cilium_key *k, __u32 hash,
+				    const struct sock *sk, __u32 type, int oldstate, int newstate,
+				    __u64 aux, int ret, __u32 source, const bool typed)
+{
+	__u32 slot = hash >> (32 - SG_PENDING_BITS);
+	struct sg_parked *p = bpf_map_lookup_elem(&pending, &slot);
+	struct task_struct *task;
+	__u64 cookie;
+
+	if (!p)
+		return;
+	cookie = SG_READ(typed, sk, __sk_common.skc_cookie.counter);
+	if (p->cookie == cookie && p->type == type && p->aux == aux && sg_key_eq(&p->key, k)) {
+		p->ts_ns = bpf_ktime_get_ns();
+		return;
+	}
+	p->key = *k;
+	p->type = type;
+	p->state_old = type == SG_EV_STATE ? oldstate : 0;
+	p->state_new = type == SG_EV_STATE ? newstate : SG_READ(typed, sk, __sk_common.skc_state);
+	p->source = source;
+	p->ts_ns = bpf_ktime_get_ns();
+	p->cookie = cookie;
+	p->aux = aux;
+	p->netns = typed ? sk->__sk_common.skc_net.net->ns.inum
+			 : BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	p->family = SG_READ(typed, sk, __sk_common.skc_family);
+	p->check = (__u32)cookie ^ hash;
+	p->ret = ret;
+	if (typed) {
+		task = bpf_get_current_task_btf();
+		p->pid = task->tgid;
+		__builtin_memcpy(p->comm, task->comm, sizeof(p->comm));
+	} else {
+		p->pid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(p->comm, sizeof(p->comm));
+	}
+}
 #endif
 
 #endif /* SOCKGUARD_TRACE_H */

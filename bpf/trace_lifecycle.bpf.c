@@ -67,10 +67,11 @@ static __always_inline int wanted(int oldstate, int newstate)
 }
 
 static __always_inline void fill(struct sg_event *ev, const struct sock *sk, __u64 cookie,
-				 __u32 type, int oldstate, int newstate, __u32 source)
+				 __u32 type, int oldstate, int newstate, __u32 source,
+				 const bool typed)
 {
 	__builtin_memset(ev, 0, sizeof(*ev));
-	sg_fill_sock(ev, sk, type);
+	sg_fill_sock(ev, sk, type, typed);
 	if (cookie)
 		ev->cookie = cookie;
 	if (type == SG_EV_STATE) {
@@ -80,28 +81,37 @@ static __always_inline void fill(struct sg_event *ev, const struct sock *sk, __u
 	ev->source = source;
 }
 
-static __always_inline int emit(const struct sock *sk, __u64 cookie, __u32 type,
-				int oldstate, int newstate, __u32 source)
+/*
+ * `typed`: `sk` is a BTF pointer (tp_btf), read directly (SG_READ), and
+ * bpf_get_socket_cookie (assigning a cookie when it has none yet) is called
+ * only for an event that is sent.
+ */
+static __always_inline int emit(const struct sock *sk, __u32 type, int oldstate, int newstate,
+				__u32 source, const bool typed)
 {
 	struct sg_cilium_key key;
 	struct sg_event *ev;
+	__u64 cookie;
+	__u32 hash;
 
-	if (!sk || !sg_is_tcp(sk))
+	if (!sk || !sg_is_tcp(sk, typed))
 		return 0;
 	if (cfg.filter_watched && cfg.key_layout == SG_LAYOUT_CILIUM) {
-		if (!sg_cilium_key_of(sk, &key))
+		if (!sg_cilium_key_of(sk, &key, typed))
 			return 0;
-		if (!bpf_map_lookup_elem(&watched, &key)) {
+		hash = sg_key_hash(&key);
+		if (!sg_watched(&key, hash)) {
 			if (type == SG_EV_DESTROY || newstate == SG_TCP_CLOSE)
-				SG_PARK(&key, fill(ev, sk, cookie, type, oldstate, newstate,
-						   source));
+				sg_park(&key, hash, sk, type, oldstate, newstate, 0, 0,
+					source, typed);
 			return 0;
 		}
 	}
+	cookie = typed ? bpf_get_socket_cookie((void *)sk) : 0;
 	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
 	if (!ev)
 		return 0;
-	fill(ev, sk, cookie, type, oldstate, newstate, source);
+	fill(ev, sk, cookie, type, oldstate, newstate, source, typed);
 	bpf_ringbuf_submit(ev, 0);
 	return 0;
 }
@@ -111,22 +121,21 @@ int BPF_PROG(state_tp_btf, const struct sock *sk, const int oldstate, const int 
 {
 	if (!wanted(oldstate, newstate))
 		return 0;
-	return emit(sk, bpf_get_socket_cookie((void *)sk), SG_EV_STATE, oldstate, newstate,
-		    SG_SRC_TP_BTF);
+	return emit(sk, SG_EV_STATE, oldstate, newstate, SG_SRC_TP_BTF, true);
 }
 
 /* Listeners are destroyed too; they never had an entry (no remote port). */
-static __always_inline int connected(const struct sock *sk)
+static __always_inline int connected(const struct sock *sk, const bool typed)
 {
-	return sk && BPF_CORE_READ(sk, __sk_common.skc_dport) != 0;
+	return sk && SG_READ(typed, sk, __sk_common.skc_dport) != 0;
 }
 
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(destroy_tp_btf, struct sock *sk)
 {
-	if (cfg.closes_only || !connected(sk))
+	if (cfg.closes_only || !connected(sk, true))
 		return 0;
-	return emit(sk, bpf_get_socket_cookie(sk), SG_EV_DESTROY, 0, 0, SG_SRC_TP_BTF);
+	return emit(sk, SG_EV_DESTROY, 0, 0, SG_SRC_TP_BTF, true);
 }
 
 SEC("raw_tp/inet_sock_set_state")
@@ -134,13 +143,13 @@ int BPF_PROG(state_raw_tp, const struct sock *sk, const int oldstate, const int 
 {
 	if (!wanted(oldstate, newstate))
 		return 0;
-	return emit(sk, 0, SG_EV_STATE, oldstate, newstate, SG_SRC_RAW_TP);
+	return emit(sk, SG_EV_STATE, oldstate, newstate, SG_SRC_RAW_TP, false);
 }
 
 SEC("raw_tp/tcp_destroy_sock")
 int BPF_PROG(destroy_raw_tp, struct sock *sk)
 {
-	if (cfg.closes_only || !connected(sk))
+	if (cfg.closes_only || !connected(sk, false))
 		return 0;
-	return emit(sk, 0, SG_EV_DESTROY, 0, 0, SG_SRC_RAW_TP);
+	return emit(sk, SG_EV_DESTROY, 0, 0, SG_SRC_RAW_TP, false);
 }

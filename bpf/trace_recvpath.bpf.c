@@ -72,10 +72,10 @@ struct {
 } events SEC(".maps");
 
 static __always_inline void fill(struct sg_event *ev, struct sock *sk, __u64 cookie, __u64 fn,
-				 int ret, __u32 source)
+				 int ret, __u32 source, const bool typed)
 {
 	__builtin_memset(ev, 0, sizeof(*ev));
-	sg_fill_sock(ev, sk, SG_EV_RECV);
+	sg_fill_sock(ev, sk, SG_EV_RECV, typed);
 	if (cookie)
 		ev->cookie = cookie;
 	ev->aux = fn;
@@ -83,22 +83,39 @@ static __always_inline void fill(struct sg_event *ev, struct sock *sk, __u64 coo
 	ev->source = source;
 }
 
-/* typed (tp_btf): `cookie` is always set and unique, and `sk` is a pointer the
- * verifier will not hash; untyped (kprobe): `sk` is a plain number. */
-static __always_inline int report(struct sock *sk, __u64 cookie, int ret, __u32 source,
-				  bool typed)
+/*
+ * typed (tp_btf): `sk` is a BTF pointer, read directly, with a unique cookie
+ * (bpf_get_socket_cookie assigns one when the socket has none yet);
+ * untyped (kprobe): `sk` is a plain number, read through probe reads.
+ */
+static __always_inline int report(struct sock *sk, int ret, __u32 source, const bool typed)
 {
 	struct sg_cilium_key key;
 	struct seen_slot *slot;
 	struct sg_event *ev;
-	__u64 fn, id;
-	__u32 idx;
+	__u64 fn, id, cookie;
+	__u32 idx, hash;
 
-	if (!sk || !sg_is_tcp(sk))
+	if (!sk || !sg_is_tcp(sk, typed))
 		return 0;
-	fn = (__u64)BPF_CORE_READ(sk, __sk_common.skc_prot, recvmsg);
+	fn = (__u64)(typed ? sk->__sk_common.skc_prot->recvmsg
+			   : BPF_CORE_READ(sk, __sk_common.skc_prot, recvmsg));
 	if (cfg.only_fn && fn != cfg.only_fn)
 		return 0;
+	/* Before the dedup slot: an unwatched socket's receives are all parked, in
+	 * the same slot (hot in cache on a long connection), so the last one is
+	 * there when its key shows up; the dedup slot is a cache miss per new
+	 * socket, and only watched sockets need it. */
+	if (cfg.filter_watched && cfg.key_layout == SG_LAYOUT_CILIUM) {
+		if (!sg_cilium_key_of(sk, &key, typed))
+			return 0;
+		hash = sg_key_hash(&key);
+		if (!sg_watched(&key, hash)) {
+			sg_park(&key, hash, sk, SG_EV_RECV, 0, 0, fn, ret, source, typed);
+			return 0;
+		}
+	}
+	cookie = typed ? bpf_get_socket_cookie(sk) : 0;
 	if (cfg.dedup) {
 		id = typed ? cookie : (__u64)sk >> 6;
 		idx = (__u32)((id * 0x9E3779B97F4A7C15ull) >> (64 - SEEN_BITS));
@@ -111,18 +128,10 @@ static __always_inline int report(struct sock *sk, __u64 cookie, int ret, __u32 
 			slot->fn = fn;
 		}
 	}
-	if (cfg.filter_watched && cfg.key_layout == SG_LAYOUT_CILIUM) {
-		if (!sg_cilium_key_of(sk, &key))
-			return 0;
-		if (!bpf_map_lookup_elem(&watched, &key)) {
-			SG_PARK(&key, fill(ev, sk, cookie, fn, ret, source));
-			return 0;
-		}
-	}
 	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
 	if (!ev)
 		return 0;
-	fill(ev, sk, cookie, fn, ret, source);
+	fill(ev, sk, cookie, fn, ret, source, typed);
 	bpf_ringbuf_submit(ev, 0);
 	return 0;
 }
@@ -130,8 +139,7 @@ static __always_inline int report(struct sock *sk, __u64 cookie, int ret, __u32 
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(recv_tp_btf, struct sock *sk, int ret, int flags)
 {
-	/* bpf_get_socket_cookie assigns a cookie when the socket has none yet. */
-	return report(sk, sk ? bpf_get_socket_cookie(sk) : 0, ret, SG_SRC_TP_BTF, true);
+	return report(sk, ret, SG_SRC_TP_BTF, true);
 }
 
 SEC("kprobe/inet_recvmsg")
@@ -139,7 +147,7 @@ int BPF_KPROBE(recv_kprobe_inet, struct socket *sock)
 {
 	struct sock *sk = BPF_CORE_READ(sock, sk);
 
-	return report(sk, 0, 0, SG_SRC_KPROBE, false);
+	return report(sk, 0, SG_SRC_KPROBE, false);
 }
 
 SEC("kprobe/inet6_recvmsg")
@@ -147,5 +155,5 @@ int BPF_KPROBE(recv_kprobe_inet6, struct socket *sock)
 {
 	struct sock *sk = BPF_CORE_READ(sock, sk);
 
-	return report(sk, 0, 0, SG_SRC_KPROBE, false);
+	return report(sk, 0, SG_SRC_KPROBE, false);
 }

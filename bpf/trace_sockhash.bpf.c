@@ -80,7 +80,7 @@ static __always_inline int report_update(struct bpf_map *map, void *key, struct 
 	if (!ev)
 		return 0;
 	__builtin_memset(ev, 0, sizeof(*ev));
-	sg_fill_sock(ev, sk, SG_EV_UPDATE);
+	sg_fill_sock(ev, sk, SG_EV_UPDATE, false);
 	ev->ret = ret;
 	ev->aux = flags;
 	ev->source = source;
@@ -106,7 +106,7 @@ static __always_inline int report_drop(void *ctx, struct sock *sk, __u32 source)
 	if (!ev)
 		return 0;
 	__builtin_memset(ev, 0, sizeof(*ev));
-	sg_fill_sock(ev, sk, SG_EV_PSOCK_DROP);
+	sg_fill_sock(ev, sk, SG_EV_PSOCK_DROP, false);
 	ev->source = source;
 	bpf_get_stack(ctx, ev->stack, sizeof(ev->stack), 0);
 	bpf_ringbuf_submit(ev, 0);

@@ -31,13 +31,15 @@ and lifecycle objects compute the Cilium key of the socket at hand and look
 it up in ``watched``, a BPF hash of the audited maps' keys that
 :class:`WatchedKeys` keeps in step (added and deleted keys only, every
 ``watch_interval`` seconds or less often when the maps are large).  A socket
-outside every map then costs a hash lookup and no record, so plain traffic
-does not wake the consumer.  A socket whose key is not (yet) watched has its
-would-be event parked in its object's ``pending`` array, in the slot its
-key hashes to (8,192 slots; the next socket hashing there overwrites it); a
-refresh that adds the key takes the parked event out and reports it
-``late``.  The filter knows only the Cilium layout; with any other layout the
-objects load unfiltered.  Failed updates and psock drops are never filtered.
+outside every map then costs one bit test (``watched_bits``, one bit per key
+hash, kept by :class:`WatchedBits`; the hash is looked up only when the bit
+is set) and no record, so plain traffic does not wake the consumer.  A
+socket whose key is not (yet) watched has its would-be event parked
+in its object's ``pending`` array, in the slot its key hashes to (8,192
+slots; the next socket hashing there overwrites it); a refresh that adds the
+key takes the parked event out and reports it ``late``.
+The filter knows only the Cilium layout; with any other layout the objects
+load unfiltered.  Failed updates and psock drops are never filtered.
 """
 
 from __future__ import annotations
@@ -80,24 +82,91 @@ SOURCES = {1: "kprobe", 2: "fentry", 3: "tp_btf", 4: "raw_tp"}
 FILTER_LAYOUTS = {CILIUM.name: 1}
 #: Capacity of ``watched`` (SG_WATCHED_MAX): keys beyond it are not watched.
 WATCHED_MAX = 262144
-#: Objects that have the ``watched`` and ``pending`` maps.
+#: Objects with the ``watched`` and ``watched_bits`` maps (shared) and a ``pending`` map.
 FILTERED_OBJECTS = ("trace_recvpath", "trace_lifecycle")
-#: struct sg_parked: the key, 4 bytes of padding, the event; 2**PENDING_BITS slots.
-PARKED_EVENT_AT = 48
-PARKED_SIZE = PARKED_EVENT_AT + EVENT.size
+#: struct sg_parked: key, type, states, source, ts, cookie, aux, netns, pid, family,
+#: check, ret, comm; 2**PENDING_BITS slots.
+PARKED = struct.Struct("=44sBBBBQQQIIH2xIi16s4x")
+PARKED_SIZE = PARKED.size
 PENDING_BITS = 13
+#: ``watched_bits``: one bit per key hash, 2**WATCHED_BITS bits (SG_WATCHED_BITS).
+WATCHED_BITS = 17
 _KEY_WORDS = struct.Struct("<8IB3xII")
 
 
-def pending_slot(key: bytes) -> int:
-    """The ``pending`` slot of a Cilium key: ``sg_slot`` in bpf/sockguard_trace.h."""
+def key_hash(key: bytes) -> int:
+    """The 32-bit hash of a Cilium key: ``sg_key_hash`` in bpf/sockguard_trace.h."""
     w: tuple[int, ...] = _KEY_WORDS.unpack(key)
     mask, gold = 0xFFFFFFFF, 0x9E3779B1
     h = w[0] ^ w[1] ^ w[2] ^ w[3]
     h = ((h * gold) & mask) ^ (w[4] ^ w[5] ^ w[6] ^ w[7])
     h = ((h * gold) & mask) ^ ((w[9] | (w[10] << 16) | w[8]) & mask)
-    h = (h * gold) & mask
-    return h >> (32 - PENDING_BITS)
+    return (h * gold) & mask
+
+
+def pending_slot(key: bytes) -> int:
+    """The ``pending`` slot of a Cilium key (``sg_slot``)."""
+    return key_hash(key) >> (32 - PENDING_BITS)
+
+
+def watched_bit(key: bytes) -> int:
+    """The bit of a Cilium key in ``watched_bits`` (``sg_watched``)."""
+    return key_hash(key) >> (32 - WATCHED_BITS)
+
+
+def parked_event(raw: bytes) -> bytes | None:
+    """A parked record as a ``struct sg_event``, its tuple taken from its key.
+
+    None when the record fails its check (two CPUs wrote the slot at once).
+    """
+    (key, etype, old, new, source, ts, cookie, aux, netns, pid, family, check, ret,
+     comm) = PARKED.unpack(raw)
+    if (cookie & 0xFFFFFFFF) ^ key_hash(key) != check:
+        return None
+    remote, local = key[0:16], key[16:32]
+    if key[32] == 1:  # IPv4, from an AF_INET socket or a v4-mapped AF_INET6 one
+        if family == socket.AF_INET6:
+            remote, local = (b"\0" * 10 + b"\xff\xff" + a[:4] for a in (remote, local))
+        else:
+            remote, local = (a[:4] + b"\0" * 12 for a in (remote, local))
+    sport, dport = int.from_bytes(key[40:42], "big"), int.from_bytes(key[36:38], "big")
+    return EVENT.pack(ts, cookie, netns, etype, pid, 0, ret, comm, family, sport, dport, old,
+                      new, local, remote, aux, 0, 0, b"", b"", *([0] * 8), source, 0)
+
+
+class WatchedBits:
+    """The kernel's ``watched_bits`` as userspace keeps it: a count per bit.
+
+    A bit is set while at least one watched key hashes to it, so deleting
+    one of two keys sharing a bit keeps the other watched.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self.bitmap = bytearray(1 << WATCHED_BITS >> 3)
+
+    def add(self, key: bytes) -> None:
+        bit = watched_bit(key)
+        n = self.counts.get(bit, 0)
+        self.counts[bit] = n + 1
+        if n == 0:
+            self.bitmap[bit >> 3] |= 1 << (bit & 7)
+
+    def discard(self, key: bytes) -> None:
+        bit = watched_bit(key)
+        n = self.counts.get(bit, 0)
+        if n > 1:
+            self.counts[bit] = n - 1
+        elif n == 1:
+            del self.counts[bit]
+            self.bitmap[bit >> 3] &= ~(1 << (bit & 7)) & 0xFF
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, bytes):
+            return False
+        bit = watched_bit(key)
+        return bool(self.bitmap[bit >> 3] & (1 << (bit & 7)))
+
 
 TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
               "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV",
@@ -443,10 +512,12 @@ class WatchedKeys:
 
     SLACK_NS = 100_000_000  # events and key walk are not atomic with each other
 
-    def __init__(self, watch: MapWatch, watched_fd: int, pending_fds: Sequence[int],
-                 options: TracerOptions) -> None:
+    def __init__(self, watch: MapWatch, watched_fd: int, bits_fd: int,
+                 pending_fds: Sequence[int], options: TracerOptions) -> None:
         self.watch = watch
         self.fd = watched_fd
+        self.bits_fd = bits_fd
+        self.bits = WatchedBits()
         self.pending_fds = list(pending_fds)
         self.options = options
         self.keys: dict[bytes, int] = {}
@@ -466,12 +537,14 @@ class WatchedKeys:
             self.due = start + self.options.watch_interval
             return []
         old = self.keys
-        for key in [k for k in old if k not in new]:
+        gone = [k for k in old if k not in new]
+        for key in gone:
             try:
                 libbpf.map_delete(self.fd, key)
             except BpfError as exc:
                 log.debug("tracer: watched delete: %s", exc)
             del old[key]
+            self.bits.discard(key)
         added: list[bytes] = []
         for key, map_id in new.items():
             if key in old:
@@ -486,7 +559,12 @@ class WatchedKeys:
                 log.debug("tracer: watched update: %s", exc)
                 continue
             old[key] = map_id
+            self.bits.add(key)
             added.append(key)
+        if gone or added:
+            # after the hash: a set bit before its key is in the hash only costs a
+            # lookup; events parked meanwhile are collected below
+            libbpf.map_update(self.bits_fd, bytes(4), bytes(self.bits.bitmap))
         if self.overflow and self.refreshes == 0:
             log.warning("tracer: more than %d keys: %d are not watched (their sockets are "
                         "found by the audit only)", WATCHED_MAX, self.overflow)
@@ -500,8 +578,9 @@ class WatchedKeys:
                 if raw is None or raw[: len(key)] != key:
                     continue
                 libbpf.map_update(fd, slot, empty)
-                ev = raw[PARKED_EVENT_AT:]
-                if oldest is None or int.from_bytes(ev[:8], "little") >= oldest:
+                ev = parked_event(raw)
+                if ev is not None and (oldest is None
+                                       or int.from_bytes(ev[:8], "little") >= oldest):
                     parked.append((key, ev))
         self._prev_start_ns = start_ns
         self.refreshes += 1
@@ -546,7 +625,8 @@ class Tracer:
         self.events = 0
         self.lost_handler_errors = 0
         self.watched: WatchedKeys | None = None
-        self._watched_fd: int | None = None  # our dup of the shared map's fd
+        self._watched_fd: int | None = None  # our dups of the shared maps' fds
+        self._bits_fd: int | None = None
         self._pending_fds: list[int] = []
 
     @property
@@ -582,9 +662,10 @@ class Tracer:
             layout = self.watch.layout.name if self.watch is not None else "none"
             log.info("tracer: no kernel-side filter for key layout %s: every socket's events "
                      "reach userspace", layout)
-        if self.filtering and self._watched_fd is not None and self.watch is not None:
-            self.watched = WatchedKeys(self.watch, self._watched_fd, self._pending_fds,
-                                       self.options)
+        if (self.filtering and self._watched_fd is not None and self._bits_fd is not None
+                and self.watch is not None):
+            self.watched = WatchedKeys(self.watch, self._watched_fd, self._bits_fd,
+                                       self._pending_fds, self.options)
             self._poll_late()  # fill the set before the first events are waited for
         return self.detections
 
@@ -623,8 +704,9 @@ class Tracer:
         obj.set_rodata(self._rodata(obj_name))
         shared = self.filtering and obj_name in FILTERED_OBJECTS
         try:
-            if shared and self._watched_fd is not None:
+            if shared and self._watched_fd is not None and self._bits_fd is not None:
                 obj.reuse_map("watched", self._watched_fd)  # one set for both objects
+                obj.reuse_map("watched_bits", self._bits_fd)
             obj.load()
         except BpfError as exc:
             self._disable(chosen, f"{obj_name} does not load: {str(exc).splitlines()[0]}")
@@ -632,6 +714,7 @@ class Tracer:
         if shared:
             if self._watched_fd is None:
                 self._watched_fd = os.dup(obj.map("watched").fd)
+                self._bits_fd = os.dup(obj.map("watched_bits").fd)
             self._pending_fds.append(obj.map("pending").fd)
         for det_name, progs in chosen.items():
             try:
@@ -753,9 +836,10 @@ class Tracer:
             self.watch.close_all()
         self.watched = None
         self._pending_fds = []
-        if self._watched_fd is not None:
-            os.close(self._watched_fd)
-            self._watched_fd = None
+        for fd in (self._watched_fd, self._bits_fd):
+            if fd is not None:
+                os.close(fd)
+        self._watched_fd = self._bits_fd = None
         if self._rb is not None:
             self._rb.close()
             self._rb = None

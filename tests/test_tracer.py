@@ -490,6 +490,24 @@ def test_filtered_tracer_reports_watched_sockets_and_nothing_else(
     ev = c.wait(lambda e: _is(e, "state", x_loc, x_rem) and e.state == "CLOSE")
     assert ev.late and ev.left_behind and ev.as_dict()["late"] is True
 
+    # 5. Late receive: a socket reads via tcp_recvmsg, then its key shows up in the map
+    #    (pointing elsewhere) before any refresh: the parked receive is the mismatch.
+    r, q = lab.dummy_pair()
+    q.sendall(b"y")
+    assert r.recv(1) == b"y"
+    r_loc, r_rem = r.getsockname()[:2], r.getpeername()[:2]
+    elsewhere, _e = lab.dummy_pair()
+    lab.inject(key_for_socket(CILIUM, _tuple_of(r)), elsewhere)
+    _refresh(c)
+    ev = c.wait(lambda e: _is(e, "recv", r_loc, r_rem))
+    assert ev.late and ev.mismatch and ev.recv_fn == "tcp_recvmsg" and ev.pid == os.getpid()
+
+    # The kernel's bitmap is the one userspace keeps, and it holds every watched key.
+    w = c.tracer.watched
+    assert w is not None
+    assert libbpf.map_lookup(w.bits_fd, bytes(4), len(w.bits.bitmap)) == bytes(w.bits.bitmap)
+    assert w.keys and all(key in w.bits for key in w.keys)
+
 
 @pytest.mark.kernel
 def test_filter_off_for_a_layout_the_kernel_side_does_not_know(lab: Lab) -> None:
