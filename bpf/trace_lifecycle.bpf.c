@@ -4,9 +4,13 @@
  *
  * A sockhash entry is removed when its socket closes (sock_map_close).  On
  * the seed's kernels that removal sometimes did not happen; the daemon
- * therefore checks, right after a socket closes, whether the key of its
- * tuple is still in a map and then runs an audit at once instead of waiting
- * up to audit.interval seconds.
+ * therefore checks, right after a socket dies, whether the key of its tuple
+ * is still in a map and then runs an audit at once instead of waiting up to
+ * audit.interval seconds.  The daemon attaches only the destroy program:
+ * tcp_destroy_sock fires once per socket, after sock_map_close has removed
+ * the entry, where inet_sock_set_state fires ~5 times per connection (each
+ * run costs even when it returns at once) and its CLOSE can come before the
+ * owner closes the socket (a reset), while the entry is still rightly there.
  *
  * Tracepoints sock:inet_sock_set_state and tcp:tcp_destroy_sock, attached as
  * tp_btf (typed struct sock, bpf_get_socket_cookie) or, before kernel 5.5,
@@ -16,8 +20,8 @@
  *
  * Only TCP sockets are reported, and only transitions that matter for
  * sockhash entries: into ESTABLISHED (the sockops insert point) and into
- * CLOSE from a synchronized state (the socket's entry must be gone by now).
- * `states_all` (trace --all-states) reports every transition.
+ * CLOSE from a synchronized state.  `states_all` (trace --all-states)
+ * reports every transition.
  *
  * `filter_watched` (the daemon, Cilium layout only): only sockets whose key
  * is in the `watched` set are reported; a CLOSE or destroy of any other
@@ -41,11 +45,10 @@ char _license[] SEC("license") = "GPL";
 
 /* Set by userspace before load (one struct: its .rodata layout is fixed). */
 const volatile struct {
-	__u8 states_all;   /* every transition (sockguard trace --all-states) */
-	__u8 closes_only;  /* only CLOSE transitions: all the daemon needs */
-	__u8 filter_watched;  /* only sockets whose key is in `watched`, closes parked */
+	__u8 states_all;      /* every transition (sockguard trace --all-states) */
+	__u8 filter_watched;  /* only sockets whose key is in `watched`, others parked */
 	__u8 key_layout;      /* SG_LAYOUT_CILIUM: the only layout the filter knows */
-	__u8 _pad[4];
+	__u8 _pad[5];
 } cfg = {};
 
 struct {
@@ -58,7 +61,7 @@ static __always_inline int wanted(int oldstate, int newstate)
 	if (cfg.states_all)
 		return 1;
 	if (newstate == SG_TCP_ESTABLISHED)
-		return !cfg.closes_only;
+		return 1;
 	if (newstate != SG_TCP_CLOSE)
 		return 0;
 	/* a failed connect or a listener closing never had a sockhash entry */
@@ -133,7 +136,7 @@ static __always_inline int connected(const struct sock *sk, const bool typed)
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(destroy_tp_btf, struct sock *sk)
 {
-	if (cfg.closes_only || !connected(sk, true))
+	if (!connected(sk, true))
 		return 0;
 	return emit(sk, SG_EV_DESTROY, 0, 0, SG_SRC_TP_BTF, true);
 }
@@ -149,7 +152,7 @@ int BPF_PROG(state_raw_tp, const struct sock *sk, const int oldstate, const int 
 SEC("raw_tp/tcp_destroy_sock")
 int BPF_PROG(destroy_raw_tp, struct sock *sk)
 {
-	if (cfg.closes_only || !connected(sk, false))
+	if (!connected(sk, false))
 		return 0;
 	return emit(sk, SG_EV_DESTROY, 0, 0, SG_SRC_RAW_TP, false);
 }

@@ -481,7 +481,9 @@ class TracerOptions:
     """What the tracer reports; the daemon and ``sockguard trace`` differ."""
 
     failures_only: bool = False   # updates: only failed ones (daemon)
-    closes_only: bool = False     # lifecycle: only CLOSE/destroy, not ESTABLISHED (daemon)
+    #: lifecycle: only sockets' deaths (tcp_destroy_sock), inet_sock_set_state not
+    #: attached (daemon; bpf/trace_lifecycle.bpf.c says why)
+    deaths_only: bool = False
     all_states: bool = False      # lifecycle: every TCP state transition
     only_tcp_recvmsg: bool = False  # recv: only sockets receiving via tcp_recvmsg (daemon)
     every_recv: bool = False      # recv: every recvmsg, not once per socket and function
@@ -495,7 +497,7 @@ class TracerOptions:
 
 def daemon_options() -> TracerOptions:
     """What ``sockguard run`` traces (also the overhead benchmark's configuration)."""
-    return TracerOptions(failures_only=True, closes_only=True, only_tcp_recvmsg=True,
+    return TracerOptions(failures_only=True, deaths_only=True, only_tcp_recvmsg=True,
                          filter_watched=True)
 
 
@@ -678,7 +680,7 @@ class Tracer:
         if obj_name == "trace_recvpath":
             only = self._syms.address("tcp_recvmsg") if o.only_tcp_recvmsg else None
             return struct.pack("=QBBB5x", only or 0, not o.every_recv, filtering, layout)
-        return struct.pack("=BBBB4x", o.all_states, o.closes_only, filtering, layout)
+        return struct.pack("=BBB5x", o.all_states, filtering, layout)
 
     def _start_object(self, obj_name: str, variants: dict[str, tuple[str, ...]],
                       wanted: dict[str, Detection], rb: RingBuffer) -> None:
@@ -687,7 +689,7 @@ class Tracer:
             det_name, via = variant.split(":")
             det = wanted.get(det_name)
             if det is not None and det.active and det.via == via:
-                chosen[det_name] = progs
+                chosen[det_name] = tuple(p for p in progs if self._wants_program(p))
         if not chosen:
             return
         path = self.bpf_dir / f"{obj_name}.bpf.o"
@@ -724,6 +726,9 @@ class Tracer:
                 self._disable({det_name: progs}, f"attaching {prog} failed: "
                                                  f"{errno.errorcode.get(exc.errno or 0, '?')}")
         rb.add(obj.map("events").fd)
+
+    def _wants_program(self, prog: str) -> bool:
+        return not (self.options.deaths_only and prog.startswith("state_"))
 
     def _disable(self, chosen: dict[str, tuple[str, ...]], reason: str) -> None:
         for det_name in chosen:
@@ -814,7 +819,7 @@ class Tracer:
             kw = {"old_state": TCP_STATES[old] if old < len(TCP_STATES) else str(old)}
             if new == TCP_CLOSE:
                 kw["key_in_maps"] = self._holding(tup)
-        elif etype == EV_DESTROY and not self.options.closes_only:
+        elif etype == EV_DESTROY:
             kw = {"key_in_maps": self._holding(tup)}
         return TraceEvent(
             kind=EVENT_KINDS.get(etype, f"type{etype}"), time=(ts + self._clock) / 1e9,

@@ -201,7 +201,7 @@ ALL_PROGRAMS = [(obj, prog, variant, False) for obj, variants in PROGRAMS.items(
 ALL_PROGRAMS += [(obj, prog, variant, True) for obj, prog, variant, _ in ALL_PROGRAMS
                  if obj in FILTERED_OBJECTS]
 FILTERED_RODATA = {"trace_recvpath": struct.pack("=QBBB5x", 0xFFFFFFFF81000800, 1, 1, 1),
-                   "trace_lifecycle": struct.pack("=BBBB4x", 0, 0, 1, 1)}
+                   "trace_lifecycle": struct.pack("=BBB5x", 0, 1, 1)}
 
 
 @pytest.mark.kernel
@@ -428,7 +428,18 @@ def test_filtered_tracer_reports_watched_sockets_and_nothing_else(
     server_pod, client_pod = lab.pods
     s_ip, c_ip = server_pod.addr(), client_pod.addr()
 
-    # 1. A healthy lab connection: both keys watched, both closes reported.
+    # The daemon watches deaths only: no program on inet_sock_set_state is loaded.
+    def loaded(name: str) -> bool:
+        try:
+            return any(lo.obj.program(name).fd >= 0 for lo in c.tracer._loaded
+                       if lo.obj.path.endswith("trace_lifecycle.bpf.o"))
+        except libbpf.BpfError:
+            return False
+
+    assert loaded("destroy_tp_btf") or loaded("destroy_raw_tp")
+    assert not loaded("state_tp_btf") and not loaded("state_raw_tp")
+
+    # 1. A healthy lab connection: both keys watched, both deaths reported.
     cli, srv = lab.pair(client_pod, server_pod, SERVER_PORT + 2)
     c_loc, s_loc = cli.getsockname()[:2], srv.getsockname()[:2]
     _refresh(c)
@@ -436,8 +447,7 @@ def test_filtered_tracer_reports_watched_sockets_and_nothing_else(
     cli.close()
     srv.close()
     for local, remote in ((c_loc, s_loc), (s_loc, c_loc)):
-        ev = c.wait(lambda e, lo=local, re=remote: _is(e, "state", lo, re)
-                    and e.state == "CLOSE")
+        ev = c.wait(lambda e, lo=local, re=remote: _is(e, "destroy", lo, re))
         assert ev.key_in_maps == () and not ev.left_behind and not ev.late
 
     # 2. The seed's shadowed server: key watched, receives via tcp_recvmsg -> mismatch;
@@ -456,8 +466,7 @@ def test_filtered_tracer_reports_watched_sockets_and_nothing_else(
     ev = c.wait(lambda e: _is(e, "recv", (s_ip, SERVER_PORT), (c_ip, CLIENT_PORT)))
     assert ev.mismatch and ev.recv_fn == "tcp_recvmsg" and not ev.late
     srv2.close()
-    ev = c.wait(lambda e: _is(e, "state", (s_ip, SERVER_PORT), (c_ip, CLIENT_PORT))
-                and e.state == "CLOSE")
+    ev = c.wait(lambda e: _is(e, "destroy", (s_ip, SERVER_PORT), (c_ip, CLIENT_PORT)))
     assert ev.left_behind and ev.key_in_maps == (f"cilium_sock_ops#{_map_id(lab)}",)
 
     # 3. A plain loopback socket outside any map: parked in the kernel, never reported.
@@ -485,9 +494,9 @@ def test_filtered_tracer_reports_watched_sockets_and_nothing_else(
     lab.inject(key_for_socket(CILIUM, _tuple_of(x)), z)
     x.close()
     time.sleep(0.1)
-    assert not any(_is(e, "state", x_loc, x_rem) for e in c.events)
+    assert not any(_is(e, "destroy", x_loc, x_rem) for e in c.events)
     _refresh(c)
-    ev = c.wait(lambda e: _is(e, "state", x_loc, x_rem) and e.state == "CLOSE")
+    ev = c.wait(lambda e: _is(e, "destroy", x_loc, x_rem))
     assert ev.late and ev.left_behind and ev.as_dict()["late"] is True
 
     # 5. Late receive: a socket reads via tcp_recvmsg, then its key shows up in the map
