@@ -212,12 +212,14 @@ struct sg_parked {
 	__u32 check;        /* (u32)cookie ^ key hash: a slot two CPUs wrote at once fails it */
 	__s32 ret;
 	char comm[16];
-	__u32 _pad2;
+	__u32 epoch;        /* watched_bits' epoch when last written or refreshed */
 };
 
 _Static_assert(sizeof(struct sg_parked) == 112, "decoded by sockguard/tracer.py");
 
 struct sg_watched_bits {
+	__u32 epoch;        /* bumped by userspace at every refresh of the watched set */
+	__u32 _pad;
 	__u64 word[(1 << SG_WATCHED_BITS) / 64];
 };
 
@@ -298,14 +300,19 @@ static __always_inline int sg_cilium_key_of(const struct sock *sk, struct sg_cil
 }
 
 #ifdef SG_WATCHED
-/* Whether key `k` (of hash `hash`) is watched: its bit first, then the hash. */
-static __always_inline int sg_watched(const struct sg_cilium_key *k, __u32 hash)
+/* Whether key `k` (of hash `hash`) is watched: its bit first, then the hash.
+ * Sets *epoch to the refresh epoch (for sg_park). */
+static __always_inline int sg_watched(const struct sg_cilium_key *k, __u32 hash, __u32 *epoch)
 {
 	__u32 zero = 0, bit = hash >> (32 - SG_WATCHED_BITS);
 	struct sg_watched_bits *bits = bpf_map_lookup_elem(&watched_bits, &zero);
 
-	if (bits && !(bits->word[bit / 64] & (1ull << (bit % 64))))
-		return 0;
+	*epoch = 0;
+	if (bits) {
+		*epoch = bits->epoch;
+		if (!(bits->word[bit / 64] & (1ull << (bit % 64))))
+			return 0;
+	}
 	return bpf_map_lookup_elem(&watched, k) != NULL;
 }
 
@@ -325,11 +332,13 @@ static __always_inline int sg_key_eq(const struct sg_cilium_key *a,
  * Park an event of `sk` under its key `k` (of hash `hash`).  Helper calls
  * are what a park costs on a mitigated kernel (each returns through the
  * SRSO/retbleed return thunk: ~100 ns apiece on the development machine),
- * so: the same socket's same event again (every receive of a long
- * connection) only refreshes the time, and tp_btf programs read pid and
- * comm from the BTF task (one call, not two).
+ * so the same socket's same event again (every receive of a long
+ * connection) calls none: it refreshes the time once per `epoch` (a refresh
+ * of the watched set, which drops parked events older than the previous
+ * one), and tp_btf programs read pid and comm from the BTF task (one call,
+ * not two).
  */
-static __always_inline void sg_park(const struct sg_cilium_key *k, __u32 hash,
+static __always_inline void sg_park(const struct sg_cilium_key *k, __u32 hash, __u32 epoch,
 				    const struct sock *sk, __u32 type, int oldstate, int newstate,
 				    __u64 aux, int ret, __u32 source, const bool typed)
 {
@@ -342,9 +351,13 @@ static __always_inline void sg_park(const struct sg_cilium_key *k, __u32 hash,
 		return;
 	cookie = SG_READ(typed, sk, __sk_common.skc_cookie.counter);
 	if (p->cookie == cookie && p->type == type && p->aux == aux && sg_key_eq(&p->key, k)) {
-		p->ts_ns = bpf_ktime_get_ns();
+		if (p->epoch != epoch) {
+			p->epoch = epoch;
+			p->ts_ns = bpf_ktime_get_ns();
+		}
 		return;
 	}
+	p->epoch = epoch;
 	p->key = *k;
 	p->type = type;
 	p->state_old = type == SG_EV_STATE ? oldstate : 0;

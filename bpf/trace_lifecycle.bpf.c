@@ -95,7 +95,7 @@ static __always_inline int emit(const struct sock *sk, __u32 type, int oldstate,
 	struct sg_cilium_key key;
 	struct sg_event *ev;
 	__u64 cookie;
-	__u32 hash;
+	__u32 hash, epoch;
 
 	if (!sk || !sg_is_tcp(sk, typed))
 		return 0;
@@ -103,9 +103,9 @@ static __always_inline int emit(const struct sock *sk, __u32 type, int oldstate,
 		if (!sg_cilium_key_of(sk, &key, typed))
 			return 0;
 		hash = sg_key_hash(&key);
-		if (!sg_watched(&key, hash)) {
+		if (!sg_watched(&key, hash, &epoch)) {
 			if (type == SG_EV_DESTROY || newstate == SG_TCP_CLOSE)
-				sg_park(&key, hash, sk, type, oldstate, newstate, 0, 0,
+				sg_park(&key, hash, epoch, sk, type, oldstate, newstate, 0, 0,
 					source, typed);
 			return 0;
 		}

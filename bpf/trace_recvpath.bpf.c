@@ -94,7 +94,7 @@ static __always_inline int report(struct sock *sk, int ret, __u32 source, const 
 	struct seen_slot *slot;
 	struct sg_event *ev;
 	__u64 fn, id, cookie;
-	__u32 idx, hash;
+	__u32 idx, hash, epoch;
 
 	if (!sk || !sg_is_tcp(sk, typed))
 		return 0;
@@ -110,8 +110,8 @@ static __always_inline int report(struct sock *sk, int ret, __u32 source, const 
 		if (!sg_cilium_key_of(sk, &key, typed))
 			return 0;
 		hash = sg_key_hash(&key);
-		if (!sg_watched(&key, hash)) {
-			sg_park(&key, hash, sk, SG_EV_RECV, 0, 0, fn, ret, source, typed);
+		if (!sg_watched(&key, hash, &epoch)) {
+			sg_park(&key, hash, epoch, sk, SG_EV_RECV, 0, 0, fn, ret, source, typed);
 			return 0;
 		}
 	}

@@ -85,8 +85,8 @@ WATCHED_MAX = 262144
 #: Objects with the ``watched`` and ``watched_bits`` maps (shared) and a ``pending`` map.
 FILTERED_OBJECTS = ("trace_recvpath", "trace_lifecycle")
 #: struct sg_parked: key, type, states, source, ts, cookie, aux, netns, pid, family,
-#: check, ret, comm; 2**PENDING_BITS slots.
-PARKED = struct.Struct("=44sBBBBQQQIIH2xIi16s4x")
+#: check, ret, comm, epoch; 2**PENDING_BITS slots.
+PARKED = struct.Struct("=44sBBBBQQQIIH2xIi16sI")
 PARKED_SIZE = PARKED.size
 PENDING_BITS = 13
 #: ``watched_bits``: one bit per key hash, 2**WATCHED_BITS bits (SG_WATCHED_BITS).
@@ -120,7 +120,7 @@ def parked_event(raw: bytes) -> bytes | None:
     None when the record fails its check (two CPUs wrote the slot at once).
     """
     (key, etype, old, new, source, ts, cookie, aux, netns, pid, family, check, ret,
-     comm) = PARKED.unpack(raw)
+     comm, _epoch) = PARKED.unpack(raw)
     if (cookie & 0xFFFFFFFF) ^ key_hash(key) != check:
         return None
     remote, local = key[0:16], key[16:32]
@@ -510,6 +510,8 @@ class WatchedKeys:
     proportional to the change.  A parked event older than the previous
     refresh's start is dropped: its key was not in the maps then (or the walk
     would have watched it), so it belongs to an earlier socket of that tuple.
+    Each refresh starts a new ``epoch`` (in ``watched_bits``): a socket's
+    repeated event refreshes its parked time once per epoch (sg_park).
     """
 
     SLACK_NS = 100_000_000  # events and key walk are not atomic with each other
@@ -527,11 +529,18 @@ class WatchedKeys:
         self.refreshes = 0
         self.last_seconds = 0.0
         self.overflow = 0
+        self.epoch = 0
         self._prev_start_ns: int | None = None
+
+    def bits_value(self) -> bytes:
+        """The ``watched_bits`` map's value: struct sg_watched_bits."""
+        return self.epoch.to_bytes(4, "little") + bytes(4) + bytes(self.bits.bitmap)
 
     def refresh(self) -> list[tuple[bytes, bytes]]:
         """Bring ``watched`` up to date; (key, raw event) parked under each added key."""
         start, start_ns = time.monotonic(), time.monotonic_ns()
+        self.epoch = (self.epoch + 1) & 0xFFFFFFFF
+        libbpf.map_update(self.bits_fd, bytes(4), self.bits_value())
         try:
             new = self.watch.keys()
         except (SockguardError, OSError) as exc:
@@ -566,7 +575,7 @@ class WatchedKeys:
         if gone or added:
             # after the hash: a set bit before its key is in the hash only costs a
             # lookup; events parked meanwhile are collected below
-            libbpf.map_update(self.bits_fd, bytes(4), bytes(self.bits.bitmap))
+            libbpf.map_update(self.bits_fd, bytes(4), self.bits_value())
         if self.overflow and self.refreshes == 0:
             log.warning("tracer: more than %d keys: %d are not watched (their sockets are "
                         "found by the audit only)", WATCHED_MAX, self.overflow)

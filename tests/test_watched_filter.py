@@ -103,7 +103,7 @@ def _parked(key: bytes, *, cookie: int = 0xABCDEF0123, family: int = socket.AF_I
             etype: int = EV_STATE, check: int | None = None) -> bytes:
     chk = (cookie & 0xFFFFFFFF) ^ key_hash(key) if check is None else check
     return PARKED.pack(key, etype, 1, 7, SRC_TP_BTF, 123456789, cookie, 0xFFFF81000800,
-                       4026531840, 4242, family, chk, -11, b"curl\0")
+                       4026531840, 4242, family, chk, -11, b"curl\0", 3)
 
 
 def test_a_parked_close_of_an_ipv4_socket_reads_back_from_its_key() -> None:
