@@ -1,36 +1,43 @@
 """Tracer overhead: loopback request/response rate with and without the tracer, in one run.
 
-Run as root: ``.venv/bin/python benchmarks/tracer_overhead.py [--seconds 2] [--rounds 3]``.
+Run as root: ``.venv/bin/python benchmarks/tracer_overhead.py [--seconds 2] [--rounds 5]
+[--pairs 20]``.
 
-Two workloads on 127.0.0.1, each with a server process and a client process:
+Two workloads on 127.0.0.1, each with a server process and a client process, both
+pinned to one CPU (``--pin``, default the last CPU): the ping-pong then keeps that CPU
+busy and its rate is the inverse of its CPU time per request.  Unpinned, on an idle VM
+the rate follows the wake-up latency of halted vCPUs instead, and anything keeping a CPU
+busy (a tracer consumer burning CPU included) made it *faster*.
 
 - ``persistent``: one connection, 64-byte request / 64-byte reply in a loop.  Every
-  recvmsg runs the tp_btf ``sock_recv_length`` program (its per-socket dedup lookup);
-  no ring buffer traffic after the first receive.
+  recvmsg runs the tp_btf ``sock_recv_length`` program.
 - ``churn``: a new connection per request (connect, request, reply, close).  Every
   connection runs the receive-path and lifecycle programs for both sockets.
 
 Four modes, alternating within each round so drift hits all of them; medians compared:
 
 - ``baseline``: no tracer.
-- ``unfiltered``: the daemon's configuration before the kernel-side filter (every
-  ``tcp_recvmsg`` socket and every CLOSE reaches the Python consumer).
+- ``unfiltered``: the daemon's configuration without the kernel-side filter (every
+  ``tcp_recvmsg`` socket and every death reaches the Python consumer).
 - ``daemon``: the tracer exactly as ``sockguard run`` starts it
-  (``tracer.daemon_options()``: failed updates only, CLOSE only, ``tcp_recvmsg`` only,
+  (``tracer.daemon_options()``: failed updates only, deaths only, ``tcp_recvmsg`` only,
   filtered in the kernel by the watched set) on a realistic audited map: a sockhash of
   ``--keys`` (default 3,000) Cilium keys of other tuples, none of the benchmark's.
 - ``worst``: the same, but the map also holds the keys of every connection the
   benchmark can make (each ephemeral client port, both directions): every socket's
-  recv and close reach userspace and are checked against the map.
+  recv and death reach userspace and are checked against the map.
 
-The tracer runs in its own process; the maps are created here and handed to it by id.
-Target: under 2 % loss in ``daemon`` mode.
+Columns: the rate and its loss against baseline; ``CPU/req``, the client's and server's
+CPU time per request (plus the consumer's), and ``CPU+`` its increase; ``tracer CPU``,
+the consumer's CPU time plus the programs' run time (``kernel.bpf_stats_enabled``, set
+for the run and restored; ``--no-stats`` leaves it off) as a share of the round's CPU
+time.  The programs' run time leaves out the tracepoint's own dispatch.
 
-Besides the rates, the ``tracer CPU`` column is less sensitive to other jobs on the
-machine: the consumer process's CPU time plus the tracer programs' run time
-(``kernel.bpf_stats_enabled`` is set for the run and restored), as a share of all CPU
-time the round used (client, server and consumer).  On a CPU-bound machine that share
-is roughly the rate the tracer costs.
+``--pairs N`` then measures the target directly: one daemon-mode consumer runs
+throughout, and its programs are detached and attached again (SIGUSR1/SIGUSR2) for
+each half of N pairs of ``--seconds`` each, order alternating; the loss is each pair's
+rate ratio, reported as median and mean with its standard error.  Pairs cancel drift
+that rounds of whole modes do not.  Target: under 2 % loss in ``daemon`` mode.
 """
 
 from __future__ import annotations
@@ -58,7 +65,17 @@ LOOPBACK = IPv4Address("127.0.0.1")
 PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
+#: CPUs the client and server run on (--pin); empty: wherever the scheduler puts them.
+WORKLOAD_CPUS: set[int] = set()
+
+
+def _pin() -> None:
+    if WORKLOAD_CPUS:
+        os.sched_setaffinity(0, WORKLOAD_CPUS)
+
+
 def _server(kind: str, port: int, port_q: mp.Queue, stop: EventT) -> None:  # type: ignore[type-arg]
+    _pin()
     lst = socket.socket()
     lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lst.bind(("127.0.0.1", port))
@@ -82,6 +99,7 @@ def _server(kind: str, port: int, port_q: mp.Queue, stop: EventT) -> None:  # ty
 
 
 def _client(kind: str, port: int, seconds: float) -> int:
+    _pin()
     done = 0
     deadline = time.perf_counter() + seconds
     if kind == "persistent":
@@ -108,20 +126,61 @@ def _client(kind: str, port: int, seconds: float) -> int:
     return done
 
 
+def _set_attached(tracer: object, attached: bool, names: list[tuple[object, str]]) -> None:
+    """Destroy every link of the tracer, or attach its loaded programs again."""
+    for loaded in getattr(tracer, "_loaded", []):
+        if not attached:
+            for link in loaded.links:
+                link.destroy()
+            loaded.links = []
+    if attached:
+        for loaded, name in names:
+            loaded.links.append(loaded.obj.program(name).attach())  # type: ignore[attr-defined]
+
+
+def _loaded_programs(tracer: object) -> list[tuple[object, str]]:
+    """(loaded object, program name) of every program the tracer loaded (and attached)."""
+    from sockguard import libbpf
+    from sockguard.tracer import PROGRAMS
+
+    out: list[tuple[object, str]] = []
+    for loaded in getattr(tracer, "_loaded", []):
+        for variants in PROGRAMS.values():
+            for progs in variants.values():
+                for name in progs:
+                    try:
+                        if loaded.obj.program(name).fd >= 0:
+                            out.append((loaded, name))
+                    except (OSError, ValueError, libbpf.BpfError):
+                        continue
+    return out
+
+
 def _consumer(map_id: int, filtered: bool) -> int:
-    """The tracer as the daemon runs it, until SIGTERM; prints its detections first."""
+    """The tracer as the daemon runs it, until SIGTERM; prints its detections first.
+
+    SIGUSR1 detaches its programs and SIGUSR2 attaches them again (the paired
+    measurement); it answers each with a line on stdout once done.
+    """
     from dataclasses import replace
 
     from sockguard.maps import resolve_map
     from sockguard.tracer import MapWatch, Tracer, attached_detections, daemon_options
 
     stop = False
+    want: bool | None = None
 
     def on_term(_s: int, _f: object) -> None:
         nonlocal stop
         stop = True
 
+    def on_toggle(signum: int, _f: object) -> None:
+        nonlocal want
+        want = signum == signal.SIGUSR2
+
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGUSR1, on_toggle)
+    signal.signal(signal.SIGUSR2, on_toggle)
     events = 0
 
     def count(_ev: object) -> None:
@@ -132,9 +191,17 @@ def _consumer(map_id: int, filtered: bool) -> int:
     options = replace(daemon_options(), filter_watched=filtered)
     with Tracer(count, options, watch) as tracer:
         print(attached_detections(tracer.start()), flush=True)
+        programs = _loaded_programs(tracer)
+        attached = True
         cpu0 = _cpu_self()
         while not stop:
-            tracer.poll(250)
+            if want is not None:
+                if want != attached:
+                    _set_attached(tracer, want, programs)
+                    attached = want
+                want = None
+                print("attached" if attached else "detached", flush=True)
+            tracer.poll(50)
         cpu = _cpu_self() - cpu0
         runs = _bpf_runs(tracer)
         bpf_ns = sum(ns for _, ns in runs.values())
@@ -251,6 +318,47 @@ def _traced_rate(kind: str, seconds: float, port: int, map_id: int,
     return rate, banner, tail
 
 
+def _paired(kind: str, seconds: float, port: int, map_id: int,
+            pairs: int) -> tuple[list[float], list[float], str]:
+    """Daemon-mode rates with the programs attached / detached, in pairs, one consumer.
+
+    The same tracer process runs throughout (its refreshes and wake-ups in both
+    halves); only the programs' links come and go.  Each pair's order
+    alternates.  Returns each pair's attached/detached ratios of the rate and of
+    the client's and server's CPU time per request, and the consumer's last line.
+    """
+    tracer = subprocess.Popen([sys.executable, __file__, "--consumer", str(map_id), "1"],
+                              stdout=subprocess.PIPE, text=True)
+    assert tracer.stdout is not None
+    tracer.stdout.readline()  # the detections banner
+
+    def switch(attached: bool) -> None:
+        assert tracer.stdout is not None
+        tracer.send_signal(signal.SIGUSR2 if attached else signal.SIGUSR1)
+        want = "attached" if attached else "detached"
+        line = tracer.stdout.readline().strip()
+        if line != want:
+            raise RuntimeError(f"consumer answered {line!r}, not {want!r}")
+
+    ratios: list[float] = []
+    cpu_ratios: list[float] = []
+    try:
+        for i in range(pairs):
+            rates: dict[bool, float] = {}
+            per_req: dict[bool, float] = {}
+            for attached in ((True, False) if i % 2 else (False, True)):
+                switch(attached)
+                rate, cpu = _rate(kind, seconds, port)
+                rates[attached], per_req[attached] = rate, cpu / (rate * seconds)
+            ratios.append(rates[True] / rates[False])
+            cpu_ratios.append(per_req[True] / per_req[False])
+    finally:
+        switch(True)  # the consumer's run-time figures include attached time only
+        tracer.send_signal(signal.SIGTERM)
+        tail = tracer.communicate(timeout=60)[0].strip()
+    return ratios, cpu_ratios, tail
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=2.0, help="per round (default 2)")
@@ -262,36 +370,51 @@ def main(argv: list[str]) -> int:
                     choices=["persistent", "churn"], help="workloads (default both)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                     help="modes (default all)")
+    ap.add_argument("--pairs", type=int, default=20,
+                    help="also measure the daemon's loss in this many attached/detached "
+                         "pairs of --seconds each, one consumer process throughout")
+    last_cpu = max(os.sched_getaffinity(0))
+    ap.add_argument("--pin", type=int, nargs="+", metavar="CPU", default=[last_cpu],
+                    help=f"CPUs of client and server (default {last_cpu}; see --no-pin)")
+    ap.add_argument("--no-pin", dest="pin", action="store_const", const=[],
+                    help="let the scheduler place client and server")
+    ap.add_argument("--no-stats", dest="stats", action="store_false",
+                    help="leave kernel.bpf_stats_enabled off (it costs two clock reads per "
+                         "program run; the tracer CPU column is then 0)")
     args = ap.parse_args(argv)
     if args.consumer:
         return _consumer(int(args.consumer[0]), args.consumer[1] == "1")
     if os.geteuid() != 0:
         print("tracer_overhead: needs root to load the tracer", file=sys.stderr)
         return 2
+    WORKLOAD_CPUS.update(args.pin)
     port = _free_port()
     maps = Maps(args.keys, port)
     # the programs' run time (tracer CPU column); costs two clock reads per program run
     stats = Path("/proc/sys/kernel/bpf_stats_enabled")
     stats_was = stats.read_text()
-    stats.write_text("1")
+    stats.write_text("1" if args.stats else "0")
     print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs, {args.rounds} x "
           f"{args.seconds:g} s per mode; audited map: {maps.sizes['daemon']} keys "
           f"(worst: {maps.sizes['worst']}, incl. every possible benchmark connection)")
     results: dict[str, dict[str, list[float]]] = {}
     tails: dict[str, dict[str, str]] = {}
     banner_shown = False
+    paired: dict[str, tuple[list[float], list[float], str]] = {}
     try:
         for kind in args.kinds:
             res: dict[str, list[float]] = {m: [] for m in args.modes}
             events: dict[str, list[float]] = {m: [] for m in args.modes}
             share: dict[str, list[float]] = {m: [] for m in args.modes}
+            per_req: dict[str, list[float]] = {m: [] for m in args.modes}
             for _ in range(args.rounds):
                 for mode in args.modes:
                     if mode == "baseline":
-                        rate, _cpu = _rate(kind, args.seconds, port)
+                        rate, cpu = _rate(kind, args.seconds, port)
                         res[mode].append(rate)
                         events[mode].append(0.0)
                         share[mode].append(0.0)
+                        per_req[mode].append(1e6 * cpu / (rate * args.seconds))
                         continue
                     map_id = maps.ids["worst" if mode == "worst" else "daemon"]
                     (rate, work_cpu), banner, tail = _traced_rate(
@@ -307,27 +430,46 @@ def main(argv: list[str]) -> int:
                     tracer_cpu = consumer + float(fields.get("bpf_s", 0))
                     share[mode].append(100 * tracer_cpu / (work_cpu + consumer)
                                        if work_cpu + consumer else 0.0)
+                    per_req[mode].append(1e6 * (work_cpu + consumer) / (rate * args.seconds))
                     tails.setdefault(kind, {})[mode] = tail
+            if args.pairs:
+                paired[kind] = _paired(kind, args.seconds, port, maps.ids["daemon"], args.pairs)
             results[kind] = res
             results[kind + ":events"] = events
             results[kind + ":share"] = share
+            results[kind + ":per_req"] = per_req
     finally:
         maps.close()
         stats.write_text(stats_was)
     print(f"{'workload':<11} {'mode':<11} {'req/s':>9} {'ratio':>7} {'loss':>7} "
-          f"{'tracer CPU':>10} {'events/round':>13}")
+          f"{'CPU/req':>9} {'CPU+':>7} {'tracer CPU':>10} {'events/round':>13}")
     for kind in args.kinds:
         res, events = results[kind], results[kind + ":events"]
         base = statistics.median(res["baseline"]) if "baseline" in res else float("nan")
+        reqs = results[kind + ":per_req"]
+        base_req = statistics.median(reqs["baseline"]) if "baseline" in reqs else float("nan")
         for mode in args.modes:
             rate = statistics.median(res[mode])
             ratio = rate / base if base else float("nan")
             cpu = statistics.median(results[kind + ":share"][mode])
+            req_us = statistics.median(reqs[mode])
+            more = (req_us / base_req - 1) * 100 if base_req else float("nan")
             print(f"{kind:<11} {mode:<11} {rate:>9.0f} {ratio:>7.3f} {(1 - ratio) * 100:>6.2f}% "
-                  f"{cpu:>9.2f}% {statistics.median(events[mode]):>13.0f}")
+                  f"{req_us:>7.1f}us {more:>6.2f}% {cpu:>9.2f}% "
+                  f"{statistics.median(events[mode]):>13.0f}")
         for mode in args.modes:
             print(f"{'':<11} {mode:<11} rounds {[round(x) for x in res[mode]]}  "
                   f"{tails.get(kind, {}).get(mode, '')}")
+    for kind, (ratios, cpu_ratios, tail) in paired.items():
+        print(f"paired {kind}: daemon tracer attached vs detached, {len(ratios)} pairs of "
+              f"{args.seconds:g} s")
+        for what, values in (("rate loss", [(1 - r) * 100 for r in ratios]),
+                             ("CPU per request", [(r - 1) * 100 for r in cpu_ratios])):
+            mean = statistics.fmean(values)
+            err = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
+            print(f"       {what}: median {statistics.median(values):+.2f}%, mean {mean:+.2f}% "
+                  f"+- {err:.2f}% (standard error); pairs {[round(x, 1) for x in values]}")
+        print(f"       {tail}")
     return 0
 
 
