@@ -94,6 +94,8 @@ _lib: ctypes.CDLL | None = None
 _libc: ctypes.CDLL | None = None
 _print_cb: Any = None  # the CFUNCTYPE object must outlive every libbpf call
 _recent: collections.deque[str] = collections.deque(maxlen=64)
+_PRINT_BUF = 1 << 20  # bytes for one libbpf message, one buffer per thread
+_print_tls = threading.local()
 
 _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_map_get_next_id": (ctypes.c_int, [ctypes.c_uint32, _c_u32_p]),
@@ -162,9 +164,16 @@ def _on_libbpf_print(level: int, fmt: bytes | None, ap: int | None) -> int:
     try:
         if fmt is None or _libc is None:
             return 0
-        buf = ctypes.create_string_buffer(16384)  # verifier logs come as one message
-        _libc.vsnprintf(buf, len(buf), fmt, ap)
+        # A verifier log comes as one message, and its reason is its last line: a
+        # rejected tracer program's log on 5.10 is tens of KiB.  vsnprintf cannot be rerun
+        # on the same va_list, so the buffer is large enough at once.
+        buf = getattr(_print_tls, "buf", None)
+        if buf is None:
+            buf = _print_tls.buf = ctypes.create_string_buffer(_PRINT_BUF)
+        needed = _libc.vsnprintf(buf, len(buf), fmt, ap)
         text = buf.value.decode(errors="replace").rstrip("\n")
+        if needed >= len(buf):
+            text += f"\n[libbpf message cut: {needed} bytes, the first {len(buf) - 1} kept]"
         if level <= _LIBBPF_INFO:
             _recent.append(text)
         log.debug("libbpf: %s", text)
