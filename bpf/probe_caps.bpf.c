@@ -8,8 +8,8 @@
  * PMU says no.
  *
  * The attach points are the tracer's own (sk_psock_drop, sock_recv_length,
- * inet_sock_set_state): if the probe attaches, so will the tracer, and the
- * do-nothing programs are detached again within microseconds.
+ * tcp_destroy_sock, inet_sock_set_state): if the probe attaches, so will the
+ * tracer, and the do-nothing programs are detached again within microseconds.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -33,6 +33,20 @@ SEC("tp_btf/sock_recv_length")
 int BPF_PROG(probe_tp_btf)
 {
 	return 0;
+}
+
+/*
+ * tp_btf on the lifecycle's tracepoint, with the helpers its programs call on
+ * the typed socket: bpf_get_socket_cookie (tracing programs since 5.12) and
+ * bpf_get_current_task_btf (5.11).  sock_recv_length (6.3) is not what
+ * decides the lifecycle's program type: 5.12-6.2 have these but not it.
+ */
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(probe_tp_btf_sock, struct sock *sk)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	return (bpf_get_socket_cookie(sk) ^ task->tgid) == 1;
 }
 
 SEC("raw_tp/inet_sock_set_state")

@@ -44,6 +44,7 @@ PROBE_PROGRAMS = {
     "kprobe": "probe_kprobe",
     "fentry": "probe_fentry",
     "tp_btf": "probe_tp_btf",
+    "tp_btf_sock": "probe_tp_btf_sock",
     "raw_tp": "probe_raw_tp",
     "iter_tcp": "probe_iter_tcp",
 }
@@ -209,6 +210,9 @@ def _program_feature(feature: str) -> Feature:
             why += " even as root (the kernel refuses BPF trampolines here)"
         elif feature == "tp_btf" and exc.errno in (errno.EINVAL, errno.ESRCH, errno.ENOENT):
             why += " (no sock:sock_recv_length tracepoint or no BTF for it: kernel < 6.3?)"
+        elif feature == "tp_btf_sock":
+            why += (" (bpf_get_socket_cookie in tracing programs needs kernel 5.12, "
+                    "bpf_get_current_task_btf 5.11)")
         return Feature(feature, False, why, loads=False)
     try:
         if feature == "iter_tcp":
@@ -225,6 +229,8 @@ def _program_feature(feature: str) -> Feature:
         what = {"kprobe": "kprobe attaches (tried on sk_psock_drop)",
                 "fentry": "fentry attaches (tried on sk_psock_drop)",
                 "tp_btf": "tp_btf attaches (tried on sock_recv_length)",
+                "tp_btf_sock": "tp_btf with socket cookie and BTF task attaches (tried on "
+                               "tcp_destroy_sock)",
                 "raw_tp": "raw_tp attaches (tried on inet_sock_set_state)"}[feature]
         return Feature(feature, True, what, loads=True)
     finally:
@@ -255,7 +261,7 @@ class Capabilities:
 
 
 FEATURE_ORDER = ("btf", "bpffs", "tracefs", "ringbuf", "kallsyms", "kprobe", "fentry", "tp_btf",
-                 "raw_tp", "iter_sockmap", "iter_tcp")
+                 "tp_btf_sock", "raw_tp", "iter_sockmap", "iter_tcp")
 
 
 def _probe_uncached() -> Capabilities:
@@ -274,7 +280,7 @@ def _probe_uncached() -> Capabilities:
         return Capabilities(features)
     features["ringbuf"] = _ringbuf()
     features["kallsyms"] = _kallsyms()
-    for name in ("kprobe", "fentry", "tp_btf", "raw_tp"):
+    for name in ("kprobe", "fentry", "tp_btf", "tp_btf_sock", "raw_tp"):
         features[name] = _program_feature(name)
     features["iter_sockmap"] = _iter_sockmap()
     features["iter_tcp"] = _program_feature("iter_tcp")
@@ -317,6 +323,15 @@ def _kernel_fn_detection(name: str, caps: Capabilities, symbol: str) -> Detectio
                      f"{caps['fentry'].reason}")
 
 
+#: The feature a tracer variant ("detection:via") needs, where it is not ``via`` itself.
+VARIANT_FEATURES = {"lifecycle:tp_btf": "tp_btf_sock"}
+
+
+def variant_feature(variant: str) -> str:
+    """The probed feature that decides whether the tracer uses ``variant``."""
+    return VARIANT_FEATURES.get(variant, variant.split(":")[1])
+
+
 def plan(caps: Capabilities | None = None) -> dict[str, Detection]:
     """Which detections can run here and through which program type, or why not."""
     caps = caps or probe()
@@ -344,7 +359,7 @@ def plan(caps: Capabilities | None = None) -> dict[str, Detection]:
                                      f"needs tp_btf/sock_recv_length ({caps['tp_btf'].reason}) "
                                      f"or kprobes ({caps['kprobe'].reason})")
     desc = DESCRIPTIONS["lifecycle"]
-    if caps.ok("tp_btf"):
+    if caps.ok(VARIANT_FEATURES["lifecycle:tp_btf"]):
         out["lifecycle"] = Detection("lifecycle", desc, True, "tp_btf",
                                      "tp_btf/inet_sock_set_state and tp_btf/tcp_destroy_sock")
     elif caps.ok("raw_tp"):

@@ -130,6 +130,31 @@ def _raw_event(etype: int, *, ret: int = 0, aux: int = 0, key: bytes = b"",
                       b"cilium_sock_ops".ljust(16, b"\0"), key.ljust(64, b"\0"), *frames, source, 0)
 
 
+def _caps(**available: bool) -> object:
+    from sockguard.capabilities import FEATURE_ORDER, Capabilities, Feature
+
+    return Capabilities({n: Feature(n, available.get(n, True), f"{n} said so")
+                         for n in FEATURE_ORDER})
+
+
+@pytest.mark.parametrize(("tp_btf", "tp_btf_sock", "recv_via", "life_via"), [
+    (True, True, "tp_btf", "tp_btf"),     # 6.3 and later
+    (False, True, "kprobe", "tp_btf"),    # 5.12 - 6.2: no sock_recv_length, helpers there
+    (False, False, "kprobe", "raw_tp"),   # 5.10: no cookie helper in tracing programs
+])
+def test_each_detection_picks_its_program_type_by_its_own_probe(
+        tp_btf: bool, tp_btf_sock: bool, recv_via: str, life_via: str) -> None:
+    from sockguard.capabilities import Capabilities, plan, variant_feature
+
+    caps = _caps(tp_btf=tp_btf, tp_btf_sock=tp_btf_sock, fentry=False)
+    assert isinstance(caps, Capabilities)
+    got = plan(caps)
+    assert (got["recv_path"].via, got["lifecycle"].via) == (recv_via, life_via)
+    assert variant_feature("lifecycle:tp_btf") == "tp_btf_sock"
+    assert variant_feature("recv_path:tp_btf") == "tp_btf"
+    assert variant_feature("lifecycle:raw_tp") == "raw_tp"
+
+
 def test_decode_update_failure_with_cilium_key() -> None:
     tracer = Tracer(lambda ev: None)
     key = cilium_key("10.200.0.2", SERVER_PORT, "10.200.1.2", CLIENT_PORT)
@@ -209,11 +234,11 @@ FILTERED_RODATA = {"trace_recvpath": struct.pack("=QBBB5x", 0xFFFFFFFF81000800, 
 def test_every_tracer_program_passes_the_verifier(obj_name: str, program: str,
                                                   variant: str, filtered: bool) -> None:
     """Each program alone: kprobe-type programs load even where kprobes cannot attach."""
-    from sockguard.capabilities import Capabilities
+    from sockguard.capabilities import Capabilities, variant_feature
 
     caps = _caps_or_skip()
     assert isinstance(caps, Capabilities)
-    via = variant.split(":")[1]
+    via = variant_feature(variant)
     if via == "fentry" and not caps["fentry"].loads:
         pytest.skip(f"fentry/fexit cannot load here: {caps['fentry'].reason}")
     obj = libbpf.BpfObject(BPF_DIR / f"{obj_name}.bpf.o")
