@@ -102,6 +102,13 @@ static __always_inline __u16 sg_local_port(const struct sock *sk, const bool typ
 	return BPF_CORE_READ((struct inet_sock *)sk, inet_sport);
 }
 
+/* The inode number of the socket's network namespace. */
+static __always_inline __u32 sg_netns(const struct sock *sk, const bool typed)
+{
+	return typed ? sk->__sk_common.skc_net.net->ns.inum
+		     : BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
 /* Fill the header and the socket's identity from a kernel `struct sock *`. */
 static __always_inline void sg_fill_sock(struct sg_event *ev, const struct sock *sk, __u32 type,
 					 const bool typed)
@@ -116,8 +123,7 @@ static __always_inline void sg_fill_sock(struct sg_event *ev, const struct sock 
 	if (!sk)
 		return;
 	ev->cookie = SG_READ(typed, sk, __sk_common.skc_cookie.counter);
-	ev->netns = typed ? sk->__sk_common.skc_net.net->ns.inum
-			  : BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	ev->netns = sg_netns(sk, typed);
 	ev->family = SG_READ(typed, sk, __sk_common.skc_family);
 	ev->state_new = SG_READ(typed, sk, __sk_common.skc_state);
 	ev->sport = bpf_ntohs(sg_local_port(sk, typed));
@@ -366,8 +372,7 @@ static __always_inline void sg_park(const struct sg_cilium_key *k, __u32 hash, _
 	p->ts_ns = bpf_ktime_get_ns();
 	p->cookie = cookie;
 	p->aux = aux;
-	p->netns = typed ? sk->__sk_common.skc_net.net->ns.inum
-			 : BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	p->netns = sg_netns(sk, typed);
 	p->family = SG_READ(typed, sk, __sk_common.skc_family);
 	p->check = (__u32)cookie ^ hash;
 	p->ret = ret;
@@ -379,6 +384,28 @@ static __always_inline void sg_park(const struct sg_cilium_key *k, __u32 hash, _
 		p->pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(p->comm, sizeof(p->comm));
 	}
+}
+
+/*
+ * The filter for an event of `sk`: 1 when its Cilium key is watched (send the
+ * event), 0 when it has no key or is not watched; an unwatched event is
+ * parked when `park` is set.
+ */
+static __always_inline int sg_filter(const struct sock *sk, int park, __u32 type, int oldstate,
+				     int newstate, __u64 aux, int ret, __u32 source,
+				     const bool typed)
+{
+	struct sg_cilium_key key;
+	__u32 hash, epoch;
+
+	if (!sg_cilium_key_of(sk, &key, typed))
+		return 0;
+	hash = sg_key_hash(&key);
+	if (sg_watched(&key, hash, &epoch))
+		return 1;
+	if (park)
+		sg_park(&key, hash, epoch, sk, type, oldstate, newstate, aux, ret, source, typed);
+	return 0;
 }
 #endif
 

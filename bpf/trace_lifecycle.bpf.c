@@ -92,24 +92,15 @@ static __always_inline void fill(struct sg_event *ev, const struct sock *sk, __u
 static __always_inline int emit(const struct sock *sk, __u32 type, int oldstate, int newstate,
 				__u32 source, const bool typed)
 {
-	struct sg_cilium_key key;
 	struct sg_event *ev;
 	__u64 cookie;
-	__u32 hash, epoch;
 
 	if (!sk || !sg_is_tcp(sk, typed))
 		return 0;
-	if (cfg.filter_watched && cfg.key_layout == SG_LAYOUT_CILIUM) {
-		if (!sg_cilium_key_of(sk, &key, typed))
-			return 0;
-		hash = sg_key_hash(&key);
-		if (!sg_watched(&key, hash, &epoch)) {
-			if (type == SG_EV_DESTROY || newstate == SG_TCP_CLOSE)
-				sg_park(&key, hash, epoch, sk, type, oldstate, newstate, 0, 0,
-					source, typed);
-			return 0;
-		}
-	}
+	if (cfg.filter_watched && cfg.key_layout == SG_LAYOUT_CILIUM &&
+	    !sg_filter(sk, type == SG_EV_DESTROY || newstate == SG_TCP_CLOSE, type, oldstate,
+		       newstate, 0, 0, source, typed))
+		return 0;
 	cookie = typed ? bpf_get_socket_cookie((void *)sk) : 0;
 	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
 	if (!ev)

@@ -90,11 +90,10 @@ static __always_inline void fill(struct sg_event *ev, struct sock *sk, __u64 coo
  */
 static __always_inline int report(struct sock *sk, int ret, __u32 source, const bool typed)
 {
-	struct sg_cilium_key key;
 	struct seen_slot *slot;
 	struct sg_event *ev;
 	__u64 fn, id, cookie;
-	__u32 idx, hash, epoch;
+	__u32 idx;
 
 	if (!sk || !sg_is_tcp(sk, typed))
 		return 0;
@@ -106,15 +105,9 @@ static __always_inline int report(struct sock *sk, int ret, __u32 source, const 
 	 * the same slot (hot in cache on a long connection), so the last one is
 	 * there when its key shows up; the dedup slot is a cache miss per new
 	 * socket, and only watched sockets need it. */
-	if (cfg.filter_watched && cfg.key_layout == SG_LAYOUT_CILIUM) {
-		if (!sg_cilium_key_of(sk, &key, typed))
-			return 0;
-		hash = sg_key_hash(&key);
-		if (!sg_watched(&key, hash, &epoch)) {
-			sg_park(&key, hash, epoch, sk, SG_EV_RECV, 0, 0, fn, ret, source, typed);
-			return 0;
-		}
-	}
+	if (cfg.filter_watched && cfg.key_layout == SG_LAYOUT_CILIUM &&
+	    !sg_filter(sk, 1, SG_EV_RECV, 0, 0, fn, ret, source, typed))
+		return 0;
 	cookie = typed ? bpf_get_socket_cookie(sk) : 0;
 	if (cfg.dedup) {
 		id = typed ? cookie : (__u64)sk >> 6;
