@@ -128,19 +128,18 @@ def _client(kind: str, port: int, seconds: float) -> int:
 
 def _set_attached(tracer: object, attached: bool, names: list[tuple[object, str]]) -> None:
     """Destroy every link of the tracer, or attach its loaded programs again."""
-    for loaded in getattr(tracer, "_loaded", []):
-        if not attached:
-            for link in loaded.links:
-                link.destroy()
-            loaded.links = []
     if attached:
         for loaded, name in names:
             loaded.links.append(loaded.obj.program(name).attach())  # type: ignore[attr-defined]
+        return
+    for loaded in getattr(tracer, "_loaded", []):
+        for link in loaded.links:
+            link.destroy()
+        loaded.links = []
 
 
 def _loaded_programs(tracer: object) -> list[tuple[object, str]]:
     """(loaded object, program name) of every program the tracer loaded (and attached)."""
-    from sockguard import libbpf
     from sockguard.tracer import PROGRAMS
 
     out: list[tuple[object, str]] = []
@@ -151,8 +150,8 @@ def _loaded_programs(tracer: object) -> list[tuple[object, str]]:
                     try:
                         if loaded.obj.program(name).fd >= 0:
                             out.append((loaded, name))
-                    except (OSError, ValueError, libbpf.BpfError):
-                        continue
+                    except (OSError, ValueError):
+                        continue  # not in this object, or not loaded
     return out
 
 
@@ -223,19 +222,12 @@ def _cpu_self() -> float:
 def _bpf_runs(tracer: object) -> dict[str, tuple[int, int]]:
     """(runs, run time in ns) per tracer program (kernel.bpf_stats_enabled = 1 during the run)."""
     from sockguard import libbpf
-    from sockguard.tracer import PROGRAMS
 
     runs: dict[str, tuple[int, int]] = {}
-    for loaded in getattr(tracer, "_loaded", []):
-        for variants in PROGRAMS.values():
-            for progs in variants.values():
-                for name in progs:
-                    try:
-                        info = libbpf.prog_info(loaded.obj.program(name).fd)
-                    except (OSError, ValueError):
-                        continue  # not in this object, or not loaded
-                    if info.run_cnt:
-                        runs[name] = (info.run_cnt, info.run_time_ns)
+    for loaded, name in _loaded_programs(tracer):
+        info = libbpf.prog_info(loaded.obj.program(name).fd)  # type: ignore[attr-defined]
+        if info.run_cnt:
+            runs[name] = (info.run_cnt, info.run_time_ns)
     return runs
 
 
