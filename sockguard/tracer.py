@@ -105,7 +105,7 @@ def key_hash(key: bytes) -> int:
 
 
 def pending_slot(key: bytes) -> int:
-    """The ``pending`` slot of a Cilium key (``sg_slot``)."""
+    """The ``pending`` slot of a Cilium key (the slot ``sg_park`` writes)."""
     return key_hash(key) >> (32 - PENDING_BITS)
 
 
