@@ -6,11 +6,13 @@
  * the seed's kernels that removal sometimes did not happen; the daemon
  * therefore checks, right after a socket dies, whether the key of its tuple
  * is still in a map and then runs an audit at once instead of waiting up to
- * audit.interval seconds.  The daemon attaches only the destroy program:
- * tcp_destroy_sock fires once per socket, after sock_map_close has removed
- * the entry, where inet_sock_set_state fires ~5 times per connection (each
- * run costs even when it returns at once) and its CLOSE can come before the
+ * audit.interval seconds.  For deaths the daemon uses only the destroy
+ * program: tcp_destroy_sock fires once per socket, after sock_map_close has
+ * removed the entry, where inet_sock_set_state's CLOSE can come before the
  * owner closes the socket (a reset), while the entry is still rightly there.
+ * It attaches inet_sock_set_state for the ESTABLISHED transition only
+ * (`established_only` below): the collision of a new connection with a
+ * stale key, seen at connect, before any payload.
  *
  * Tracepoints sock:inet_sock_set_state and tcp:tcp_destroy_sock, attached as
  * tp_btf (typed struct sock, bpf_get_socket_cookie) or, before kernel 5.5,
@@ -27,6 +29,16 @@
  * is in the `watched` set are reported; a CLOSE or destroy of any other
  * socket is parked in `pending` (sockguard_trace.h) in case its key shows up
  * in the map at the next refresh, i.e. was left behind.
+ *
+ * `established_only` (the daemon): inet_sock_set_state reports only the
+ * transition into ESTABLISHED, tested before anything else, so the ~3 other
+ * transitions of each connection cost a compare.  With the filter, only a
+ * socket whose key is already watched is sent: a key already in the map
+ * when its connection becomes established is a stale entry that the
+ * connection's own sockops insert will collide with (EEXIST).  Userspace
+ * then checks which socket the entry points to (sockguard/collision.py).
+ * An ESTABLISHED of an unwatched key is never parked: the key that appears
+ * afterwards is the connection's own insert.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -48,7 +60,8 @@ const volatile struct {
 	__u8 states_all;      /* every transition (sockguard trace --all-states) */
 	__u8 filter_watched;  /* only sockets whose key is in `watched`, others parked */
 	__u8 key_layout;      /* SG_LAYOUT_CILIUM: the only layout the filter knows */
-	__u8 _pad[5];
+	__u8 established_only; /* inet_sock_set_state: only into ESTABLISHED (daemon) */
+	__u8 _pad[4];
 } cfg = {};
 
 struct {
@@ -58,6 +71,8 @@ struct {
 
 static __always_inline int wanted(int oldstate, int newstate)
 {
+	if (cfg.established_only)
+		return newstate == SG_TCP_ESTABLISHED;
 	if (cfg.states_all)
 		return 1;
 	if (newstate == SG_TCP_ESTABLISHED)

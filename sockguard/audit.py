@@ -4,9 +4,13 @@ Pure: no syscalls, no clock.  Adapters hand in decoded entries and the live
 sockets of every namespace; this module decides what each entry is.  The rules
 (see README "What the findings mean"):
 
-- ``proxy``: the key's source is a host/proxy address (Cilium's L7 redirect,
-  where sip is the host gateway IP and sport the proxy port).  It describes a
-  client socket only by its local side, so it is judged by that side alone.
+- an entry whose full tuple a live socket owns is a connection's entry,
+  whatever its sip (the host reaches pods from cilium_host's address, which is
+  also the one L7-proxy entries carry), and is judged by the rules below;
+- ``proxy``: an entry no live socket owns whose sport is a port the host
+  namespace listens on (Cilium's L7 proxy; its sip is the host gateway IP).
+  It describes a client socket only by its local side, so it is judged by
+  that side alone, and never deleted.
 - ``ok``: a live socket owns the tuple the key describes and, when we know
   which socket the entry points to, it is that socket.
 - ``shadowing``: a live socket owns the tuple but the entry points to another
@@ -50,6 +54,7 @@ from .compact import (
     Record,
     SocketTable,
     ckey,
+    entry_cookie,
     fold,
     gc_paused,
     maker,
@@ -65,6 +70,7 @@ from .model import (
     LiveSocket,
     MapEntry,
     MapInfo,
+    TargetSocket,
     Tuple4,
 )
 
@@ -94,8 +100,8 @@ OWNER_STATES = frozenset(
 HANDSHAKE_STATES = frozenset({TCP_SYN_SENT, TCP_SYN_RECV, TCP_NEW_SYN_RECV})
 
 #: Findings that mean an entry endangers a connection (confirmed by a second
-#: look, exit status 1).  Only stale and shadowing ones are ever deleted.
-BAD_KINDS = frozenset({Kind.STALE, Kind.SHADOWING, Kind.RECVPATH})
+#: look, exit status 1).  Which they are, and which are deleted: policy.POLICY.
+from .policy import BAD_KINDS as BAD_KINDS  # noqa: E402 - one table for every consumer
 
 _RECV_CODES = {name: code for code, name in RECV_NAMES.items()}
 
@@ -267,13 +273,16 @@ class SocketIndex:
 
 @dataclass(frozen=True)
 class AuditPolicy:
-    """What the operator told us about the node.
+    """What we know of the node beyond its sockets and maps.
 
-    ``proxy_ips``: addresses that mark a key as an L7-proxy redirect entry
-    when they appear as its sip (Cilium's host gateway IP, cilium_host).
+    ``proxy_ips``: the host gateway addresses (cilium_host) that L7-proxy
+    entries carry as their sip.  ``host_listen_ports``: ports something
+    listens on in the host namespace, where Cilium's proxy listens on the
+    entry's sport; None when they could not be read.
     """
 
     proxy_ips: frozenset[IPAddress] = frozenset()
+    host_listen_ports: frozenset[int] | None = frozenset()
 
 
 @dataclass
@@ -351,14 +360,29 @@ def _owner_path(index: SocketIndex, entry: MapEntry, cookie: int) -> str | None:
     return index.table.recv_path(cookie)
 
 
+def _maybe_proxy(entry: MapEntry, policy: AuditPolicy) -> bool:
+    """Whether an entry whose tuple no live socket owns may be an L7-proxy redirect.
+
+    The gateway address alone is no evidence: the host reaches pods from it
+    (kubelet's probes), and such connections' entries are judged like any
+    other.  The evidence is the proxy itself listening on the entry's sport in
+    the host namespace.  Where the listeners could not be read, an entry from
+    a gateway address is given the benefit of the doubt (never deleted).
+    """
+    ports = policy.host_listen_ports
+    if ports is None:
+        return _unmapped(entry.key.sip) in policy.proxy_ips
+    return entry.key.sport in ports
+
+
 def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Classified:
     key = entry.key
-    if policy.proxy_ips and _unmapped(key.sip) in policy.proxy_ips:
-        return _judge_proxy(entry, index)
     k = index.interner.key_of(key.owner)
     if len(k[0]) == 16:
         k = fold(k)
     first = index._owner.get(k)
+    if first is None and _maybe_proxy(entry, policy):
+        return _judge_proxy(entry, index)
     if first is None:
         tup = normalize(key.owner)
         if k in index._handshake:
@@ -382,6 +406,8 @@ def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Clas
         return Kind.STALE, reason, None, details
     rows = index.table.rows
     cookie = entry.cookie
+    if cookie is None and entry.target is not None:
+        return _judge_by_tuple(entry, index, k, first)
     if cookie is None:
         path = index.table.recv_path(rows[first][2])
         if path == RECV_TCP:
@@ -421,6 +447,62 @@ def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Clas
                     if n != "entry_socket" or "entry_socket" not in details})
     reason = (f"entry points to socket {cookie}, not to the live owner {_describe(victim)}: "
               "its peer's payload goes to the wrong socket")
+    owner_path = index.table.recv_path(victim.cookie)
+    if owner_path is not None:
+        details["owner_recv_path"] = owner_path
+        if owner_path == RECV_TCP:
+            reason += "; the owner reads with tcp_recvmsg, so it never sees that payload"
+    return Kind.SHADOWING, reason, victim, details
+
+
+def _entry_socket_text(t: TargetSocket) -> str:
+    state = TCP_STATE_NAMES.get(t.state, str(t.state))
+    if t.tuple is not None and t.state in OWNER_STATES:
+        return f"{normalize(t.tuple)} ({state})"
+    return f"a socket in state {state}"
+
+
+def _judge_by_tuple(entry: MapEntry, index: SocketIndex, k: CKey, first: int) -> _Classified:
+    """The verdict on an owned tuple when the entry's socket is known by tuple and state only.
+
+    A source that cannot name the entry's socket by cookie (the tc lookup on
+    kernels that refuse ``bpf_skc_to_tcp_sock`` there) still tells whether
+    that socket is connected and has the owner's tuple: if not, the entry
+    points to another socket and the owner's peer redirects into it.  Where
+    several namespaces hold the same tuple, a matching tuple is taken as the
+    owner's (it cannot be shadowing *by tuple*).
+    """
+    t = entry.target
+    assert t is not None
+    tk: CKey | None = None
+    if t.tuple is not None and t.state in OWNER_STATES:
+        tk = index.interner.key_of(t.tuple)
+        if len(tk[0]) == 16:
+            tk = fold(tk)
+    rows = index.table.rows
+    if tk == k:
+        if t.dead:
+            return (Kind.STALE,
+                    f"entry points to {index.describe(first)}, which its process has closed: "
+                    "the entry outlived close() (sock_map_close did not remove it)",
+                    None, {"entry_socket_dead": True, "verified_by_tuple": True})
+        path = t.recv_path or index.table.recv_path(rows[first][2])
+        details: dict[str, object] = {"verified_by_cookie": False, "verified_by_tuple": True}
+        if path == RECV_TCP:
+            details["owner_recv_path"] = path
+            return (Kind.RECVPATH,
+                    f"entry points to its owner {index.describe(first)}, which reads with "
+                    "tcp_recvmsg: payload redirected to it is never read",
+                    index.sock(first), details)
+        if path is not None:
+            details["recv_path"] = path
+        return Kind.OK, f"owned by {index.describe(first)}", index.sock(first), details
+    victim = index.sock(first)
+    details = {"verified_by_cookie": False, "verified_by_tuple": True}
+    details.update(_target_details(entry, index, k))
+    details.setdefault("entry_socket", _entry_socket_text(t))
+    reason = (f"entry points to {_entry_socket_text(t)}, not to the live owner "
+              f"{_describe(victim)}: its peer's payload goes to the wrong socket")
     owner_path = index.table.recv_path(victim.cookie)
     if owner_path is not None:
         details["owner_recv_path"] = owner_path
@@ -561,7 +643,6 @@ def audit_records(
     pending = lazy = total = 0
     owner, more, rows, recv = index._owner, index._more, index.table.rows, index.table.recv
     dst_local = layout.owner_local == "dst"
-    proxy_ips = policy.proxy_ips
     append = parts.append
     with gc_paused():
         for rec in records:
@@ -578,13 +659,13 @@ def audit_records(
             first = owner.get(k)
             if (first is not None and rows[first][2] == rec[1] and k not in more
                     and not rec[9] and rec[10] != RECV_CODE_TCP
-                    and (rec[10] != RECV_CODE_UNKNOWN or recv.get(rec[1]) != RECV_CODE_TCP)
-                    and not (proxy_ips and _unmapped(interner.ip(sip)) in proxy_ips)):
+                    and (rec[10] != RECV_CODE_UNKNOWN or recv.get(rec[1]) != RECV_CODE_TCP)):
                 append((raw, rec, first))
                 lazy += 1
                 continue
             target = target_socket(rec, interner)
-            entry = _new_entry(raw.hex(), decode(layout, raw, interner), target.cookie, target)
+            entry = _new_entry(raw.hex(), decode(layout, raw, interner), entry_cookie(rec),
+                               target)
             kind, reason, sock, details = _classify(entry, index, policy)
             if kind is None:
                 pending += 1

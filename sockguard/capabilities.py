@@ -12,7 +12,10 @@ kprobe_events).  So each feature is tried the way the tracer will use it:
   tracer's own attach points, for microseconds, doing nothing — and detached;
 - a ring buffer map is created and closed;
 - iterators: ``iter/sockmap`` through ``sockmap_iter.iterator_available``,
-  ``iter/tcp`` loaded from the probe object.
+  ``iter/tcp`` loaded from the probe object;
+- the tc lookup of a sockhash entry's socket (the entry source where
+  ``iter/sockmap`` cannot load) through ``sockhash_lookup.lookup_available``,
+  which loads the program and runs it once.
 
 Results are cached per process (``probe()``).  :func:`plan` turns them into
 the detections the tracer can run and says, for each one that cannot, why.
@@ -244,6 +247,13 @@ def _iter_sockmap() -> Feature:
     return Feature("iter_sockmap", ok, why, loads=ok)
 
 
+def _tc_lookup() -> Feature:
+    from sockguard.sockhash_lookup import lookup_available
+
+    ok, why = lookup_available()
+    return Feature("tc_lookup", ok, why, loads=ok)
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """Every probed feature, by name."""
@@ -261,7 +271,7 @@ class Capabilities:
 
 
 FEATURE_ORDER = ("btf", "bpffs", "tracefs", "ringbuf", "kallsyms", "kprobe", "fentry", "tp_btf",
-                 "tp_btf_sock", "raw_tp", "iter_sockmap", "iter_tcp")
+                 "tp_btf_sock", "raw_tp", "iter_sockmap", "tc_lookup", "iter_tcp")
 
 
 def _probe_uncached() -> Capabilities:
@@ -283,6 +293,7 @@ def _probe_uncached() -> Capabilities:
     for name in ("kprobe", "fentry", "tp_btf", "tp_btf_sock", "raw_tp"):
         features[name] = _program_feature(name)
     features["iter_sockmap"] = _iter_sockmap()
+    features["tc_lookup"] = _tc_lookup()
     features["iter_tcp"] = _program_feature("iter_tcp")
     return Capabilities({name: features[name] for name in FEATURE_ORDER})
 
@@ -303,6 +314,8 @@ DESCRIPTIONS = {
                  "receiving via tcp_recvmsg while its key is in a map",
     "lifecycle": "TCP sockets closing/destroyed: an early audit finds a key left behind "
                  "within about a second",
+    "collision": "a connection whose key's entry points to another socket when it becomes "
+                 "established (a stale key: its payload goes there), before any payload",
     "shadowing": "audit: which socket each entry points to (tells shadowing from ok on "
                  "Cilium's 4-byte-value map)",
 }
@@ -330,6 +343,25 @@ VARIANT_FEATURES = {"lifecycle:tp_btf": "tp_btf_sock"}
 def variant_feature(variant: str) -> str:
     """The probed feature that decides whether the tracer uses ``variant``."""
     return VARIANT_FEATURES.get(variant, variant.split(":")[1])
+
+
+def _collision_detection(caps: Capabilities, lifecycle: Detection) -> Detection:
+    """At ESTABLISHED (lifecycle), which socket the key's entry points to: tc lookup first."""
+    desc = DESCRIPTIONS["collision"]
+    if not lifecycle.active:
+        return Detection("collision", desc, False, None,
+                         f"needs the lifecycle tracepoints: {lifecycle.reason}")
+    where = f"inet_sock_set_state ESTABLISHED ({lifecycle.via})"
+    if caps.ok("tc_lookup"):
+        return Detection("collision", desc, True, "tc lookup",
+                         f"{where}; the entry's socket by the tc lookup (BPF_PROG_TEST_RUN)")
+    if caps.ok("iter_sockmap"):
+        return Detection("collision", desc, True, "iter/sockmap",
+                         f"{where}; the entry's socket by the sockmap iterator (tc lookup: "
+                         f"{caps['tc_lookup'].reason})")
+    return Detection("collision", desc, False, None,
+                     "cannot tell which socket an entry points to: tc lookup: "
+                     f"{caps['tc_lookup'].reason}; iter/sockmap: {caps['iter_sockmap'].reason}")
 
 
 def plan(caps: Capabilities | None = None) -> dict[str, Detection]:
@@ -368,9 +400,25 @@ def plan(caps: Capabilities | None = None) -> dict[str, Detection]:
     else:
         out["lifecycle"] = Detection("lifecycle", desc, False, None,
                                      f"needs tp_btf or raw_tp: {caps['raw_tp'].reason}")
+    out["collision"] = _collision_detection(caps, out["lifecycle"])
     if not tracer_ok:
         out = {k: Detection(k, d.description, False, None, tracer_why) for k, d in out.items()}
-    it = caps["iter_sockmap"]
-    out["shadowing"] = Detection("shadowing", DESCRIPTIONS["shadowing"], it.available,
-                                 "iter/sockmap" if it.available else None, it.reason)
+    out["shadowing"] = _shadowing_detection(caps)
     return out
+
+
+def _shadowing_detection(caps: Capabilities) -> Detection:
+    """The entry source ``auto`` takes (node_audit.entry_source decides the same way)."""
+    desc = DESCRIPTIONS["shadowing"]
+    it, tc = caps["iter_sockmap"], caps["tc_lookup"]
+    if it.available:
+        return Detection("shadowing", desc, True, "iter/sockmap", it.reason)
+    if tc.available:
+        from sockguard.sockhash_lookup import lookup_exactness
+
+        exact = "by cookie" if lookup_exactness() == "cookie" else "by tuple and state"
+        return Detection("shadowing", desc, True, "tc lookup",
+                         f"{tc.reason}; entries' sockets identified {exact} "
+                         f"(iter/sockmap: {it.reason})")
+    return Detection("shadowing", desc, False, None,
+                     f"iter/sockmap: {it.reason}; tc lookup: {tc.reason}")

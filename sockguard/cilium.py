@@ -1,8 +1,11 @@
-"""Facts about a Cilium node that the audit needs: the host gateway address.
+"""Facts about a Cilium node that the audit needs: gateway address, proxy ports.
 
 Cilium's L7-proxy redirect entries carry the host gateway IP (the address of
-the ``cilium_host`` interface, IPV4_GATEWAY in its datapath) as their sip.
-Knowing it lets the audit call such entries ``proxy`` instead of stale.
+the ``cilium_host`` interface, IPV4_GATEWAY in its datapath) as their sip and
+the proxy's port as their sport.  The gateway address alone proves nothing:
+the host reaches pods from that very address (kubelet's probes), so the
+audit calls an entry ``proxy`` only when its sport is a port something
+listens on in the host namespace and its client socket is alive.
 """
 
 from __future__ import annotations
@@ -49,6 +52,24 @@ def gateway_ips(netns_path: str | None = None, ifname: str = CILIUM_HOST) -> fro
         return frozenset()
 
 
+def proxy_ports(netns_path: str | None = None) -> frozenset[int] | None:
+    """Ports listened on in the host namespace (where Cilium's L7 proxy listens).
+
+    None when they could not be read: then no entry is called ``proxy`` by
+    its port, and no entry that could be one is deleted (see audit).
+    """
+    from .sockets import listen_ports
+
+    try:
+        return listen_ports(netns_path or host_netns_path())
+    except (NamespaceGone, OSError) as exc:
+        # Only without privileges, where the audit itself fails next with the reason.
+        log.debug("cannot list the host namespace's listening ports (L7-proxy "
+                  "evidence): %s", exc)
+        return None
+
+
 def audit_policy(explicit_proxy_ips: Iterable[IPAddress] = ()) -> AuditPolicy:
-    """The policy for this node: the operator's proxy IPs plus cilium_host's own."""
-    return AuditPolicy(proxy_ips=frozenset(explicit_proxy_ips) | gateway_ips())
+    """The policy for this node: proxy IPs (the operator's and cilium_host's), proxy ports."""
+    return AuditPolicy(proxy_ips=frozenset(explicit_proxy_ips) | gateway_ips(),
+                       host_listen_ports=proxy_ports())

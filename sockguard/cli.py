@@ -1,7 +1,8 @@
 """The ``sockguard`` command line: maps, audit, clean, run, trace, doctor.
 
-Exit status: 0 no findings, 1 stale or shadowing entries found (for ``clean``:
-some remained or were refused), 2 an error, printed as one line.
+Exit status: 0 no findings, 1 bad entries found (``policy.BAD_KINDS``: stale,
+shadowing, recvpath; for ``clean``: some remained or were refused), 2 an error,
+printed as one line.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .cilium import audit_policy
 from .errors import ConfigError, NotRootError, SockguardError
 from .layout import LAYOUTS, KeyLayout
 from .model import IPAddress, MapInfo
-from .node_audit import SOCKET_SOURCES, NodeAudit, run_audit
+from .node_audit import ENTRY_SOURCES, SOCKET_SOURCES, NodeAudit, run_audit, with_owners
 from .output import audit_json, audit_text, clean_json, clean_text, maps_json, maps_text
 from .remediation import DEFAULT_MAX_DELETES, Deletion, clean
 from .sockets import OwnerProbe
@@ -69,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_maps = sub.add_parser("maps", help="list the sockhash/sockmap maps on this node")
     common(p_maps)
 
-    for name, text in (("audit", "report stale and shadowing entries (never writes)"),
+    for name, text in (("audit", "report stale, shadowing and recvpath entries (never "
+                                 "writes)"),
                        ("clean", "delete confirmed stale and shadowing entries (dry run "
-                                 "unless --apply)")):
+                                 "unless --apply; recvpath ones with --delete-unproven)")):
         p = sub.add_parser(name, help=text)
         common(p)
         p.add_argument("--layout", choices=sorted(LAYOUTS), default="cilium",
@@ -82,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--confirm-delay", type=_nonneg_float, default=0.2, metavar="SECONDS",
                        help="pause before the confirming second look (default 0.2)")
         p.add_argument("--no-iterator", action="store_true",
-                       help="read keys with syscalls only, even where the sockmap iterator works")
+                       help="read keys with syscalls only (same as --entry-source syscall)")
+        p.add_argument("--entry-source", choices=ENTRY_SOURCES, default="auto",
+                       help="how to learn which socket each entry points to: the iter/sockmap "
+                            "iterator, the tc lookup (a SCHED_CLS program run with "
+                            "BPF_PROG_TEST_RUN), syscalls only (cannot tell), or auto (the "
+                            "first that runs here; default)")
         p.add_argument("--socket-source", choices=SOCKET_SOURCES, default="auto",
                        help="where live sockets are read: the iter/tcp iterator (also sees "
                             "each socket's receive path), sock_diag, or auto (the iterator "
@@ -93,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-deletes", type=_nonneg_int, default=DEFAULT_MAX_DELETES,
                            metavar="N",
                            help=f"stop after N deletes (default {DEFAULT_MAX_DELETES})")
+            p.add_argument("--delete-unproven", action="store_true",
+                           help="also delete the keys of recvpath findings whose entry socket "
+                                "could not be identified, while their owner is still live "
+                                "(deleting a valid entry only costs acceleration; default: "
+                                "delete only what is proven)")
     _add_run_parser(sub)  # `sockguard run`, see the section at the end
     _add_tracer_parsers(sub)  # `sockguard trace` and `doctor`, see their section
     return parser
@@ -121,7 +133,9 @@ def _audit(args: argparse.Namespace) -> tuple[NodeAudit, list[MapInfo]]:
     policy = audit_policy(args.proxy_ip)
     audit = run_audit(maps, _layout(args.layout), policy, args.confirm_delay,
                       use_iterator=not args.no_iterator, tolerate_skips=discovered,
-                      socket_source=args.socket_source)
+                      socket_source=args.socket_source, entry_source_name=args.entry_source)
+    if getattr(args, "all", False):
+        with_owners(audit)
     return audit, maps
 
 
@@ -156,7 +170,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
     with OwnerProbe() as probe:
         for result in audit.results:
             with maps_adapter.open_map(result.map) as handle:
-                done = clean(handle, result.findings, probe, args.apply, budget)
+                done = clean(handle, result.findings, probe, args.apply, budget,
+                             delete_unproven=args.delete_unproven)
             budget -= sum(1 for d in done if d.outcome in ("deleted", "would-delete"))
             deletions.extend(done)
     if args.json:
@@ -197,12 +212,12 @@ def _add_tracer_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--every-recv", action="store_true",
                    help="every recvmsg, not once per socket and receive function")
     p.add_argument("--map", action="append", default=[], metavar="SPEC",
-                   help="maps whose keys are checked for mismatches and left-behind keys "
-                        "(default: discover)")
+                   help="maps whose keys are checked for mismatches, collisions at connect "
+                        "and left-behind keys (default: discover)")
     p.add_argument("--bpffs", default="/sys/fs/bpf", metavar="DIR",
                    help="where to look for pinned maps (default /sys/fs/bpf)")
     p.add_argument("--no-map-check", action="store_true",
-                   help="do not look keys up in maps (recv/close events)")
+                   help="do not look keys up in maps (recv/close events; no collision check)")
     d = sub.add_parser("doctor", help="what this kernel allows and what sockguard can detect")
     d.add_argument("--json", action="store_true", help="stable JSON on stdout")
 

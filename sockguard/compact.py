@@ -49,6 +49,10 @@ SockRow = tuple[CKey, int, int, int, int]
 #: AF_INET), local port, remote port, dead (SOCK_DEAD), receive path code.
 Record = tuple[bytes, int, int, int, int, bytes, bytes, int, int, bool, int]
 
+#: A record's cookie when its source tells only the socket's tuple and state
+#: (the tc lookup on kernels that refuse bpf_skc_to_tcp_sock there).
+COOKIE_UNKNOWN = -1
+
 #: Receive path codes the iterators write (bpf/sock_state.h RECV_*), and their names.
 RECV_CODE_UNKNOWN, RECV_CODE_TCP, RECV_CODE_BPF, RECV_CODE_OTHER = 0, 1, 2, 3
 RECV_NAMES: dict[int, str] = {RECV_CODE_TCP: RECV_TCP, RECV_CODE_BPF: RECV_BPF,
@@ -160,8 +164,12 @@ class Interner:
         """``str(Endpoint)`` of an address and port."""
         text = self._ip_text.get(raw)
         if text is None:
-            ip = str(self.ip(raw))
-            text = self._ip_text[raw] = ip if len(raw) == 4 else f"[{ip}]"
+            if len(raw) == 16 and raw[:12] == _MAPPED:  # as Endpoint.__str__: IPv4-mapped
+                raw4 = raw[12:]
+                text = self._ip_text[raw] = str(self.ip(raw4))
+            else:
+                ip = str(self.ip(raw))
+                text = self._ip_text[raw] = ip if len(raw) == 4 else f"[{ip}]"
         return f"{text}:{port}"
 
     def tuple_text(self, k: CKey) -> str:
@@ -218,9 +226,16 @@ class SocketTable:
 new_target_socket = maker(TargetSocket)
 
 
+def entry_cookie(rec: Record) -> int | None:
+    """The cookie of the socket a record's entry points to; None when the source cannot tell."""
+    cookie = rec[1]
+    return None if cookie == COOKIE_UNKNOWN else cookie
+
+
 def target_socket(rec: Record, interner: Interner) -> TargetSocket:
-    """The :class:`TargetSocket` an iterator record describes."""
+    """The :class:`TargetSocket` a record describes (cookie 0 where unknown)."""
     _key, cookie, netns, family, state, saddr, daddr, sport, dport, dead, recv = rec
+    cookie = max(cookie, 0)
     path = RECV_NAMES.get(recv)
     if family == socket.AF_INET:
         return new_target_socket(cookie, 4, state, netns,

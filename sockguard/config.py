@@ -28,6 +28,7 @@ from typing import Any
 from .errors import ConfigError
 from .layout import LAYOUTS
 from .model import IPAddress
+from .node_audit import ENTRY_SOURCES
 
 LOG_TARGETS = ("auto", "journal", "stderr")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -45,8 +46,10 @@ class Config:
     proxy_ips: tuple[IPAddress, ...] = ()
     confirm_delay: float = 0.2
     use_iterator: bool = True
+    entry_source: str = "auto"
     remediate: bool = False
     max_deletes: int = 100
+    delete_unproven: bool = False
     metrics_enabled: bool = True
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9795
@@ -134,10 +137,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("audit", "use_iterator", "use_iterator", "bool",
            "use the iter/sockmap BPF iterator where it works (needed to see shadowing on "
            "4-byte-value maps)", "--iterator"),
+    Option("audit", "entry_source", "entry_source", "str",
+           "how to learn which socket each entry points to: auto, iterator (iter/sockmap), "
+           "tc_lookup (SCHED_CLS lookup run with BPF_PROG_TEST_RUN) or syscall (cannot tell)",
+           "--entry-source", _one_of(ENTRY_SOURCES)),
     Option("remediation", "enabled", "remediate", "bool",
-           "delete confirmed, re-verified stale and shadowing entries", "--remediate"),
+           "delete confirmed, re-verified stale and shadowing entries (and recvpath ones "
+           "with remediation.delete_unproven)", "--remediate"),
     Option("remediation", "max_deletes", "max_deletes", "int",
            "at most this many deletes per audit cycle", "--max-deletes", _nonneg),
+    Option("remediation", "delete_unproven", "delete_unproven", "bool",
+           "also delete the keys of recvpath findings whose entry socket could not be "
+           "identified, while their owner is still live (costs only acceleration if the "
+           "entry was valid)", "--delete-unproven"),
     Option("metrics", "enabled", "metrics_enabled", "bool",
            "serve Prometheus metrics over HTTP (GET only)", "--metrics"),
     Option("metrics", "address", "metrics_address", "str",

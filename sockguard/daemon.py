@@ -64,9 +64,10 @@ from .errors import (
 )
 from .layout import LAYOUTS
 from .metrics import Metrics, start_server
-from .model import Finding, Kind, MapInfo
+from .model import Finding, MapInfo
 from .node_audit import NodeAudit, run_audit
 from .notify import Notifier, make_log_handler, monotonic_usec
+from .policy import SHOWN_KINDS
 from .remediation import Deletion, clean
 from .sockets import OwnerProbe
 from .tracer import (
@@ -292,7 +293,7 @@ class Daemon:
             audit = run_audit(maps, LAYOUTS[cfg.layout],
                               audit_policy(cfg.proxy_ips),
                               cfg.confirm_delay, use_iterator=cfg.use_iterator,
-                              tolerate_skips=discovered)
+                              tolerate_skips=discovered, entry_source_name=cfg.entry_source)
         except (SockguardError, OSError) as exc:
             self._failed(exc)
             return
@@ -324,7 +325,8 @@ class Daemon:
                     break
                 try:
                     with maps_adapter.open_map(result.map) as handle:
-                        done = clean(handle, result.findings, probe, True, budget)
+                        done = clean(handle, result.findings, probe, True, budget,
+                                     delete_unproven=cfg.delete_unproven)
                 except (SockguardError, OSError) as exc:
                     log.error("remediation of map %s id %d failed: %s", result.map.name,
                               result.map.id, exc, extra={"SOCKGUARD_MAP_ID": result.map.id})
@@ -345,15 +347,15 @@ class Daemon:
                 seconds: float) -> None:
         self._log_new_findings(cfg, audit)
         entries = sum(r.entries for r in audit.results)
-        stale = sum(r.count(Kind.STALE) for r in audit.results)
-        shadowing = sum(r.count(Kind.SHADOWING) for r in audit.results)
+        # Every kind the policy table shows, so that no bad kind is missing from STATUS.
+        shown = tuple(sum(r.count(k) for r in audit.results) for k in SHOWN_KINDS)
         deleted = sum(1 for d in deletions if d.outcome == "deleted")
         self._last_ok = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-        summary = (f"{len(audit.results)} maps, {entries} entries: {stale} stale, "
-                   f"{shadowing} shadowing"
+        summary = (f"{len(audit.results)} maps, {entries} entries: "
+                   + ", ".join(f"{n} {k.value}" for n, k in zip(shown, SHOWN_KINDS, strict=True))
                    + (f", {deleted} deleted" if cfg.remediate else "")
                    + f"; {audit.sockets} sockets in {len(audit.namespaces)} netns")
-        counts = (len(audit.results), entries, stale, shadowing, deleted)
+        counts = (len(audit.results), entries, *shown, deleted)
         level = logging.INFO if counts != self._last_counts else logging.DEBUG
         self._last_counts = counts
         log.log(level, "audit: %s (%.2f s)", summary, seconds)
@@ -368,7 +370,7 @@ class Daemon:
             self.notifier.notify(status)
 
     def _log_new_findings(self, cfg: Config, audit: NodeAudit) -> None:
-        """Log each stale/shadowing entry once, when first seen (not every cycle)."""
+        """Log each bad entry (``policy.BAD_KINDS``) once, when first seen (not every cycle)."""
         now: dict[int, set[tuple[str, str]]] = {}
         new: list[Finding] = []
         for r in audit.results:
@@ -386,7 +388,7 @@ class Daemon:
             log.warning("%s entry %s in map %s id %d%s: %s", f.kind.value, f.entry.key,
                         f.map.name, f.map.id, where, f.reason, extra=finding_fields(f))
         if len(new) > cfg.log_max_findings:
-            log.warning("%d more new stale/shadowing entries not logged one by one",
+            log.warning("%d more new bad entries not logged one by one",
                         len(new) - cfg.log_max_findings)
 
     # -- configuration and metrics endpoint --------------------------------------------
@@ -502,6 +504,13 @@ def tracer_event_fields(ev: TraceEvent) -> dict[str, object]:
         fields["SOCKGUARD_RECV_FN"] = ev.recv_fn
     if ev.key_in_maps:
         fields["SOCKGUARD_KEY_IN_MAPS"] = ",".join(ev.key_in_maps)
+    if ev.entry is not None:  # collision: the socket the key's entry points to
+        if ev.entry.sock is not None:
+            fields["SOCKGUARD_ENTRY_SOCKET"] = str(ev.entry.sock)
+        if ev.entry.cookie is not None:
+            fields["SOCKGUARD_ENTRY_COOKIE"] = ev.entry.cookie
+        fields["SOCKGUARD_ENTRY_STATE"] = ev.entry.state
+        fields["SOCKGUARD_COMPARED_BY"] = ev.compared_by
     return fields
 
 
@@ -555,6 +564,10 @@ class TracerRunner:
             self.started.set()
             return
         d.metrics.tracer.set_active({k: v.active for k, v in self.detections.items()})
+        collision = self.detections.get("collision")  # a detection metrics.py predates
+        d.metrics.tracer.early_audits.labels(trigger="collision")
+        d.metrics.tracer.active.labels(detection="collision").set(
+            1 if collision is not None and collision.active else 0)
         log.info("%s", attached_detections(self.detections),
                  extra={"SOCKGUARD_TRACER": "started"})
         self.started.set()
@@ -566,6 +579,7 @@ class TracerRunner:
         finally:
             tracer.close()
             d.metrics.tracer.set_active({})
+            d.metrics.tracer.active.labels(detection="collision").set(0)
 
     def _on_event(self, ev: TraceEvent) -> None:
         d = self.daemon
@@ -589,6 +603,18 @@ class TracerRunner:
                         ev.comm, ev.recv_fn, ", ".join(ev.key_in_maps or ()),
                         extra={**fields, "SOCKGUARD_EVENT": "recv_mismatch"})
             d.request_early_audit("recv_mismatch")
+        elif ev.collision:
+            d.metrics.tracer.collisions.inc()
+            e = ev.entry
+            log.warning("socket %s (netns %d, pid %d %s) became established while the entry of "
+                        "its key %s in %s points to another socket, %s (cookie %s, %s): its "
+                        "peer's payload goes there and this connection hangs; auditing now",
+                        ev.sock, ev.netns, ev.pid, ev.comm, ev.key or ev.key_hex,
+                        e.map_label if e else "?", e.sock if e else "?",
+                        "?" if e is None or e.cookie is None else e.cookie,
+                        e.state if e else "?",
+                        extra={**fields, "SOCKGUARD_EVENT": "collision"})
+            d.request_early_audit("collision")
         elif ev.left_behind:
             log.info("socket %s closed but the key of its tuple is still in %s: auditing now",
                      ev.sock, ", ".join(ev.key_in_maps or ()),

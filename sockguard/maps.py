@@ -15,15 +15,17 @@ import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from sockguard import libbpf
+from sockguard.compact import Record
 from sockguard.errors import (
     BpffsNotMountedError,
     MapGoneError,
     MapNotFoundError,
     NotASockMapError,
     NotRootError,
+    SockguardError,
 )
 from sockguard.libbpf import BpfError
 from sockguard.model import MapInfo
@@ -334,6 +336,7 @@ class MapHandle:
         self.info = info
         self.fd = fd
         self.is_hash = info.map_type == "sockhash"
+        self._lookup: tuple[libbpf.BpfObject, Any] | None = None  # the tc lookup, once loaded
 
     # -- keys --------------------------------------------------------------
 
@@ -436,6 +439,31 @@ class MapHandle:
 
         return key in read_sockmap(self.fd, self.info.key_size)
 
+    def entry_socket(self, key: bytes) -> Record | None:
+        """The socket ``key`` points to right now, as a record; None when the key holds none.
+
+        One tc lookup run where that source loads (exact and per key), else
+        one sockmap-iterator walk.  Remediation asks this immediately before
+        a delete, so that it compares the owner with the entry's *current*
+        socket, not the one an audit saw (a key deleted and re-inserted for a
+        new connection points to that connection's socket).  Raises
+        SockguardError when neither source can run here.
+        """
+        from sockguard import sockhash_lookup
+        from sockguard.sockmap_iter import iterator_available, read_records
+
+        if sockhash_lookup.lookup_available()[0]:
+            if self._lookup is None:
+                program = sockhash_lookup._probe()[0] or sockhash_lookup.BTF_PROGRAM
+                obj = sockhash_lookup._load(self.fd, self.info.key_size, program)
+                self._lookup = (obj, sockhash_lookup.Reader(obj, program, self.info.key_size))
+            rec: Record | None = self._lookup[1].lookup(key)
+            return rec
+        if iterator_available()[0]:
+            return read_records(self.fd, self.info.key_size).get(key)
+        raise SockguardError("cannot tell which socket an entry points to here: neither the "
+                             "tc lookup nor the sockmap iterator runs on this kernel")
+
     # -- changes -----------------------------------------------------------
 
     def delete(self, key: bytes) -> bool:
@@ -464,6 +492,9 @@ class MapHandle:
     # -- lifetime ----------------------------------------------------------
 
     def close(self) -> None:
+        if self._lookup is not None:
+            self._lookup[0].close()
+            self._lookup = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

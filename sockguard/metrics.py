@@ -31,12 +31,14 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .model import Kind
 from .node_audit import NodeAudit
+from .policy import DELETED_KINDS as DELETED_KINDS
+from .policy import EXPORTED_KINDS
 from .remediation import Deletion
 
-FINDING_KINDS = (Kind.STALE, Kind.SHADOWING, Kind.PROXY)
-DELETED_KINDS = (Kind.STALE, Kind.SHADOWING)
-REFUSAL_REASONS = ("live_owner", "reinserted", "proxy_entry", "owner_matches", "gone",
-                   "cap_reached", "error", "other")
+#: The ``kind`` labels of sockguard_findings, from the one policy table (sockguard/policy.py).
+FINDING_KINDS: tuple[Kind, ...] = EXPORTED_KINDS
+REFUSAL_REASONS = ("live_owner", "reinserted", "proxy_entry", "owner_matches", "unproven",
+                   "no_owner", "gone", "cap_reached", "error", "other")
 FAILURE_REASONS = ("map_not_found", "map_gone", "not_a_sockmap", "layout_mismatch",
                    "permission", "bpffs", "libbpf", "os_error", "internal")
 RELOAD_RESULTS = ("success", "failure")
@@ -58,6 +60,10 @@ def refusal_reason(d: Deletion) -> str:
         return "live_owner"
     if "belongs to its live owner" in text:
         return "owner_matches"
+    if "--delete-unproven" in text:
+        return "unproven"
+    if "no live socket owns" in text:
+        return "no_owner"
     return "other"
 
 
@@ -69,6 +75,8 @@ class MapSample:
     findings: dict[Kind, int]
     pending: int
     undecodable: int
+    entry_source: str = "syscall"
+    exactness: str = "none"
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,8 @@ class Snapshot:
     def of(cls, audit: NodeAudit) -> Snapshot:
         samples = tuple(
             MapSample(r.map.id, r.map.name, r.entries, {k: r.count(k) for k in FINDING_KINDS},
-                      r.pending, len(r.undecodable))
+                      r.pending, len(r.undecodable), audit.sources.get(r.map.id, "syscall"),
+                      audit.exactness.get(r.map.id, "none"))
             for r in audit.results
         )
         return cls(samples, audit.sockets, len(audit.namespaces), True)
@@ -103,13 +112,21 @@ class _SnapshotCollector(Collector):
         findings = GaugeMetricFamily(
             "sockguard_findings",
             "Confirmed findings by kind at the last successful audit (stale: no live socket owns "
-            "the tuple; shadowing: a live connection's peer redirects into another socket)",
+            "the tuple; shadowing: a live connection's peer redirects into another socket; "
+            "recvpath: a live owner reads with tcp_recvmsg although its key is in the map; "
+            "proxy: L7-proxy entries)",
             labels=[*labels, "kind"])
         pending = GaugeMetricFamily("sockguard_pending_entries",
                                     "Entries whose tuple was mid-handshake (no verdict yet)",
                                     labels=labels)
         undecodable = GaugeMetricFamily("sockguard_undecodable_entries",
                                         "Keys the layout could not decode", labels=labels)
+        exact = GaugeMetricFamily(
+            "sockguard_entry_source_info",
+            "How the last audit learned which socket each entry points to (source: iterator, "
+            "tc_lookup, syscall; exactness: cookie, tuple, or none = shadowing cannot be told "
+            "from ok on this map); always 1",
+            labels=[*labels, "source", "exactness"])
         for m in snap.maps:
             lv = [str(m.map_id), m.map_name]
             entries.add_metric(lv, m.entries)
@@ -117,7 +134,8 @@ class _SnapshotCollector(Collector):
                 findings.add_metric([*lv, kind.value], m.findings.get(kind, 0))
             pending.add_metric(lv, m.pending)
             undecodable.add_metric(lv, m.undecodable)
-        yield from (entries, findings, pending, undecodable)
+            exact.add_metric([*lv, m.entry_source, m.exactness], 1)
+        yield from (entries, findings, pending, undecodable, exact)
         if snap.taken:
             yield GaugeMetricFamily("sockguard_maps_audited", "Maps audited by the last audit",
                                     value=len(snap.maps))
@@ -226,6 +244,11 @@ class TracerMetrics:
             "sockguard_recvmsg_mismatches",
             "Sockets that received via tcp_recvmsg while the key of their tuple was in a "
             "sockhash (their peer redirects into another socket)", registry=r)
+        self.collisions = Counter(
+            "sockguard_tracer_collisions",
+            "Connections that became established while the entry of their key pointed to "
+            "another socket (a stale key: the peer's payload goes there, this one hangs)",
+            registry=r)
         self.early_audits = Counter(
             "sockguard_early_audits",
             "Audits started ahead of the interval by a tracer event, by trigger", ["trigger"],

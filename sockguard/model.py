@@ -41,6 +41,10 @@ class Endpoint:
 
     def __str__(self) -> str:
         if isinstance(self.ip, IPv6Address):
+            # A dual-stack socket's IPv4 peer (::ffff:a.b.c.d) is an IPv4 connection:
+            # shown as the IPv4 address, as the key that describes it is IPv4.
+            if self.ip.ipv4_mapped is not None:
+                return f"{self.ip.ipv4_mapped}:{self.port}"
             return f"[{self.ip}]:{self.port}"
         return f"{self.ip}:{self.port}"
 

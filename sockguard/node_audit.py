@@ -9,6 +9,9 @@ independent look (``audit.confirm``) before anyone calls them findings.
 The sockets come from the ``iter/tcp`` iterator where it loads (it also
 reports each socket's receive path) and from sock_diag otherwise
 (``socket_source``); remediation re-verifies with sock_diag either way.
+Which socket each entry of a 4-byte-value map points to comes from the
+sockmap iterator, or where that cannot load from the tc lookup
+(:mod:`sockguard.sockhash_lookup`), or from nowhere (``entry_source``).
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from dataclasses import dataclass, field, replace
 
 from . import maps as maps_adapter
 from .audit import AuditPolicy, AuditResult, SocketIndex, audit_map, audit_records
-from .compact import Interner, Record, gc_paused, maker
+from .compact import Interner, Record, entry_cookie, gc_paused, maker
 from .errors import LayoutMismatchError, LibbpfMissingError, MapGoneError, SockguardError
 from .layout import KeyDecodeError, KeyLayout, decode
 from .libbpf import BpfError
 from .model import Finding, MapEntry, MapInfo, Netns
 from .owners import find_owners
 from .sockets import Scan, scan_all
+from .sockhash_lookup import TUPLE_PROGRAM, lookup_available, lookup_exactness
+from .sockhash_lookup import read_records as lookup_records
 from .sockmap_iter import cookies_need_scan_first, iterator_available, read_records, target_socket
 from .tcp_iter import read_tcp, tcp_iterator_available
 
@@ -36,6 +41,8 @@ _new_entry = maker(MapEntry)
 
 #: ``--socket-source`` choices: where a look reads the live sockets from.
 SOCKET_SOURCES = ("auto", "iterator", "sock_diag")
+#: ``--entry-source`` choices: where a look learns which socket each entry points to.
+ENTRY_SOURCES = ("auto", "iterator", "tc_lookup", "syscall")
 
 
 @dataclass
@@ -45,7 +52,7 @@ class MapRead:
     info: MapInfo
     entries: list[MapEntry]
     undecodable: list[str]
-    source: str  # "iterator" or "syscall"
+    source: str  # "iterator" or "syscall" (see EntrySource)
 
 
 @dataclass
@@ -60,10 +67,61 @@ class NodeAudit:
     sources: dict[int, str] = field(default_factory=dict)
     duration: float = 0.0
     socket_source: str = "sock_diag"  # "iterator" (iter/tcp) or "sock_diag"
+    exactness: dict[int, str] = field(default_factory=dict)  # per map, see EntrySource
+    entry_source: EntrySource | None = None
 
     @property
     def bad(self) -> list[Finding]:
         return [f for r in self.results for f in r.bad]
+
+
+@dataclass(frozen=True)
+class EntrySource:
+    """Where a look learns which socket each entry of a 4-byte-value map points to.
+
+    ``exactness``: ``cookie`` (the entry's socket is identified by its cookie),
+    ``tuple`` (by its tuple and state only) or ``none`` (not at all: shadowing
+    cannot be told from ok).  ``scan_first``: the source reads the socket's
+    cookie field, which is 0 until generated, so the sockets are scanned
+    (sock_diag generates every listed socket's cookie) before the map is read.
+    """
+
+    name: str  # "iterator", "tc_lookup" or "syscall"
+    exactness: str
+    scan_first: bool
+    reason: str
+
+
+def entry_source(requested: str = "auto") -> EntrySource:
+    """The entry source a look uses: the one ``requested``, or with ``auto`` the best here.
+
+    ``auto`` prefers the sockmap iterator, then the tc lookup, then the
+    syscalls alone (which say nothing about the entry's socket, and the
+    audit says so).  Asking for a source this kernel refuses is an error
+    with the probe's reason, never a silent downgrade.
+    """
+    if requested not in ENTRY_SOURCES:
+        raise SockguardError(f"unknown entry source {requested!r}; one of "
+                             f"{', '.join(ENTRY_SOURCES)}")
+    why_not: list[str] = []
+    if requested in ("auto", "iterator"):
+        ok, why = iterator_available()
+        if ok:
+            return EntrySource("iterator", "cookie", cookies_need_scan_first(), why)
+        if requested == "iterator":
+            raise SockguardError(f"--entry-source iterator: {why}")
+        why_not.append(f"iter/sockmap: {why}")
+    if requested in ("auto", "tc_lookup"):
+        ok, why = lookup_available()
+        if ok:
+            exact = lookup_exactness() or "tuple"
+            return EntrySource("tc_lookup", exact, exact == "cookie", why)
+        if requested == "tc_lookup":
+            raise SockguardError(f"--entry-source tc_lookup: {why}")
+        why_not.append(f"tc lookup: {why}")
+    reason = "syscalls only (--entry-source syscall)" if requested == "syscall" else (
+        "no entry source can run here (" + "; ".join(why_not) + ")")
+    return EntrySource("syscall", "none", False, reason)
 
 
 def read_map(info: MapInfo, layout: KeyLayout, use_iterator: bool = True,
@@ -71,9 +129,10 @@ def read_map(info: MapInfo, layout: KeyLayout, use_iterator: bool = True,
     """Every key of a map, decoded, with the socket cookie behind it where knowable.
 
     An 8-byte value is the socket cookie (sock_map_lookup_sys); a Cilium map
-    has 4-byte values, whose lookup fails with ENOSPC, so there only the
-    sockmap iterator can tell which socket an entry points to.  ``interner``
-    shares address and tuple objects with the rest of a look.
+    has 4-byte values, whose lookup fails with ENOSPC, so there only a BPF
+    program (the sockmap iterator, or the tc lookup) can tell which socket an
+    entry points to.  ``interner`` shares address and tuple objects with the
+    rest of a look.
     """
     layout.check_map(info.key_size, info.name)
     entries: list[MapEntry] = []
@@ -98,10 +157,20 @@ def read_map(info: MapInfo, layout: KeyLayout, use_iterator: bool = True,
             rec = records.get(raw)
             if rec is not None:
                 target = target_socket(rec, interner)
-                append(_new_entry(raw.hex(), key, target.cookie, target))
+                append(_new_entry(raw.hex(), key, entry_cookie(rec), target))
             else:
                 append(_new_entry(raw.hex(), key, handle.lookup_cookie(raw), None))
     return MapRead(info, entries, undecodable, source)
+
+
+def read_entry_records(info: MapInfo, source: EntrySource) -> dict[bytes, Record]:
+    """Each key of a 4-byte-value map with the socket it points to, from ``source``."""
+    with maps_adapter.open_map(info) as handle:
+        if source.name == "iterator":
+            return read_records(handle.fd, info.key_size)
+        keys = list(handle.keys())
+        program = TUPLE_PROGRAM if source.exactness == "tuple" else None
+        return lookup_records(handle.fd, info.key_size, keys, program)
 
 
 def scan_sockets(socket_source: str = "auto") -> tuple[Scan, str]:
@@ -126,44 +195,58 @@ def scan_sockets(socket_source: str = "auto") -> tuple[Scan, str]:
     return scan_all(compact=True), "sock_diag"
 
 
+@dataclass
+class _Look:
+    """One look's classified maps and what it saw."""
+
+    results: list[AuditResult]
+    namespaces: list[Netns]
+    sockets: int
+    vanished: list[str]
+    sources: dict[int, str]
+    exactness: dict[int, str]
+    socket_source: str
+
+
 def _look(
-    maps: Sequence[MapInfo], layout: KeyLayout, policy: AuditPolicy, use_iterator: bool,
+    maps: Sequence[MapInfo], layout: KeyLayout, policy: AuditPolicy, source: EntrySource,
     skipped: list[str] | None = None, socket_source: str = "auto",
-) -> tuple[list[AuditResult], list[Netns], int, list[str], dict[int, str], str]:
+) -> _Look:
     """Read every map, then the sockets of every namespace, then classify."""
     reads: list[MapRead | tuple[MapInfo, dict[bytes, Record]]] = []
     interner = Interner()
-    scan_first = use_iterator and cookies_need_scan_first()
+    sources: dict[int, str] = {}
+    exactness: dict[int, str] = {}
     with gc_paused():
-        if scan_first:  # gives every live socket its cookie before the iterator reads it
+        if source.scan_first:  # gives every live socket its cookie before the map is read
             scan, sock_source = scan_sockets("sock_diag")
         for info in maps:
             try:
-                if info.value_size != 8 and use_iterator and iterator_available()[0]:
-                    # the fast path: records stay compact until a finding needs them
+                if info.value_size != 8 and source.name != "syscall":
+                    # records stay compact until a finding needs them
                     layout.check_map(info.key_size, info.name)
-                    with maps_adapter.open_map(info) as handle:
-                        reads.append((info, read_records(handle.fd, info.key_size)))
+                    reads.append((info, read_entry_records(info, source)))
+                    sources[info.id], exactness[info.id] = source.name, source.exactness
                 else:
-                    reads.append(read_map(info, layout, use_iterator, interner))
+                    reads.append(read_map(info, layout, False, interner))
+                    sources[info.id] = "syscall"
+                    exactness[info.id] = "cookie" if info.value_size == 8 else "none"
             except (LayoutMismatchError, MapGoneError) as exc:
                 if skipped is None:
                     raise
                 skipped.append(str(exc))
-        if not scan_first:
+        if not source.scan_first:
             scan, sock_source = scan_sockets(socket_source)
         index = SocketIndex.from_table(scan.table, interner)
         results: list[AuditResult] = []
-        sources: dict[int, str] = {}
         for r in reads:
             if isinstance(r, MapRead):
                 results.append(audit_map(r.info, r.entries, index, policy, r.undecodable))
-                sources[r.info.id] = r.source
             else:
                 info, records = r
                 results.append(audit_records(info, layout, records.values(), index, policy))
-                sources[info.id] = "iterator"
-    return results, scan.namespaces, index.count, scan.vanished, sources, sock_source
+    return _Look(results, scan.namespaces, index.count, scan.vanished, sources, exactness,
+                 sock_source)
 
 
 def _with_owners(findings: list[Finding]) -> list[Finding]:
@@ -175,6 +258,16 @@ def _with_owners(findings: list[Finding]) -> list[Finding]:
     ]
 
 
+def with_owners(audit: NodeAudit) -> None:
+    """Name the process of every finding's socket, ``ok`` ones included (``--all``).
+
+    ``run_audit`` does it for bad findings only: building every ``ok``
+    finding and reading every process's fds costs seconds on a large node.
+    """
+    for r in audit.results:
+        r.findings = _with_owners(r.findings)
+
+
 def run_audit(
     maps: Sequence[MapInfo],
     layout: KeyLayout,
@@ -183,23 +276,30 @@ def run_audit(
     use_iterator: bool = True,
     tolerate_skips: bool = False,
     socket_source: str = "auto",
+    entry_source_name: str | EntrySource = "auto",
 ) -> NodeAudit:
     """Audit ``maps``; stale, shadowing and recvpath verdicts are confirmed by a second look.
 
     With ``tolerate_skips`` (discovered maps) a map that does not fit the
     layout or vanished is noted in ``skipped``; otherwise it is an error.
-    ``socket_source`` is one of ``SOCKET_SOURCES``.
+    ``socket_source`` is one of ``SOCKET_SOURCES``, ``entry_source_name`` one
+    of ``ENTRY_SOURCES`` (``use_iterator=False`` means ``syscall``) or an
+    :class:`EntrySource` itself (tests force the tuple-only tc lookup so).
     """
     start = time.monotonic()
     skipped: list[str] = []
-    results, namespaces, nsock, vanished, sources, sock_source = _look(
-        maps, layout, policy, use_iterator, skipped if tolerate_skips else None, socket_source
-    )
+    if isinstance(entry_source_name, EntrySource):
+        source = entry_source_name
+    else:
+        source = entry_source(entry_source_name if use_iterator else "syscall")
+    first = _look(maps, layout, policy, source, skipped if tolerate_skips else None,
+                  socket_source)
+    results = first.results
     if any(r.bad for r in results):
         time.sleep(confirm_delay)
         checked = [r.map for r in results]
         try:
-            second, *_ = _look(checked, layout, policy, use_iterator, [], socket_source)
+            second = _look(checked, layout, policy, source, [], socket_source).results
         except SockguardError as exc:
             log.warning("second look failed, nothing confirmed: %s", exc)
             second = []
@@ -211,5 +311,6 @@ def run_audit(
         bad = r.bad
         if bad:
             r.substitute({id(f): g for f, g in zip(bad, _with_owners(bad), strict=True)})
-    return NodeAudit(results, namespaces, nsock, vanished, skipped, sources,
-                     time.monotonic() - start, sock_source)
+    return NodeAudit(results, first.namespaces, first.sockets, first.vanished, skipped,
+                     first.sources, time.monotonic() - start, first.socket_source,
+                     first.exactness, source)

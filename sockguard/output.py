@@ -66,6 +66,7 @@ def audit_json(audit: NodeAudit, include_ok: bool = False) -> str:
             **map_dict(r.map),
             "entries": r.entries,
             "source": audit.sources.get(r.map.id),
+            "exactness": audit.exactness.get(r.map.id),
             "counts": {k.value: r.count(k) for k in Kind},
             "pending": r.pending,
             "undecodable": r.undecodable,
@@ -81,8 +82,19 @@ def audit_json(audit: NodeAudit, include_ok: bool = False) -> str:
         "skipped_maps": audit.skipped,
         "duration_seconds": round(audit.duration, 4),
         "socket_source": audit.socket_source,
+        "entry_source": None if audit.entry_source is None else {
+            "name": audit.entry_source.name, "exactness": audit.entry_source.exactness,
+            "reason": audit.entry_source.reason},
     }
     return json.dumps(doc, indent=2, sort_keys=True)
+
+
+#: What each exactness of the entry source means, for the text report.
+EXACTNESS_TEXT = {
+    "cookie": "identified by socket cookie",
+    "tuple": "identified by tuple and state (no cookie on this kernel)",
+    "none": "unknown: shadowing cannot be told from ok on this map",
+}
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
@@ -113,6 +125,10 @@ def audit_text(audit: NodeAudit, include_ok: bool = False) -> str:
             f"{r.entries} entries: {counts}; {r.pending} in handshake"
         )
         lines.extend(f"  undecodable key {u}" for u in r.undecodable)
+        exact = audit.exactness.get(r.map.id)
+        if exact is not None:
+            lines.append(f"  entries' sockets: {EXACTNESS_TEXT[exact]} "
+                         f"(via {audit.sources.get(r.map.id)})")
     via = "iter/tcp" if audit.socket_source == "iterator" else audit.socket_source
     lines.append(f"{audit.sockets} TCP sockets in {len(audit.namespaces)} network namespace(s) "
                  f"via {via} ({audit.duration:.2f} s)")

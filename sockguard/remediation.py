@@ -1,4 +1,4 @@
-"""Guarded deletion of stale and shadowing entries.
+"""Guarded deletion of the entries the policy table (``policy.POLICY``) calls deletable.
 
 Deleting a valid entry only costs acceleration (its traffic falls back to
 the normal stack); keeping a stale entry that collides with a live tuple
@@ -15,9 +15,16 @@ again immediately before its delete:
    itself, still finishing its FIN exchange); for ``shadowing``, the owner is
    still not the socket the entry points to.
 
-``recvpath`` findings are never deleted by themselves: the entry that
-causes one is the shadowing entry of that key, deleted as ``shadowing`` when
-the sockmap iterator shows it points elsewhere.
+``recvpath`` findings are deleted only when the operator opts in
+(``clean --delete-unproven``, ``remediation.delete_unproven``), and only those
+whose entry socket nothing identified (``policy.unproven``): such an entry
+most likely points to another socket, as a shadowing one does, but that is not
+proven, and deleting a valid entry costs only acceleration.  Right before
+the delete the key must still be in the map and an exact sock_diag lookup must
+still find the live owner, i.e. the hang is still there.  Without the opt-in
+they are reported as refused, so ``clean`` exits 1 while they remain.  Where
+the entry is known to point to its owner, deleting would only hide an
+inconsistent kernel state: never deleted.
 
 L7-proxy entries are never deleted: they are judged by their client side
 alone, which an exact lookup cannot re-verify.
@@ -29,8 +36,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .audit import OWNER_STATES, normalize
+from .compact import Interner, entry_cookie, target_socket
+from .errors import SockguardError
 from .maps import MapHandle
-from .model import Finding, Kind
+from .model import Finding, Kind, LiveSocket
+from .policy import BAD_KINDS, UNPROVEN_DELETABLE_KINDS, deletable_kinds, unproven
 from .sockets import OwnerProbe
 
 log = logging.getLogger(__name__)
@@ -60,6 +71,17 @@ def reverify(handle: MapHandle, finding: Finding, probe: OwnerProbe) -> tuple[bo
     if finding.details.get("proxy"):
         return False, "refused: L7 proxy entries are reported, not deleted"
     owner = probe.owner(finding.entry.key.owner)
+    if finding.kind is Kind.RECVPATH:
+        # Deletable only while the owner still hangs on a key whose entry socket
+        # nothing identified (see the module docstring).
+        if not unproven(finding):
+            return False, ("refused: the entry belongs to its live owner, which reads with "
+                           "tcp_recvmsg: deleting would hide an inconsistent kernel state")
+        if owner is None:
+            return False, (f"refused: no live socket owns {finding.entry.key.owner} now; "
+                           "the next audit judges the entry again")
+        return True, (f"verified: {owner.tuple} (netns {owner.netns}) is still live and its "
+                      "entry socket unproven")
     dead = finding.details.get("entry_socket_dead")
     if (finding.kind is Kind.STALE and owner is not None and dead
             and finding.entry.cookie is not None and owner.cookie == finding.entry.cookie):
@@ -72,7 +94,36 @@ def reverify(handle: MapHandle, finding: Finding, probe: OwnerProbe) -> tuple[bo
     if finding.kind is Kind.SHADOWING and owner is not None and finding.entry.cookie is not None \
             and owner.cookie == finding.entry.cookie:
         return False, "refused: the entry now belongs to its live owner"
+    if finding.kind is Kind.SHADOWING and owner is not None and handle.info.value_size != 8:
+        return _entry_still_elsewhere(handle, raw, owner)
     return True, "verified"
+
+
+def _entry_still_elsewhere(handle: MapHandle, raw: bytes, owner: LiveSocket) -> tuple[bool, str]:
+    """For a shadowing entry of a 4-byte-value map: does it still point away from ``owner``?
+
+    The audit's cookie is not enough: the key may have been deleted and
+    re-inserted for the owner since (a reconnect on the same tuple).  The
+    entry's current socket is read again (``MapHandle.entry_socket``); only
+    positive evidence that it is another socket allows the delete.
+    """
+    try:
+        now = handle.entry_socket(raw)
+    except (SockguardError, OSError) as exc:
+        return False, f"refused: could not read the entry's socket now ({exc})"
+    if now is None:
+        return False, "gone: the key is no longer in the map"
+    cookie = entry_cookie(now)
+    if cookie:  # known and generated: the socket's identity
+        if cookie == owner.cookie:
+            return False, "refused: the entry now belongs to its live owner"
+        return True, f"verified: the entry points to socket {cookie}, not to the owner"
+    target = target_socket(now, Interner())
+    if target.tuple is not None and target.state in OWNER_STATES \
+            and normalize(target.tuple) == normalize(owner.tuple):
+        return False, ("refused: the entry points to a socket with the owner's tuple "
+                       "(its cookie unknown): it may be the owner")
+    return True, "verified: the entry points to a socket that is not the owner's tuple"
 
 
 def _log_deletion(f: Finding, outcome: str, reason: str) -> None:
@@ -95,12 +146,23 @@ def clean(
     probe: OwnerProbe,
     apply: bool,
     max_deletes: int = DEFAULT_MAX_DELETES,
+    delete_unproven: bool = False,
 ) -> list[Deletion]:
-    """Delete (or, without ``apply``, list) the confirmed bad findings of one map."""
+    """Delete (or, without ``apply``, list) the confirmed bad findings of one map.
+
+    A bad finding of a kind that may not be deleted is listed as refused, so
+    that the caller sees (and ``clean`` exits 1 on) every bad entry left.
+    """
     out: list[Deletion] = []
     done = 0
+    allowed = deletable_kinds(delete_unproven)
     for f in findings:
-        if f.kind not in (Kind.STALE, Kind.SHADOWING) or not f.confirmed:
+        if f.kind not in BAD_KINDS or not f.confirmed:
+            continue
+        if f.kind not in allowed:
+            why = ("deleted only with --delete-unproven (remediation.delete_unproven)"
+                   if f.kind in UNPROVEN_DELETABLE_KINDS else "reported, not deleted")
+            out.append(Deletion(f, "refused", f"refused: {f.kind.value} entries are {why}"))
             continue
         if done >= max_deletes:
             out.append(Deletion(f, "skipped-cap", f"--max-deletes {max_deletes} reached"))

@@ -177,6 +177,27 @@ def _dump_rows(sock: socket.socket, family: int, seq: int, rows: list[SockRow]) 
             off += (length + 3) & ~3
 
 
+def listen_ports(netns_path: str) -> frozenset[int]:
+    """The TCP ports something listens on in one namespace (IPv4 and IPv6).
+
+    Used as evidence for L7-proxy entries: Cilium's proxy listens on the
+    entry's sport in the host namespace.  Raises OSError/NamespaceGone when
+    the namespace cannot be read, so the caller can tell "none" from "could
+    not look".
+    """
+    ports: set[int] = set()
+    sock = open_diag_socket(NetnsRef(Netns(0, "listen"), netns_path))
+    try:
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
+            sock.send(_request(family, seq, NLM_F_REQUEST | NLM_F_DUMP,
+                               states=1 << TCP_LISTEN))
+            for payload in _messages(sock, seq):
+                ports.add(int.from_bytes(_DIAG_MSG.unpack_from(payload)[4], "big"))
+    finally:
+        sock.close()
+    return frozenset(ports)
+
+
 def dump_rows(sock: socket.socket, rows: list[SockRow]) -> None:
     """Append a row for every non-listening TCP socket of the namespace ``sock`` lives in."""
     for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):

@@ -13,6 +13,12 @@
                             ``tcp_destroy_sock``).
 ==========================  ===============================================
 
+At each ESTABLISHED whose key is in an audited map, userspace also checks
+that the map's entry of that key points to this very socket
+(``sockguard.collision``): one that points elsewhere is a ``collision``
+event, the new connection's payload redirected into a stale entry's socket,
+reported about 50 ms after connect and before any payload is read.
+
 Every object writes the same 256+8-byte record (``bpf/sockguard_trace.h``,
 mirrored by :data:`EVENT`) to its own ring buffer; one libbpf consumer polls
 all of them (``sockguard.ringbuf``).  Which variant of each object is loaded
@@ -60,6 +66,7 @@ from sockguard import libbpf
 from sockguard import maps as maps_adapter
 from sockguard import trace_symbols as kallsyms
 from sockguard.capabilities import Capabilities, Detection, plan, probe
+from sockguard.collision import Candidate, CollisionCheck, Entry, EntryReader
 from sockguard.errors import SockguardError
 from sockguard.layout import CILIUM, KeyDecodeError, KeyLayout, decode, key_for_socket
 from sockguard.libbpf import BpfError, BpfObject, Link
@@ -171,7 +178,7 @@ class WatchedBits:
 TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
               "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV",
               "BOUND_INACTIVE")
-TCP_CLOSE = 7
+TCP_ESTABLISHED, TCP_CLOSE = 1, 7
 
 #: Bounded metric labels.
 UPDATE_ERRNOS = ("EEXIST", "EBUSY", "EINVAL", "ENOMEM", "ENOSPC", "EOPNOTSUPP", "other")
@@ -258,6 +265,11 @@ class TraceEvent:
     key_in_maps: tuple[str, ...] | None = None
     # parked in the kernel while its key was not watched yet, reported at a refresh
     late: bool = False
+    # collision: the socket the map's entry of this socket's key points to, how that was
+    # told ("cookie" or "tuple"), and seconds from ESTABLISHED to the report
+    entry: Entry | None = None
+    compared_by: str | None = None
+    detected_after: float | None = None
 
     @property
     def errno_name(self) -> str | None:
@@ -269,6 +281,11 @@ class TraceEvent:
     def mismatch(self) -> bool:
         """Receives via tcp_recvmsg although its key is in a map: a shadowed connection."""
         return self.kind == "recv" and self.recv_path == "tcp" and bool(self.key_in_maps)
+
+    @property
+    def collision(self) -> bool:
+        """Established while the entry of its key points to another socket."""
+        return self.kind == "collision"
 
     @property
     def left_behind(self) -> bool:
@@ -302,6 +319,11 @@ class TraceEvent:
             out["mismatch"] = self.mismatch
         if self.kind in ("state", "destroy") and self.key_in_maps is not None:
             out["left_behind"] = self.left_behind
+        if self.entry is not None:
+            out["entry"] = self.entry.as_dict()
+            out["compared_by"] = self.compared_by
+        if self.detected_after is not None:
+            out["detected_after"] = round(self.detected_after, 6)
         return out
 
     def line(self) -> str:
@@ -323,6 +345,12 @@ class TraceEvent:
                 parts.append(f"MISMATCH: key in {', '.join(self.key_in_maps or ())}")
         elif self.kind == "state":
             parts.append(f"{self.old_state} -> {self.state}")
+        elif self.kind == "collision" and self.entry is not None:
+            e = self.entry
+            cookie = "?" if e.cookie is None else str(e.cookie)
+            parts.append(f"COLLISION: key {self.key or self.key_hex} in {e.map_label} points "
+                         f"to socket {e.sock or '-'} (cookie {cookie}, {e.state}), not to this "
+                         f"one (by {self.compared_by})")
         if self.left_behind:
             parts.append(f"KEY LEFT BEHIND in {', '.join(self.key_in_maps or ())}")
         if self.late:
@@ -420,6 +448,10 @@ class MapWatch:
                 log.debug("tracer: map %s id %d: %s", info.name, info.id, exc)
         return self._handles
 
+    def handles(self) -> list[maps_adapter.MapHandle]:
+        """The audited maps' open handles (re-resolved every ``refresh`` seconds)."""
+        return list(self._resolve())
+
     def holding(self, tup: Tuple4) -> tuple[str, ...]:
         """Names (``name#id``) of the maps that hold the key of the socket ``tup``."""
         key = key_for_socket(self.layout, tup)
@@ -482,9 +514,14 @@ class TracerOptions:
 
     failures_only: bool = False   # updates: only failed ones (daemon)
     #: lifecycle: only sockets' deaths (tcp_destroy_sock), inet_sock_set_state not
-    #: attached (daemon; bpf/trace_lifecycle.bpf.c says why)
+    #: attached (no collision check then)
     deaths_only: bool = False
     all_states: bool = False      # lifecycle: every TCP state transition
+    #: lifecycle: inet_sock_set_state reports only the transition into ESTABLISHED
+    #: (daemon: the collision check; deaths come from tcp_destroy_sock)
+    established_only: bool = False
+    #: at ESTABLISHED, check that the entry of the socket's key points to that socket
+    check_collisions: bool = True
     only_tcp_recvmsg: bool = False  # recv: only sockets receiving via tcp_recvmsg (daemon)
     every_recv: bool = False      # recv: every recvmsg, not once per socket and function
     check_maps: bool = True       # annotate recv/close events with key_in_maps
@@ -497,7 +534,7 @@ class TracerOptions:
 
 def daemon_options() -> TracerOptions:
     """What ``sockguard run`` traces (also the overhead benchmark's configuration)."""
-    return TracerOptions(failures_only=True, deaths_only=True, only_tcp_recvmsg=True,
+    return TracerOptions(failures_only=True, established_only=True, only_tcp_recvmsg=True,
                          filter_watched=True)
 
 
@@ -639,6 +676,7 @@ class Tracer:
         self._watched_fd: int | None = None  # our dups of the shared maps' fds
         self._bits_fd: int | None = None
         self._pending_fds: list[int] = []
+        self.collisions: CollisionCheck | None = None
 
     @property
     def filtering(self) -> bool:
@@ -673,12 +711,36 @@ class Tracer:
             layout = self.watch.layout.name if self.watch is not None else "none"
             log.info("tracer: no kernel-side filter for key layout %s: every socket's events "
                      "reach userspace", layout)
+        self._start_collisions()
         if (self.filtering and self._watched_fd is not None and self._bits_fd is not None
                 and self.watch is not None):
             self.watched = WatchedKeys(self.watch, self._watched_fd, self._bits_fd,
                                        self._pending_fds, self.options)
             self._poll_late()  # fill the set before the first events are waited for
         return self.detections
+
+    def _start_collisions(self) -> None:
+        """Set up the collision check, or say in its detection why it does not run."""
+        det = self.detections.get("collision")
+        if det is None or not det.active:
+            return
+        life = self.detections.get("lifecycle")
+        why = None
+        if not self.options.check_collisions:
+            why = "not asked for"
+        elif self.watch is None or not self.options.check_maps:
+            why = "no maps to look the keys up in (map checks are off)"
+        elif life is None or not life.active:
+            why = f"lifecycle tracepoints not attached: {life.reason if life else '?'}"
+        elif self.options.deaths_only:
+            why = "inet_sock_set_state not attached (deaths only)"
+        if why is not None:
+            self.detections["collision"] = replace(det, active=False, via=None, reason=why)
+            return
+        assert det.via is not None and self.watch is not None
+        reader = EntryReader(self.watch.handles, det.via)
+        reader.prepare()
+        self.collisions = CollisionCheck(reader)
 
     def _rodata(self, obj_name: str) -> bytes:
         o = self.options
@@ -689,7 +751,8 @@ class Tracer:
         if obj_name == "trace_recvpath":
             only = self._syms.address("tcp_recvmsg") if o.only_tcp_recvmsg else None
             return struct.pack("=QBBB5x", only or 0, not o.every_recv, filtering, layout)
-        return struct.pack("=BBB5x", o.all_states, filtering, layout)
+        return struct.pack("=BBBB4x", o.all_states, filtering, layout,
+                           o.established_only and not o.all_states)
 
     def _start_object(self, obj_name: str, variants: dict[str, tuple[str, ...]],
                       wanted: dict[str, Detection], rb: RingBuffer) -> None:
@@ -757,13 +820,17 @@ class Tracer:
         if self._rb is None:
             return 0
         n = self._poll_late()
+        if self.collisions is not None:  # wake up for a due second look
+            due = self.collisions.next_due()
+            if due is not None:
+                timeout_ms = max(0, min(timeout_ms, int((due - time.monotonic()) * 1000) + 1))
         self._batch = []
         try:
             n += self._rb.poll(timeout_ms)
         finally:
             batch, self._batch = self._batch, []
         self._handle(batch)
-        return n
+        return n + self._check_collisions()
 
     def _poll_late(self) -> int:
         """Refresh the watched set when due; handle the parked events it released."""
@@ -791,6 +858,37 @@ class Tracer:
                 continue  # a slot written by two CPUs at once: not one socket's event
             self.events += 1
             self.handler(event)
+            if (self.collisions is not None and event.kind == "state" and not event.late
+                    and event.state == TCP_STATES[TCP_ESTABLISHED] and event.sock is not None
+                    and self.watch is not None):
+                self.collisions.offer(Candidate(
+                    key_for_socket(self.watch.layout, event.sock), event.cookie, event.sock,
+                    event.netns, time.monotonic(), event))
+
+    def _check_collisions(self) -> int:
+        """Look at the due candidates; hand on a ``collision`` event for each confirmed one."""
+        check = self.collisions
+        if check is None or check.next_due() is None:
+            return 0
+        found = check.run()
+        for col in found:
+            ev = col.candidate.payload
+            assert isinstance(ev, TraceEvent)
+            key = col.candidate.key
+            decoded: SockKey | None = None
+            if self.watch is not None:
+                try:
+                    decoded = decode(self.watch.layout, key)
+                except KeyDecodeError:
+                    decoded = None
+            e = col.entry
+            self.events += 1
+            self.handler(replace(ev, kind="collision", key_hex=key.hex(), key=decoded,
+                                 map_id=e.map_id, map_name=e.map_name,
+                                 key_in_maps=(e.map_label,), entry=e,
+                                 compared_by=col.compared_by,
+                                 detected_after=max(0.0, time.time() - ev.time)))
+        return len(found)
 
     def _on_record(self, data: bytes) -> None:
         if len(data) >= EVENT.size:
@@ -846,6 +944,9 @@ class Tracer:
 
     def close(self) -> None:
         """Detach every program and free everything; idempotent."""
+        if self.collisions is not None:
+            self.collisions.reader.close()
+            self.collisions = None
         if self.watch is not None:
             self.watch.close_all()
         self.watched = None

@@ -55,6 +55,37 @@ def bpf_skip_reason() -> str | None:
     return None if ok else why
 
 
+#: The entry sources a kernel path can take (``--entry-source``), each asked of the probe.
+EXACT_ENTRY_SOURCES = ("iterator", "tc_lookup")
+
+
+def entry_source_skip_reason(name: str) -> str | None:
+    """Why the entry source ``name`` cannot run here (the capability probe's words), or None."""
+    reason = bpf_skip_reason()
+    if reason is not None:
+        return reason
+    from sockguard import sockhash_lookup, sockmap_iter
+
+    probe = {"iterator": sockmap_iter.iterator_available,
+             "tc_lookup": sockhash_lookup.lookup_available}[name]
+    ok, why = probe()
+    return None if ok else f"--entry-source {name} cannot run here: {why}"
+
+
+@pytest.fixture(params=EXACT_ENTRY_SOURCES)
+def entry_source(request: pytest.FixtureRequest) -> str:
+    """Each exact entry source in turn, skipped with the probe's reason where refused.
+
+    A test that takes this fixture runs once per source the machine allows,
+    so both paths are exercised wherever both load.
+    """
+    name: str = request.param
+    reason = entry_source_skip_reason(name)
+    if reason is not None:
+        pytest.skip(reason)
+    return name
+
+
 def _is_bpffs(path: Path) -> bool:
     with open("/proc/self/mountinfo") as fh:
         return any(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -112,7 +113,12 @@ def test_dual_stack_socket_with_mapped_addresses_owns_an_ipv4_key() -> None:
 
 
 GATEWAY = IPv4Address("10.0.0.1")
-PROXY_POLICY = AuditPolicy(proxy_ips=frozenset({GATEWAY}))
+PROXY_PORT = 15001
+#: cilium_host's address known, and the proxy listening on its port in the host netns.
+PROXY_POLICY = AuditPolicy(proxy_ips=frozenset({GATEWAY}),
+                           host_listen_ports=frozenset({PROXY_PORT}))
+#: cilium_host's address known, nothing listening on the entry's sport.
+GATEWAY_ONLY = AuditPolicy(proxy_ips=frozenset({GATEWAY}), host_listen_ports=frozenset({22}))
 
 
 def proxy_entry(client: Tuple4, proxy_port: int = 15001) -> MapEntry:
@@ -128,12 +134,55 @@ def test_proxy_entry_is_not_stale_for_not_matching_its_socket() -> None:
     client = tup("10.0.2.2", 40000, "10.96.0.10", 80)  # talking to a service IP
     index = SocketIndex.build([sock(client, 3)])
     entry = proxy_entry(client)
-    assert judge(entry, index, NO_POLICY).kind is Kind.STALE  # unknown gateway: no exception
     v = judge(entry, index, PROXY_POLICY)
     assert v.kind is Kind.PROXY and v.socket is not None and v.socket.cookie == 3
+    # cilium_host unknown: the proxy listening on the sport is evidence enough
+    no_gateway = AuditPolicy(host_listen_ports=frozenset({PROXY_PORT}))
+    assert judge(entry, index, no_gateway).kind is Kind.PROXY
+    # no listener on the sport: the gateway address alone proves nothing
+    assert judge(entry, index, GATEWAY_ONLY).kind is Kind.STALE
+    assert judge(entry, index, NO_POLICY).kind is Kind.STALE
 
 
-def test_proxy_entry_whose_client_is_gone_is_stale_but_marked() -> None:
+def test_proxy_unknown_when_host_listeners_could_not_be_read() -> None:
+    """Could not look is not absence: an entry from the gateway stays a proxy candidate."""
+    client = tup("10.0.2.2", 40000, "10.96.0.10", 80)
+    index = SocketIndex.build([sock(client, 3)])
+    blind = AuditPolicy(proxy_ips=frozenset({GATEWAY}), host_listen_ports=None)
+    assert judge(proxy_entry(client), index, blind).kind is Kind.PROXY
+    gone = judge(proxy_entry(client), SocketIndex.build([]), blind)
+    assert gone.kind is Kind.STALE and gone.details["proxy"] is True  # never deleted
+
+
+# A host -> pod connection from cilium_host's address (kubelet's probes): the pod
+# side's entry has sip = gateway, sport = the host's ephemeral port.
+POD_SIDE = tup("10.0.1.2", 8080, str(GATEWAY), 45678)  # the pod's server socket
+HOST_SIDE = POD_SIDE.reversed()
+
+
+@pytest.mark.parametrize("policy", [PROXY_POLICY, GATEWAY_ONLY, NO_POLICY,
+                                    AuditPolicy(frozenset({GATEWAY}), None)])
+def test_gateway_sourced_connection_is_judged_like_any_other(policy: AuditPolicy) -> None:
+    live_index = SocketIndex.build([sock(POD_SIDE, 1), sock(HOST_SIDE, 2)])
+    pod_entry = entry_for(POD_SIDE, 1)
+    assert pod_entry.key.sip == GATEWAY
+    assert judge(pod_entry, live_index, policy).kind is Kind.OK
+    assert judge(entry_for(HOST_SIDE, 2), live_index, policy).kind is Kind.OK
+    # the same tuple with the entry pointing elsewhere: the pod's peer hangs
+    v = judge(entry_for(POD_SIDE, 99), live_index, policy)
+    assert v.kind is Kind.SHADOWING and v.socket is not None and v.socket.cookie == 1
+
+
+@pytest.mark.parametrize("policy", [PROXY_POLICY, GATEWAY_ONLY, NO_POLICY])
+def test_gateway_sourced_entry_left_behind_is_stale(policy: AuditPolicy) -> None:
+    # Other kubelet probes to the same pod port are alive; this connection is gone.
+    other = tup("10.0.1.2", 8080, str(GATEWAY), 45999)
+    index = SocketIndex.build([sock(other, 5), sock(other.reversed(), 6)])
+    v = judge(entry_for(POD_SIDE, 1), index, policy)
+    assert v.kind is Kind.STALE and "proxy" not in v.details
+
+
+def test_proxy_entry_whose_client_is_gone_is_stale_but_marked() -> None:  # never deleted
     v = judge(proxy_entry(tup("10.0.2.2", 40000, "10.96.0.10", 80)),
               SocketIndex.build([]), PROXY_POLICY)
     assert v.kind is Kind.STALE and v.details["proxy"] is True
@@ -237,3 +286,13 @@ def test_entry_of_a_reset_socket_still_held_open_is_stale_and_says_so() -> None:
     assert v.kind is Kind.STALE
     assert v.details["entry_socket_state"] == "CLOSE"
     assert "reset" in v.reason
+
+
+def test_ipv4_mapped_endpoints_print_as_ipv4() -> None:
+    """A dual-stack socket's IPv4 connection prints as the kernel shows an IPv4 one."""
+    from sockguard.compact import Interner
+
+    mapped = IPv6Address("::ffff:127.0.0.1")
+    assert str(Endpoint(mapped, 8080)) == "127.0.0.1:8080"
+    assert str(Endpoint(IPv6Address("fd00::1"), 443)) == "[fd00::1]:443"
+    assert Interner().endpoint_text(mapped.packed, 8080) == "127.0.0.1:8080"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -49,6 +50,14 @@ def audit_json(lab: Lab, *extra: str) -> tuple[int, dict[str, Any]]:
     return proc.returncode, json.loads(proc.stdout)
 
 
+def entry_cookie_ok(doc: dict[str, Any], finding: dict[str, Any], sock: socket.socket) -> bool:
+    """The finding names ``sock`` as the entry's socket as exactly as its source can."""
+    [m] = [m for m in doc["maps"] if m["id"] == finding["map"]["id"]]
+    if m["exactness"] == "cookie":
+        return bool(finding["entry_cookie"] == cookie(sock))
+    return m["exactness"] == "tuple" and finding["entry_cookie"] is None
+
+
 def cookie(sock: socket.socket) -> int:
     return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), sys.byteorder)
 
@@ -66,7 +75,7 @@ def by_key(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {f["key_hex"]: f for f in doc["findings"]}
 
 
-def test_live_connections_in_every_namespace_are_ok(lab3: Lab) -> None:
+def test_live_connections_in_every_namespace_are_ok(lab3: Lab, entry_source: str) -> None:
     a, b, c = lab3.pods
     conns = [
         lab3.pair(b, a, SERVER_PORT),
@@ -77,32 +86,36 @@ def test_live_connections_in_every_namespace_are_ok(lab3: Lab) -> None:
     keys = set(lab3.keys())
     assert keys == {key_for(s) for pair in conns for s in pair}
 
-    code, doc = audit_json(lab3, "--all")
+    code, doc = audit_json(lab3, "--all", "--entry-source", entry_source)
 
     assert code == 0
     findings = by_key(doc)
     assert set(findings) == {k.hex() for k in keys}
     assert {f["kind"] for f in findings.values()} == {"ok"}
-    assert doc["maps"][0]["source"] == "iterator"
+    assert doc["maps"][0]["source"] == entry_source
+    assert doc["maps"][0]["exactness"] in ("cookie", "tuple")
     assert doc["maps"][0]["counts"] == {"ok": 8, "stale": 0, "shadowing": 0, "proxy": 0,
                                         "recvpath": 0}
     for pair in conns:
         for s in pair:
             f = findings[key_for(s).hex()]
             assert f["socket"]["cookie"] == cookie(s)
-            assert f["details"]["verified_by_cookie"] is True
+            assert (f["details"]["verified_by_cookie"] is True
+                    or f["details"]["verified_by_tuple"] is True)
+    # --all names the process of ok entries' sockets too (this test process holds them)
+    assert {f["owner"]["pid"] for f in findings.values()} == {os.getpid()}
     netns_of = {f["socket"]["netns"]["name"] for f in findings.values()}
     assert netns_of == {ns.name for ns in (a, b, c, lab3.node)}
 
 
-def test_injected_keys_without_a_live_socket_are_stale(lab: Lab) -> None:
+def test_injected_keys_without_a_live_socket_are_stale(lab: Lab, entry_source: str) -> None:
     a, b = lab.pods
     live = lab.pair(b, a, SERVER_PORT)
     stale = [cilium_key(a.addr(), SERVER_PORT, b.addr(), 50000 + i) for i in range(3)]
     stale.append(cilium_key("fd00:dead::1", 443, "fd00:dead::2", 50100, socket.AF_INET6))
     dummies = inject_each(lab, stale)
 
-    code, doc = audit_json(lab)
+    code, doc = audit_json(lab, "--entry-source", entry_source)
 
     assert code == 1
     findings = by_key(doc)
@@ -111,18 +124,18 @@ def test_injected_keys_without_a_live_socket_are_stale(lab: Lab) -> None:
         f = findings[k.hex()]
         assert f["kind"] == "stale" and f["confirmed"] is True
         assert f["map"]["path"] == str(lab.pin_path)
-        assert f["entry_cookie"] == cookie(dummy)
+        assert entry_cookie_ok(doc, f, dummy)
     v6 = findings[stale[-1].hex()]["key"]
     assert v6 == {"family": 6, "sip": "fd00:dead::2", "sport": 50100,
                   "dip": "fd00:dead::1", "dport": 443}
     assert all(key_for(s).hex() not in findings for s in live)
 
-    text = sockguard("audit", "--map", str(lab.pin_path))
+    text = sockguard("audit", "--map", str(lab.pin_path), "--entry-source", entry_source)
     assert text.returncode == 1
     assert f"{b.addr()}:50000 -> {a.addr()}:{SERVER_PORT}" in text.stdout
 
 
-def test_seed_hang_is_reported_as_shadowing_and_cleaned(lab: Lab) -> None:
+def test_seed_hang_is_reported_as_shadowing_and_cleaned(lab: Lab, entry_source: str) -> None:
     server_pod, client_pod = lab.pods
     s_ip, c_ip = server_pod.addr(), client_pod.addr()
     listener = lab.listen(server_pod, port=SERVER_PORT)
@@ -141,22 +154,23 @@ def test_seed_hang_is_reported_as_shadowing_and_cleaned(lab: Lab) -> None:
         srv.recv(64)  # the seed's hang: the payload went elsewhere
     assert recv_exact(dummy, 12) == b"GET /healthz"
 
-    code, doc = audit_json(lab)
+    code, doc = audit_json(lab, "--entry-source", entry_source)
     assert code == 1
     [finding] = [f for f in doc["findings"] if f["key_hex"] == future.hex()]
     assert finding["kind"] == "shadowing" and finding["confirmed"] is True
     assert finding["socket"]["cookie"] == cookie(srv)  # the endangered connection
     assert finding["socket"]["netns"]["name"] == server_pod.name
-    assert finding["entry_cookie"] == cookie(dummy)
+    assert entry_cookie_ok(doc, finding, dummy)
     assert finding["owner"]["comm"].startswith("py")
     assert [f["kind"] for f in doc["findings"]] == ["shadowing"]
 
-    dry = sockguard("clean", "--map", str(lab.pin_path), "--json")
+    dry = sockguard("clean", "--map", str(lab.pin_path), "--json", "--entry-source", entry_source)
     assert dry.returncode == 1, dry.stderr
     assert [d["outcome"] for d in json.loads(dry.stdout)["deletions"]] == ["would-delete"]
     assert future in lab.keys()
 
-    done = sockguard("clean", "--map", str(lab.pin_path), "--apply", "--json")
+    done = sockguard("clean", "--map", str(lab.pin_path), "--apply", "--json",
+                     "--entry-source", entry_source)
     assert done.returncode == 0, done.stderr
     deletions = json.loads(done.stdout)["deletions"]
     assert [(d["outcome"], d["key_hex"]) for d in deletions] == [("deleted", future.hex())]
@@ -172,10 +186,10 @@ def test_seed_hang_is_reported_as_shadowing_and_cleaned(lab: Lab) -> None:
     srv2.sendall(b"pong")
     assert recv_exact(cli2, 4) == b"pong"
     assert key_for(srv2) in lab.keys()  # accelerated again, under its own key
-    assert audit_json(lab)[0] == 0
+    assert audit_json(lab, "--entry-source", entry_source)[0] == 0
 
 
-def test_clean_under_churn_deletes_no_live_entry(lab3: Lab) -> None:
+def test_clean_under_churn_deletes_no_live_entry(lab3: Lab, entry_source: str) -> None:
     a, b, c = lab3.pods
     injected = {cilium_key(a.addr(), 9999, c.addr(), 61000 + i) for i in range(20)}
     inject_each(lab3, sorted(injected))
@@ -216,6 +230,7 @@ def test_clean_under_churn_deletes_no_live_entry(lab3: Lab) -> None:
     try:
         for _ in range(3):
             proc = sockguard("clean", "--map", str(lab3.pin_path), "--apply", "--json",
+                             "--entry-source", entry_source,
                              "--confirm-delay", "0.05")
             assert proc.returncode in (0, 1), proc.stderr
             for d in json.loads(proc.stdout)["deletions"]:
@@ -249,7 +264,7 @@ def test_audit_and_clean_refuse_a_key_owned_by_a_live_socket_found_late(lab: Lab
     assert "stale" in proc.stdout
 
 
-def test_entry_of_a_reset_socket_held_open_is_stale(lab: Lab) -> None:
+def test_entry_of_a_reset_socket_held_open_is_stale(lab: Lab, entry_source: str) -> None:
     """A reset socket keeps its key until its process closes the fd: that key
     blocks the next connection with the same tuple, so it is stale."""
     a, b = lab.pods
@@ -264,12 +279,13 @@ def test_entry_of_a_reset_socket_held_open_is_stale(lab: Lab) -> None:
     while cli_key in lab.keys() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert srv_key in lab.keys()
-    code, doc = audit_json(lab)
+    code, doc = audit_json(lab, "--entry-source", entry_source)
     assert code == 1
     [f] = doc["findings"]
     assert (f["key_hex"], f["kind"]) == (srv_key.hex(), "stale")
     assert f["details"]["entry_socket_state"] == "CLOSE"
-    assert f["entry_cookie"] == srv_cookie
+    assert (f["entry_cookie"] == srv_cookie
+            or (f["entry_cookie"] is None and doc["maps"][0]["exactness"] == "tuple"))
 
 
 def test_maps_lists_the_lab_map_with_its_program_and_entries(lab: Lab) -> None:
@@ -290,20 +306,21 @@ def test_maps_lists_the_lab_map_with_its_program_and_entries(lab: Lab) -> None:
     assert "sk_msg:lab_sk_msg" in text.stdout
 
 
-def test_audit_discovers_the_pinned_map_without_map_flag(lab: Lab) -> None:
+def test_audit_discovers_the_pinned_map_without_map_flag(lab: Lab, entry_source: str) -> None:
     a, b = lab.pods
     [dummy] = inject_each(lab, [cilium_key(a.addr(), 1, b.addr(), 2)])
-    proc = sockguard("audit", "--json")
+    proc = sockguard("audit", "--json", "--entry-source", entry_source)
     assert proc.returncode == 1, proc.stderr
     doc = json.loads(proc.stdout)
     ours = [f for f in doc["findings"] if f["map"]["path"] == str(lab.pin_path)]
     assert [f["kind"] for f in ours] == ["stale"]
-    assert ours[0]["entry_cookie"] == cookie(dummy)
+    assert entry_cookie_ok(doc, ours[0], dummy)
 
 
 def test_l7_proxy_entry_is_proxy_not_stale(lab: Lab) -> None:
     """Cilium's proxy redirect: sip = host gateway, sport = proxy port, dip:dport =
-    the client's own local side; it does not describe its socket's full tuple."""
+    the client's own local side; it does not describe its socket's full tuple.
+    The evidence that it is one: the proxy listens on that port in the host netns."""
     a, b = lab.pods
     listener = lab.listen(a, port=SERVER_PORT)
     # The client is made outside the lab cgroup so that sockops does not key it by
@@ -314,21 +331,79 @@ def test_l7_proxy_entry_is_proxy_not_stale(lab: Lab) -> None:
     cli.connect((a.addr(), SERVER_PORT))
     lab.accept(listener)
     client_ip, client_port = cli.getsockname()[:2]
-    gateway, proxy_port = b.gw4, 15001
+    # "The proxy": a listener in the host namespace (where this test runs), no traffic.
+    proxy = lab.track(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(1)
+    gateway, proxy_port = b.gw4, proxy.getsockname()[1]
     entry = raw_key(gateway, proxy_port, client_ip, client_port)
     lab.inject(entry, cli)
 
-    code, doc = audit_json(lab, "--all", "--proxy-ip", str(gateway))
-    assert code == 0, doc
-    [f] = [f for f in doc["findings"] if f["key_hex"] == entry.hex()]
-    assert f["kind"] == "proxy"
-    assert f["entry_cookie"] == cookie(cli)
-    assert f["socket"]["local"] == f"{client_ip}:{client_port}"
-
-    code, doc = audit_json(lab)  # without knowing the gateway, it cannot be told apart
-    assert code == 1
-    assert [f["kind"] for f in doc["findings"] if f["key_hex"] == entry.hex()] == ["stale"]
-    cleaned = sockguard("clean", "--map", str(lab.pin_path), "--apply", "--json",
-                        "--proxy-ip", str(gateway))
+    for extra in (("--proxy-ip", str(gateway)), ()):  # with or without cilium_host known
+        code, doc = audit_json(lab, "--all", *extra)
+        assert code == 0, doc
+        [f] = [f for f in doc["findings"] if f["key_hex"] == entry.hex()]
+        assert f["kind"] == "proxy"
+        assert f["entry_cookie"] == cookie(cli)
+        assert f["socket"]["local"] == f"{client_ip}:{client_port}"
+        dry = sockguard("clean", "--map", str(lab.pin_path), "--json", *extra)
+        assert dry.returncode == 0, dry.stderr
+        assert json.loads(dry.stdout)["deletions"] == []
+    cleaned = sockguard("clean", "--map", str(lab.pin_path), "--apply", "--json")
     assert cleaned.returncode == 0, cleaned.stderr
     assert entry in lab.keys()
+
+
+def test_gateway_sourced_connection_is_ok_stale_or_shadowing(lab: Lab, entry_source: str) -> None:
+    """Host -> pod from cilium_host's address (kubelet's probes) is judged like any connection,
+    although that address is also the one L7-proxy entries carry."""
+    pod, _ = lab.pods
+    gateway, pod_ip = str(pod.gw4), pod.addr()
+    gw = ("--proxy-ip", gateway, "--entry-source", entry_source)
+    listener = lab.listen(pod, port=SERVER_PORT)
+    probe_cli = lab.connect(lab.node, pod_ip, SERVER_PORT, src_ip=gateway)
+    probe_srv = lab.accept(listener)
+    assert key_for(probe_srv) in lab.keys()
+    assert raw_key(gateway, probe_cli.getsockname()[1], pod_ip, SERVER_PORT) == key_for(probe_srv)
+
+    code, doc = audit_json(lab, "--all", *gw)  # live: ok, not proxy
+    assert code == 0, doc
+    assert {f["kind"] for f in doc["findings"]} == {"ok"} and len(doc["findings"]) == 2
+
+    # left behind: an entry of a gateway connection that is gone, beside a live one
+    left = cilium_key(pod_ip, SERVER_PORT, gateway, 45000)
+    inject_each(lab, [left])
+    code, doc = audit_json(lab, *gw)
+    assert code == 1
+    assert [(f["key_hex"], f["kind"]) for f in doc["findings"]] == [(left.hex(), "stale")]
+
+    # colliding: the pod side of the next probe from gateway:CLIENT_PORT
+    future = cilium_key(pod_ip, SERVER_PORT, gateway, CLIENT_PORT)
+    [dummy] = inject_each(lab, [future])
+    cli = lab.connect(lab.node, pod_ip, SERVER_PORT, src_ip=gateway, src_port=CLIENT_PORT)
+    srv = lab.accept(listener)
+    cli.sendall(b"GET /healthz")
+    srv.settimeout(1.0)
+    with pytest.raises(TimeoutError):
+        srv.recv(64)
+    assert recv_exact(dummy, 12) == b"GET /healthz"
+    code, doc = audit_json(lab, *gw)
+    assert code == 1
+    kinds = {f["key_hex"]: f["kind"] for f in doc["findings"]}
+    assert kinds == {left.hex(): "stale", future.hex(): "shadowing"}
+    [shadow] = [f for f in doc["findings"] if f["kind"] == "shadowing"]
+    assert shadow["socket"]["cookie"] == cookie(srv)
+
+    done = sockguard("clean", "--map", str(lab.pin_path), "--apply", "--json", *gw)
+    assert done.returncode == 0, done.stderr
+    deleted = {d["key_hex"] for d in json.loads(done.stdout)["deletions"]
+               if d["outcome"] == "deleted"}
+    assert deleted == {left.hex(), future.hex()}
+    assert key_for(probe_srv) in lab.keys() and key_for(probe_cli) in lab.keys()
+    close_rst(cli)
+    close_rst(srv)
+    cli2 = lab.connect(lab.node, pod_ip, SERVER_PORT, src_ip=gateway, src_port=CLIENT_PORT)
+    srv2 = lab.accept(listener)
+    cli2.sendall(b"ping")
+    assert recv_exact(srv2, 4) == b"ping"
+    assert audit_json(lab, *gw)[0] == 0

@@ -42,8 +42,10 @@ NON_DEFAULT: dict[str, tuple[str, object]] = {
                                                      ip_address("fd00::1"))),
     "audit.confirm_delay": ("0", 0.0),
     "audit.use_iterator": ("false", False),
+    "audit.entry_source": ('"tc_lookup"', "tc_lookup"),
     "remediation.enabled": ("true", True),
     "remediation.max_deletes": ("7", 7),
+    "remediation.delete_unproven": ("true", True),
     "metrics.enabled": ("false", False),
     "metrics.address": ('"::1"', "::1"),
     "metrics.port": ("19999", 19999),
@@ -362,6 +364,10 @@ def test_refusal_reasons_map_remediations_words_to_bounded_labels() -> None:
         ("refused", "refused: L7 proxy entries are reported, not deleted"): "proxy_entry",
         ("refused", "refused: a live socket owns 1 -> 2 now (netns host)"): "live_owner",
         ("refused", "refused: the entry now belongs to its live owner"): "owner_matches",
+        ("refused", "refused: recvpath entries are deleted only with --delete-unproven "
+                    "(remediation.delete_unproven)"): "unproven",
+        ("refused", "refused: no live socket owns 1 -> 2 now; the next audit judges the "
+                    "entry again"): "no_owner",
         ("refused", "refused: something new"): "other",
     }
     for (outcome, reason), label in cases.items():

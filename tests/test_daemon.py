@@ -59,8 +59,10 @@ class RunningDaemon:
     """One ``sockguard run`` subprocess: its config file, log, metrics and signals."""
 
     def __init__(self, tmp: Path, map_path: Path, interval: float = 0.5,
-                 remediate: bool = False, env: dict[str, str] | None = None) -> None:
+                 remediate: bool = False, env: dict[str, str] | None = None,
+                 entry_source: str = "auto") -> None:
         self.tmp = tmp
+        self.entry_source = entry_source
         self.port = free_port()
         self.config = tmp / "sockguard.toml"
         self.log_path = tmp / "daemon.log"
@@ -79,6 +81,7 @@ class RunningDaemon:
     def write_config(self, interval: float, remediate: bool, extra: str = "") -> None:
         self.config.write_text(
             f'[audit]\ninterval = {interval}\nmaps = ["{self.map_path}"]\n'
+            f'entry_source = "{self.entry_source}"\n'
             f"[remediation]\nenabled = {'true' if remediate else 'false'}\nmax_deletes = 10\n"
             f'[metrics]\naddress = "127.0.0.1"\nport = {self.port}\n'
             f'[log]\ntarget = "stderr"\nlevel = "info"\n{extra}'
@@ -243,10 +246,11 @@ def test_gauges_follow_stale_and_shadowing_entries_and_nothing_is_deleted(
 
 
 def test_remediation_deletes_stale_and_shadowing_entries(
-        lab: Lab, start_daemon: Callable[..., RunningDaemon]) -> None:
-    d = start_daemon(lab.pin_path, interval=0.5, remediate=True)
+        lab: Lab, start_daemon: Callable[..., RunningDaemon], entry_source: str) -> None:
+    d = start_daemon(lab.pin_path, interval=0.5, remediate=True, entry_source=entry_source)
     _ready(d)
     assert d.value("sockguard_remediation_enabled") == 1
+    assert d.value("sockguard_entry_source_info", source=entry_source, exactness="cookie") == 1
 
     stale_key = _make_stale(lab)
     d.wait_value("sockguard_deletions_total", lambda v: v == 1, timeout=SLOW, kind="stale")
@@ -255,6 +259,7 @@ def test_remediation_deletes_stale_and_shadowing_entries(
     server_key, client_key, _cli, _srv = _make_shadowing(lab)
     d.wait_value("sockguard_deletions_total", lambda v: v == 1, timeout=SLOW,
                  kind="shadowing")
+    assert f"SOCKGUARD_KEY={server_key.hex()}" in d.log()
     keys = lab.keys()
     assert server_key not in keys
     assert client_key in keys, "the live client's own (ok) entry is kept"

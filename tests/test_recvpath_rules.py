@@ -135,7 +135,7 @@ def test_proxy_entry_whose_client_is_dead_is_stale_not_proxy() -> None:
     gw = ip_address("10.0.2.1")
     client = tup("10.0.2.2", 40000, "10.0.1.2", 8080)
     proxy_key = Tuple4(4, client.local, Endpoint(gw, 15001))
-    policy = AuditPolicy(frozenset({gw}))
+    policy = AuditPolicy(frozenset({gw}), host_listen_ports=frozenset({15001}))
     index = SocketIndex.build([live(client, 3, RECV_BPF, state=4)])
     assert judge(entry(proxy_key, 3, client), index, policy).kind is Kind.PROXY
     v = judge(entry(proxy_key, 3, client, state=4, dead=True), index, policy)
@@ -183,12 +183,20 @@ def test_a_dead_entry_is_deletable_while_its_own_socket_finishes_closing() -> No
     assert _reverify(Kind.STALE, dead, None)
 
 
-def test_clean_never_deletes_recvpath_findings() -> None:
+def test_clean_does_not_delete_recvpath_findings_unasked() -> None:
+    """Refused (so ``clean`` exits 1), never deleted: ``_Handle`` cannot even delete.
+
+    Opting in (``delete_unproven``) is tested in test_policy.py; a finding whose
+    entry socket is not unknown stays refused even then.
+    """
     from sockguard.model import Finding
     from sockguard.remediation import clean
 
     f = Finding(Kind.RECVPATH, MAP, entry(SERVER, None), "why", live(SERVER, 1), None, True, {})
-    assert clean(cast(Any, _Handle(MAP)), [f], cast(Any, _Probe(None)), apply=True) == []
+    for opt_in in (False, True):
+        [d] = clean(cast(Any, _Handle(MAP)), [f], cast(Any, _Probe(live(SERVER, 1))),
+                    apply=True, delete_unproven=opt_in)
+        assert d.outcome == "refused", d
 
 
 # --- properties -------------------------------------------------------------------------

@@ -1,0 +1,184 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * sockhash_lookup: which socket one sockhash/sockmap key points to, without an
+ * iterator.
+ *
+ * Where iter/sockmap cannot load (kernels before 5.10, or a node whose policy
+ * refuses map iterators), userspace still cannot look up the socket behind a
+ * key of a 4-byte-value map (ENOSPC).  A SCHED_CLS program may: since 5.10
+ * bpf_map_lookup_elem() on a sockmap/sockhash returns a referenced
+ * `struct bpf_sock *` (net/core/sock_map.c, sock_map_lookup /
+ * sock_hash_lookup, reachable from tc since "bpf, sockmap: Allow
+ * sockmap/sockhash lookups from BPF").  Userspace runs the program with
+ * BPF_PROG_TEST_RUN, one key per run: the test packet carries an Ethernet
+ * header, 2 bytes of padding and then one `struct record` (the same layout as sockmap_iter's)
+ * whose key the program reads and whose other fields it fills; the packet
+ * comes back as the run's data_out.
+ *
+ * Two programs, the loader takes the first that the kernel accepts:
+ * - lookup_btf also casts the socket to its kernel type with
+ *   bpf_skc_to_tcp_sock() (networking programs since 5.10, for CAP_PERFMON)
+ *   and reads what sockmap_iter reads: cookie field, netns, SOCK_DEAD, receive
+ *   path.  The cookie is the skc_cookie field, 0 until something generated it
+ *   (sock_diag does for every socket it lists): userspace scans first.
+ * - lookup_tuple reads only the struct bpf_sock fields: family, state and
+ *   the tuple (REC_TUPLE_ONLY).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
+
+/* The record starts 16 bytes in: an Ethernet header (14, the least a test run
+ * takes) and 2 bytes that align the record for 8-byte loads. */
+#define RECORD_OFF 16
+#define KEY_MAX 64
+#define AF_INET 2
+#define AF_INET6 10
+
+#define REC_HAS_SOCKET 0x1
+#define REC_DEAD 0x2
+#define REC_TUPLE_ONLY 0x4 /* cookie, netns, dead and recv are not known */
+
+/* Receive path codes, as in sock_state.h (sockguard/compact.py RECV_*). */
+#define RECV_UNKNOWN 0
+#define RECV_TCP 1
+#define RECV_BPF 2
+#define RECV_OTHER 3
+
+char _license[] SEC("license") = "GPL";
+
+/* sockmap_iter.bpf.c's struct record, byte for byte (sockguard/sockmap_iter.py RECORD). */
+struct record {
+	__u8 key[KEY_MAX];
+	__u64 cookie;
+	__u64 netns_ino;
+	__u32 key_len;
+	__u16 family;
+	__u8 state;
+	__u8 flags;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 recv;
+	__u8 _pad[3];
+};
+
+/* The same .rodata as the iterators (struct sg_config of sock_state.h). */
+struct sg_config {
+	__u64 tcp_recvmsg;
+	__u64 tcp_bpf_recvmsg;
+	__u64 tcp_bpf_recvmsg_parser;
+	__u32 key_size;
+	__u32 _pad;
+};
+
+const volatile struct sg_config sg_config = {};
+
+/* Replaced before load by the map to read (bpf_map__reuse_fd takes its real sizes). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} target SEC(".maps");
+
+static __always_inline struct record *packet_record(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct record *rec = data + RECORD_OFF;
+
+	if ((void *)(rec + 1) > data_end)
+		return NULL;
+	return rec;
+}
+
+static __always_inline void copy_tuple(struct record *rec, struct bpf_sock *sk)
+{
+	/*
+	 * dst_port: a 4-byte load is accepted by every kernel (the field became
+	 * __be16 + 16 bits of padding in 5.18, 4421a582718a); its low 16 bits
+	 * hold the port in network order.
+	 */
+	__u32 dport = *(volatile __u32 *)&sk->dst_port;
+
+	rec->family = sk->family;
+	rec->state = sk->state;
+	rec->sport = sk->src_port;
+	rec->dport = bpf_ntohs((__u16)dport);
+	if (rec->family == AF_INET6) {
+		/* ctx fields: one constant-offset load each (no pointer arithmetic on a sock) */
+		((__u32 *)rec->saddr)[0] = sk->src_ip6[0];
+		((__u32 *)rec->saddr)[1] = sk->src_ip6[1];
+		((__u32 *)rec->saddr)[2] = sk->src_ip6[2];
+		((__u32 *)rec->saddr)[3] = sk->src_ip6[3];
+		((__u32 *)rec->daddr)[0] = sk->dst_ip6[0];
+		((__u32 *)rec->daddr)[1] = sk->dst_ip6[1];
+		((__u32 *)rec->daddr)[2] = sk->dst_ip6[2];
+		((__u32 *)rec->daddr)[3] = sk->dst_ip6[3];
+	} else {
+		*(__u32 *)rec->saddr = sk->src_ip4;
+		*(__u32 *)rec->daddr = sk->dst_ip4;
+	}
+}
+
+static __always_inline __u8 recv_code(__u64 fn)
+{
+	__u64 tcp = sg_config.tcp_recvmsg, bpf = sg_config.tcp_bpf_recvmsg;
+	__u64 parser = sg_config.tcp_bpf_recvmsg_parser;
+
+	if (!fn)
+		return RECV_UNKNOWN;
+	if (tcp && fn == tcp)
+		return RECV_TCP;
+	if ((bpf && fn == bpf) || (parser && fn == parser))
+		return RECV_BPF;
+	return tcp && bpf ? RECV_OTHER : RECV_UNKNOWN;
+}
+
+static __always_inline int lookup(struct __sk_buff *skb, bool btf)
+{
+	__u8 key[KEY_MAX];
+	struct record *rec = packet_record(skb);
+	struct bpf_sock *sk;
+
+	if (!rec)
+		return 1;
+	__builtin_memcpy(key, rec->key, KEY_MAX);
+	rec->flags = 0;
+	sk = bpf_map_lookup_elem(&target, key);
+	if (!sk)
+		return 0;
+	rec->flags = REC_HAS_SOCKET | REC_TUPLE_ONLY;
+	copy_tuple(rec, sk);
+	if (btf) {
+		struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+
+		if (tp) {
+			struct sock *s = (struct sock *)tp;
+			unsigned long sk_flags = s->__sk_common.skc_flags;
+			int dead = bpf_core_enum_value(enum sock_flags, SOCK_DEAD);
+
+			rec->flags = REC_HAS_SOCKET | ((sk_flags >> dead) & 1 ? REC_DEAD : 0);
+			rec->cookie = s->__sk_common.skc_cookie.counter;
+			rec->netns_ino = s->__sk_common.skc_net.net->ns.inum;
+			rec->recv = recv_code((__u64)s->__sk_common.skc_prot->recvmsg);
+		}
+	}
+	bpf_sk_release(sk);
+	return 0;
+}
+
+SEC("tc")
+int lookup_btf(struct __sk_buff *skb)
+{
+	return lookup(skb, true);
+}
+
+SEC("tc")
+int lookup_tuple(struct __sk_buff *skb)
+{
+	return lookup(skb, false);
+}

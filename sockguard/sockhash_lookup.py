@@ -1,0 +1,181 @@
+"""Which socket each key of a sockhash points to, without an iterator.
+
+The second entry source, for nodes where ``iter/sockmap`` cannot load
+(kernels before 5.10, or a policy that refuses map iterators: on some
+machines of the development kind every ``iter/sockmap`` load is EPERM while
+tc programs load).  ``bpf/sockhash_lookup.bpf.c`` is a SCHED_CLS program
+that looks one key up in the map (``bpf_map_lookup_elem`` on a sockhash
+returns the socket to tc programs, 4-byte value or not) and writes the
+socket into the test packet; :class:`Reader` runs it with
+``BPF_PROG_TEST_RUN`` once per key the syscall walk listed.
+
+Records have the sockmap iterator's shape (:data:`~sockguard.compact.Record`),
+so the audit core treats both sources alike.  How exact they are depends on
+which of the object's two programs the kernel takes:
+
+- ``lookup_btf`` (``exactness = "cookie"``): also the socket's cookie field,
+  netns, SOCK_DEAD and receive path, through ``bpf_skc_to_tcp_sock``.  The
+  cookie field is 0 until generated, as with the sockmap iterator's compat
+  program: a look scans the sockets (which generates every listed socket's
+  cookie) before it reads the map;
+- ``lookup_tuple`` (``exactness = "tuple"``): family, state and tuple only.
+  Their cookie is :data:`~sockguard.compact.COOKIE_UNKNOWN`; the audit then
+  judges an entry by whether its socket's tuple and state are the owner's.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import socket
+from pathlib import Path
+
+import sockguard
+from sockguard import libbpf, recvsyms
+from sockguard.compact import COOKIE_UNKNOWN, Record, gc_paused
+from sockguard.errors import LibbpfMissingError, NotRootError
+from sockguard.libbpf import BpfError
+from sockguard.sockmap_iter import KEY_MAX, REC_DEAD, REC_HAS_SOCKET, RECORD
+
+OBJECT_PATH = Path(sockguard.__file__).parent / "bpf" / "sockhash_lookup.bpf.o"
+BTF_PROGRAM = "lookup_btf"
+TUPLE_PROGRAM = "lookup_tuple"
+TARGET_MAP = "target"
+REC_TUPLE_ONLY = 0x4
+#: Where the record starts in the test packet (bpf/sockhash_lookup.bpf.c RECORD_OFF).
+RECORD_OFF = 16
+PACKET_SIZE = RECORD_OFF + RECORD.size
+#: Exactness of each program's records (the JSON's ``entry_exactness``).
+EXACTNESS = {BTF_PROGRAM: "cookie", TUPLE_PROGRAM: "tuple"}
+
+
+def _load(map_fd: int, key_size: int, program: str) -> libbpf.BpfObject:
+    if not OBJECT_PATH.is_file():
+        raise LibbpfMissingError(
+            f"{OBJECT_PATH} is missing: reinstall sockguard (pip install .) to build BPF objects"
+        )
+    obj = libbpf.BpfObject(OBJECT_PATH)
+    try:
+        obj.set_rodata(recvsyms.config(key_size))
+        obj.reuse_map(TARGET_MAP, map_fd)
+        for name in (BTF_PROGRAM, TUPLE_PROGRAM):
+            obj.program(name).set_autoload(name == program)
+        obj.load()
+    except BaseException:
+        obj.close()
+        raise
+    return obj
+
+
+@functools.cache
+def _probe() -> tuple[str | None, str]:
+    """(the program this kernel loads, or None; why) — tried once per process."""
+    try:
+        fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_SOCKHASH, "sg_probe_sh", 44, 4, 1)
+    except BpfError as exc:
+        return None, f"cannot create a sockhash to probe the tc lookup: {exc}"
+    except LibbpfMissingError as exc:
+        return None, str(exc)
+    why = ""
+    try:
+        for program in (BTF_PROGRAM, TUPLE_PROGRAM):
+            try:
+                obj = _load(fd, 44, program)
+            except LibbpfMissingError as exc:
+                return None, str(exc)
+            except BpfError as exc:
+                first = str(exc).splitlines()[0]
+                why = f"the kernel refuses a tc program's sockhash lookup: {first}"
+                if exc.errno == errno.EPERM:
+                    why = f"loading the tc lookup program is not permitted: {exc.strerror}"
+                continue
+            try:
+                reader = Reader(obj, program, 44)
+                reader.lookup(bytes(44))  # a run must work too, not only the load
+            except BpfError as exc:
+                why = f"running the tc lookup program fails: {exc}"
+                continue
+            finally:
+                obj.close()
+            if program == BTF_PROGRAM:
+                return program, ("tc lookup loads (bpf_map_lookup_elem from SCHED_CLS, "
+                                 "BPF_PROG_TEST_RUN): tuple, state, cookie, receive path")
+            return program, ("tc lookup loads with struct bpf_sock fields only (this kernel "
+                             "refuses bpf_skc_to_tcp_sock there): tuple and state, no cookie")
+    finally:
+        os.close(fd)
+    return None, why
+
+
+def lookup_available() -> tuple[bool, str]:
+    """Whether the tc lookup source can run here, and if not, why (cached)."""
+    program, why = _probe()
+    return program is not None, why
+
+
+def lookup_exactness() -> str | None:
+    """``"cookie"`` or ``"tuple"``: what this kernel's tc lookup records tell; None: none."""
+    program = _probe()[0]
+    return EXACTNESS[program] if program else None
+
+
+class Reader:
+    """The tc lookup program loaded for one map; :meth:`lookup` runs it for one key."""
+
+    def __init__(self, obj: libbpf.BpfObject, program: str, key_size: int) -> None:
+        self._obj = obj
+        self.key_size = key_size
+        self.program = program
+        self._run = libbpf.TestRun(obj.program(program).fd, PACKET_SIZE)
+        self._prefix = bytes(RECORD_OFF)
+        self._pad = bytes(RECORD.size - key_size)
+
+    def lookup(self, key: bytes) -> Record | None:
+        """The socket ``key`` points to, as a record; None when the key holds none."""
+        retval, out = self._run.run(self._prefix + key + self._pad)
+        if retval != 0 or len(out) < PACKET_SIZE:
+            raise BpfError(errno.EIO, f"tc lookup: program returned {retval}, "
+                                      f"{len(out)} bytes")
+        (_key, cookie, netns, _klen, family, state, flags, saddr, daddr, sport, dport,
+         recv) = RECORD.unpack_from(out, RECORD_OFF)
+        if not flags & REC_HAS_SOCKET:
+            return None
+        if family == socket.AF_INET:
+            saddr, daddr = saddr[:4], daddr[:4]
+        if flags & REC_TUPLE_ONLY:
+            cookie, netns, recv = COOKIE_UNKNOWN, 0, 0
+        return (key, cookie, netns, family, state, saddr, daddr, sport, dport,
+                bool(flags & REC_DEAD), recv)
+
+
+def read_records(map_fd: int, key_size: int, keys: list[bytes],
+                 program: str | None = None) -> dict[bytes, Record]:
+    """The socket behind each of ``keys`` in the sockhash/sockmap ``map_fd``.
+
+    A key deleted since it was listed is left out, as the iterator would
+    not have seen it.  Tuple-only records carry ``cookie = COOKIE_UNKNOWN``.
+    ``program`` (default: the one this kernel takes) lets a caller that
+    wants tuple-only records ask for ``TUPLE_PROGRAM`` where both load.
+    """
+    if not 0 < key_size <= KEY_MAX:
+        raise ValueError(f"key size {key_size} not in 1..{KEY_MAX}")
+    program = program or _probe()[0] or BTF_PROGRAM
+    try:
+        obj = _load(map_fd, key_size, program)
+    except BpfError as exc:
+        if exc.errno == errno.EPERM:
+            raise NotRootError(f"loading the tc lookup program: {exc.strerror}") from None
+        raise
+    result: dict[bytes, Record] = {}
+    try:
+        reader = Reader(obj, program, key_size)
+        lookup = reader.lookup
+        with gc_paused():
+            for key in keys:
+                rec = lookup(key)
+                if rec is not None:
+                    result[key] = rec
+    finally:
+        obj.close()
+    return result

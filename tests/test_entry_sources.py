@@ -1,0 +1,214 @@
+"""Which socket each entry points to, from every source the kernel allows.
+
+The sockmap iterator and the tc lookup (a SCHED_CLS program run with
+BPF_PROG_TEST_RUN) must agree on every entry, and the audit must reach the
+same verdicts from each, including from the tuple-only variant of the tc
+lookup that kernels refusing ``bpf_skc_to_tcp_sock`` in tc programs give.
+Each source is asked of the capability probe: one the machine refuses is
+skipped with the probe's reason; where both load, both are exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Callable
+
+import pytest
+
+from sockguard import libbpf, sockhash_lookup, sockmap_iter
+from sockguard.audit import AuditPolicy
+from sockguard.compact import COOKIE_UNKNOWN
+from sockguard.layout import CILIUM
+from sockguard.maps import open_map, select_maps
+from sockguard.model import Kind
+from sockguard.node_audit import EntrySource, entry_source, run_audit
+from sockguard.remediation import reverify
+from sockguard.sockets import OwnerProbe
+from tests.conftest import entry_source_skip_reason
+from tests.lab import Lab, cilium_key, key_for, recv_exact
+
+pytestmark = pytest.mark.kernel
+
+SERVER_PORT = 8080
+CLIENT_PORT = 40000
+SO_COOKIE = 57
+KEY = 44
+
+
+def _need(name: str) -> None:
+    reason = entry_source_skip_reason(name)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _tuple_program_loads() -> None:
+    """Skip unless the tuple-only tc program loads here (it needs less than the other)."""
+    _need("tc_lookup")
+    fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_SOCKHASH, "sg_t_tuple", KEY, 4, 1)
+    try:
+        sockhash_lookup._load(fd, KEY, sockhash_lookup.TUPLE_PROGRAM).close()
+    except libbpf.BpfError as exc:
+        pytest.skip(f"the tuple-only tc lookup does not load here: {exc}")
+    finally:
+        os.close(fd)
+
+
+def cookie(sock: socket.socket) -> int:
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+
+
+#: A tc lookup forced to its tuple-only program, as kernels without the BTF cast give it.
+TUPLE_ONLY = EntrySource("tc_lookup", "tuple", False, "forced by the test")
+
+
+def test_probe_answers_with_a_reason() -> None:
+    ok, why = sockhash_lookup.lookup_available()
+    assert why, "the probe must say why, either way"
+    if ok:
+        assert sockhash_lookup.lookup_exactness() in ("cookie", "tuple")
+        assert why.startswith("tc lookup loads")
+    else:
+        assert sockhash_lookup.lookup_exactness() is None
+
+
+def test_auto_prefers_the_iterator_then_the_tc_lookup() -> None:
+    src = entry_source("auto")
+    if sockmap_iter.iterator_available()[0]:
+        assert (src.name, src.exactness) == ("iterator", "cookie")
+    elif sockhash_lookup.lookup_available()[0]:
+        assert src.name == "tc_lookup"
+        assert src.exactness == sockhash_lookup.lookup_exactness()
+    else:
+        assert (src.name, src.exactness) == ("syscall", "none")
+        assert "no entry source can run here" in src.reason
+    assert entry_source("syscall").exactness == "none"
+
+
+MakeMap = Callable[..., int]
+TcpPair = Callable[..., tuple[socket.socket, socket.socket]]
+SOCKHASH = libbpf.BPF_MAP_TYPE_SOCKHASH
+
+
+def test_tc_lookup_agrees_with_the_iterator(make_map: MakeMap, tcp_pair: TcpPair) -> None:
+    _need("tc_lookup")
+    _need("iterator")
+    fd = make_map(SOCKHASH, KEY, 4, 256)
+    socks = [s for _ in range(8) for s in tcp_pair()]
+    keys = []
+    for s in socks:
+        cookie(s)  # generated now: the tc lookup reads the cookie field
+        k = _key(s)
+        libbpf.map_update(fd, k, struct.pack("=i", s.fileno()))
+        keys.append(k)
+    absent = bytes(KEY)
+    by_tc = sockhash_lookup.read_records(fd, KEY, [*keys, absent])
+    by_iter = sockmap_iter.read_records(fd, KEY)
+    assert absent not in by_tc
+    assert by_tc == by_iter
+    assert {r[1] for r in by_tc.values()} == {cookie(s) for s in socks}
+
+
+def test_tuple_only_records_carry_tuple_and_state(make_map: MakeMap, tcp_pair: TcpPair) -> None:
+    _tuple_program_loads()
+    fd = make_map(SOCKHASH, KEY, 4, 16)
+    a, b = tcp_pair()
+    for s in (a, b):
+        libbpf.map_update(fd, _key(s), struct.pack("=i", s.fileno()))
+    recs = sockhash_lookup.read_records(fd, KEY, [_key(a), _key(b)],
+                                        sockhash_lookup.TUPLE_PROGRAM)
+    for s in (a, b):
+        rec = recs[_key(s)]
+        local, remote = s.getsockname(), s.getpeername()
+        assert rec[1] == COOKIE_UNKNOWN
+        assert rec[3:5] == (socket.AF_INET, 1)  # family, ESTABLISHED
+        assert (socket.inet_ntoa(rec[5]), rec[7]) == local
+        assert (socket.inet_ntoa(rec[6]), rec[8]) == remote
+
+
+def _key(sock: socket.socket) -> bytes:
+    local, remote = sock.getsockname(), sock.getpeername()
+    return cilium_key(local[0], local[1], remote[0], remote[1])
+
+
+def _collision_hang(lab: Lab) -> tuple[socket.socket, socket.socket, socket.socket, bytes]:
+    """The incident on the lab: a dummy socket under the key of a future server side."""
+    server_pod, client_pod = lab.pods
+    s_ip, c_ip = server_pod.addr(), client_pod.addr()
+    listener = lab.listen(server_pod, port=SERVER_PORT)
+    dummy, _ = lab.dummy_pair()
+    future = cilium_key(s_ip, SERVER_PORT, c_ip, CLIENT_PORT)
+    lab.inject(future, dummy)
+    cli = lab.connect(client_pod, s_ip, SERVER_PORT, src_port=CLIENT_PORT)
+    srv = lab.accept(listener)
+    cli.sendall(b"GET /healthz")
+    assert recv_exact(dummy, 12) == b"GET /healthz"  # redirected to the wrong socket
+    return cli, srv, dummy, future
+
+
+@pytest.mark.parametrize("exactness", ["cookie", "tuple"])
+def test_collision_hang_is_shadowing_from_the_tc_lookup(lab: Lab, exactness: str) -> None:
+    if exactness == "tuple":
+        _tuple_program_loads()
+        source = TUPLE_ONLY
+    else:
+        _need("tc_lookup")
+        if sockhash_lookup.lookup_exactness() != "cookie":
+            pytest.skip("this kernel's tc lookup gives tuples only")
+        source = EntrySource("tc_lookup", "cookie", True, "forced by the test")
+    cli, srv, dummy, future = _collision_hang(lab)
+    live = {key_for(cli)}
+    maps, _ = select_maps([str(lab.pin_path)])
+
+    audit = run_audit(maps, CILIUM, AuditPolicy(), confirm_delay=0.05,
+                      entry_source_name=source)
+
+    assert audit.sources == {maps[0].id: "tc_lookup"}
+    assert audit.exactness == {maps[0].id: exactness}
+    [result] = audit.results
+    by_key = {bytes.fromhex(f.entry.key_hex): f for f in result.findings}
+    shadow = by_key[future]
+    assert shadow.kind is Kind.SHADOWING and shadow.confirmed
+    assert shadow.socket is not None and shadow.socket.cookie == cookie(srv)
+    if exactness == "tuple":
+        assert shadow.entry.cookie is None
+        assert shadow.details["verified_by_tuple"] is True
+        assert shadow.details["key_mismatch"] is True
+    else:
+        assert shadow.entry.cookie == cookie(dummy)
+    for k in live:
+        f = by_key[k]
+        assert f.kind is Kind.OK, f.reason
+        if exactness == "tuple":
+            assert f.details["verified_by_tuple"] is True
+    assert {f.kind for f in result.findings} == {Kind.OK, Kind.SHADOWING}
+
+
+@pytest.mark.parametrize("exactness", ["cookie", "tuple"])
+def test_shadowing_delete_refused_once_the_key_is_the_owners_again(
+    lab: Lab, exactness: str,
+) -> None:
+    """The re-check before a delete reads the entry's socket now, not the audit's cookie."""
+    _need("tc_lookup")
+    if exactness == "tuple":
+        _tuple_program_loads()
+        source = TUPLE_ONLY
+    else:
+        if sockhash_lookup.lookup_exactness() != "cookie":
+            pytest.skip("this kernel's tc lookup gives tuples only")
+        source = EntrySource("tc_lookup", "cookie", True, "forced by the test")
+    _cli, srv, _dummy, future = _collision_hang(lab)
+    maps, _ = select_maps([str(lab.pin_path)])
+    audit = run_audit(maps, CILIUM, AuditPolicy(), confirm_delay=0.05, entry_source_name=source)
+    [shadow] = [f for f in audit.results[0].findings if f.kind is Kind.SHADOWING]
+
+    with open_map(maps[0]) as handle, OwnerProbe() as probe:
+        ok, why = reverify(handle, shadow, probe)
+        assert ok, why  # still pointing at the dummy: deletable
+        # A reconnect's insert on the same tuple: the key now holds the owner itself.
+        assert handle.delete(future)
+        handle.insert_socket(future, srv.fileno())
+        ok, why = reverify(handle, shadow, probe)
+        assert not ok and "owner" in why, why
+    assert future in lab.keys()
