@@ -27,8 +27,8 @@ struct sg_config {
 	__u64 tcp_recvmsg;
 	__u64 tcp_bpf_recvmsg;
 	__u64 tcp_bpf_recvmsg_parser;
-	__u32 key_size; /* sockmap_iter only: the iterated map's key size */
-	__u32 _pad;
+	__u32 key_size; /* the entry sources only: the map's key size */
+	__u32 judge;    /* the entry sources only: count healthy entries (entry_record.h) */
 };
 
 const volatile struct sg_config sg_config = {};

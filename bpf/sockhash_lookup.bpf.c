@@ -28,53 +28,14 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_core_read.h>
+#include "sock_state.h"
+#include "entry_record.h"
 
 /* The record starts 16 bytes in: an Ethernet header (14, the least a test run
  * takes) and 2 bytes that align the record for 8-byte loads. */
 #define RECORD_OFF 16
-#define KEY_MAX 64
-#define AF_INET 2
-#define AF_INET6 10
-
-#define REC_HAS_SOCKET 0x1
-#define REC_DEAD 0x2
-#define REC_TUPLE_ONLY 0x4 /* cookie, netns, dead and recv are not known */
-
-/* Receive path codes, as in sock_state.h (sockguard/compact.py RECV_*). */
-#define RECV_UNKNOWN 0
-#define RECV_TCP 1
-#define RECV_BPF 2
-#define RECV_OTHER 3
 
 char _license[] SEC("license") = "GPL";
-
-/* sockmap_iter.bpf.c's struct record, byte for byte (sockguard/sockmap_iter.py RECORD). */
-struct record {
-	__u8 key[KEY_MAX];
-	__u64 cookie;
-	__u64 netns_ino;
-	__u32 key_len;
-	__u16 family;
-	__u8 state;
-	__u8 flags;
-	__u8 saddr[16];
-	__u8 daddr[16];
-	__u16 sport;
-	__u16 dport;
-	__u8 recv;
-	__u8 _pad[3];
-};
-
-/* The same .rodata as the iterators (struct sg_config of sock_state.h). */
-struct sg_config {
-	__u64 tcp_recvmsg;
-	__u64 tcp_bpf_recvmsg;
-	__u64 tcp_bpf_recvmsg_parser;
-	__u32 key_size;
-	__u32 _pad;
-};
-
-const volatile struct sg_config sg_config = {};
 
 /* Replaced before load by the map to read (bpf_map__reuse_fd takes its real sizes). */
 struct {
@@ -124,6 +85,7 @@ static __always_inline void copy_tuple(struct record *rec, struct bpf_sock *sk)
 	}
 }
 
+/* sock_state.h's recv_path() for a function address read directly (no probe_read in tc). */
 static __always_inline __u8 recv_code(__u64 fn)
 {
 	__u64 tcp = sg_config.tcp_recvmsg, bpf = sg_config.tcp_bpf_recvmsg;
@@ -148,6 +110,7 @@ static __always_inline int lookup(struct __sk_buff *skb, bool btf)
 		return 1;
 	__builtin_memcpy(key, rec->key, KEY_MAX);
 	rec->flags = 0;
+	rec->key_len = sg_config.key_size;
 	sk = bpf_map_lookup_elem(&target, key);
 	if (!sk)
 		return 0;
@@ -168,6 +131,8 @@ static __always_inline int lookup(struct __sk_buff *skb, bool btf)
 		}
 	}
 	bpf_sk_release(sk);
+	if (sg_config.judge && sg_healthy(rec, RECV_TCP))
+		rec->flags |= REC_HEALTHY;
 	return 0;
 }
 

@@ -9,7 +9,8 @@
  * whether its process has closed it and which receive path it has
  * (sock_state.h).
  *
- * The record layout is mirrored by sockguard/sockmap_iter.py (RECORD).
+ * The record layout (entry_record.h) is mirrored by sockguard/sockmap_iter.py
+ * (RECORD).  With sg_config.judge, healthy entries are only counted.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -17,31 +18,27 @@
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_endian.h>
 #include "sock_state.h"
-
-#define KEY_MAX 64
-#define AF_INET 2
-#define AF_INET6 10
-
-#define REC_HAS_SOCKET 0x1
-#define REC_DEAD 0x2 /* SOCK_DEAD: closed by its process, the entry outlived close */
+#include "entry_record.h"
 
 char _license[] SEC("license") = "GPL";
 
-struct record {
-	__u8 key[KEY_MAX];
-	__u64 cookie;
-	__u64 netns_ino;
-	__u32 key_len;
-	__u16 family;    /* AF_INET / AF_INET6 as the kernel stores it */
-	__u8 state;      /* skc_state, include/net/tcp_states.h */
-	__u8 flags;      /* REC_HAS_SOCKET, REC_DEAD */
-	__u8 saddr[16];  /* local: skc_rcv_saddr (first 4 bytes) or skc_v6_rcv_saddr */
-	__u8 daddr[16];  /* remote: skc_daddr or skc_v6_daddr */
-	__u16 sport;     /* local port, host order (skc_num) */
-	__u16 dport;     /* remote port, host order (skc_dport converted) */
-	__u8 recv;       /* RECV_* of sock_state.h */
-	__u8 _pad[3];
-};
+/*
+ * Healthy entries counted in this walk (sg_config.judge); written into the
+ * walk's last record (REC_SUMMARY) and reset there, and at a walk's first entry.
+ */
+__u64 healthy_count = 0;
+
+/*
+ * Healthy entries per network namespace of their socket (sg_config.judge):
+ * userspace compares these namespaces with the ones it can reach, so an entry
+ * whose socket lives where no enumeration reaches is still accounted for.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);   /* netns inode */
+	__type(value, __u64); /* healthy entries */
+} healthy_netns SEC(".maps");
 
 /* One record lives here, not on the 512-byte stack. */
 struct {
@@ -68,14 +65,23 @@ static __always_inline int dump(struct bpf_iter__sockmap *ctx, bool cookie_helpe
 	__u32 zero = 0;
 	__u32 len = sg_config.key_size;
 
-	/* The final call of a walk (seq stop, net/core/sock_map.c) has no key. */
-	if (!key)
-		return 0;
-
 	rec = bpf_map_lookup_elem(&scratch, &zero);
 	if (!rec)
 		return 0;
 	__builtin_memset(rec, 0, sizeof(*rec));
+
+	/* The final call of a walk (seq stop, net/core/sock_map.c) has no key. */
+	if (!key) {
+		if (sg_config.judge) {
+			rec->flags = REC_SUMMARY;
+			rec->cookie = healthy_count;
+			bpf_seq_write(seq, rec, sizeof(*rec));
+		}
+		healthy_count = 0;
+		return 0;
+	}
+	if (ctx->meta->seq_num == 0)
+		healthy_count = 0;
 
 	if (len > KEY_MAX)
 		len = KEY_MAX;
@@ -110,6 +116,16 @@ static __always_inline int dump(struct bpf_iter__sockmap *ctx, bool cookie_helpe
 		}
 	}
 
+	if (sg_config.judge && sg_healthy(rec, RECV_TCP)) {
+		__u64 one = 1, *n = bpf_map_lookup_elem(&healthy_netns, &rec->netns_ino);
+
+		if (n)
+			__sync_fetch_and_add(n, 1);
+		else
+			bpf_map_update_elem(&healthy_netns, &rec->netns_ino, &one, BPF_NOEXIST);
+		healthy_count++;
+		return 0;
+	}
 	bpf_seq_write(seq, rec, sizeof(*rec));
 	return 0;
 }

@@ -70,6 +70,7 @@ from .model import (
     LiveSocket,
     MapEntry,
     MapInfo,
+    Netns,
     TargetSocket,
     Tuple4,
 )
@@ -133,9 +134,12 @@ class SocketIndex:
     """
 
     def __init__(self, table: SocketTable | None = None,
-                 interner: Interner | None = None) -> None:
+                 interner: Interner | None = None, complete: bool = True) -> None:
         self.table = table if table is not None else SocketTable()
         self.interner = interner if interner is not None else Interner()
+        #: Every namespace was read.  When not, the absence of an owner is no
+        #: evidence: only an entry's own socket can prove it stale.
+        self.complete = complete
         self.count = 0
         self._live: dict[int, LiveSocket] = {}
         self._owner: dict[CKey, int] = {}  # first owner row of each tuple
@@ -154,10 +158,11 @@ class SocketIndex:
         return index
 
     @classmethod
-    def from_table(cls, table: SocketTable, interner: Interner | None = None) -> SocketIndex:
+    def from_table(cls, table: SocketTable, interner: Interner | None = None,
+                   complete: bool = True) -> SocketIndex:
         """Index a scan's rows (the table is kept, not copied)."""
         with gc_paused():
-            return cls(table, interner)
+            return cls(table, interner, complete)
 
     def add(self, sock: LiveSocket) -> None:
         row = len(self.table.rows)
@@ -387,6 +392,13 @@ def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Clas
         tup = normalize(key.owner)
         if k in index._handshake:
             return None, f"{tup} is in its handshake", None, {}
+        t = entry.target
+        if t is not None and _is_own_owner(t, index, k):
+            return _owned_by_entry_socket(entry, t, index)
+        if t is None and not index.complete:
+            return (None, f"no live socket owns {tup} in the namespaces that could be read, "
+                          "but not every namespace could be read and the entry's socket is "
+                          "unknown", None, {UNVERIFIED: True})
         details: dict[str, object] = {}
         reason = f"no live socket in any namespace has {tup}"
         tw_row = index._timewait.get(k)
@@ -406,7 +418,9 @@ def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Clas
         return Kind.STALE, reason, None, details
     rows = index.table.rows
     cookie = entry.cookie
-    if cookie is None and entry.target is not None:
+    if not cookie and entry.target is not None:
+        # No cookie, or one never generated (0: no scanned socket, maybe the
+        # owner in a namespace no scan reached): judge the entry's socket by tuple.
         return _judge_by_tuple(entry, index, k, first)
     if cookie is None:
         path = index.table.recv_path(rows[first][2])
@@ -453,6 +467,44 @@ def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Clas
         if owner_path == RECV_TCP:
             reason += "; the owner reads with tcp_recvmsg, so it never sees that payload"
     return Kind.SHADOWING, reason, victim, details
+
+
+#: ``details`` marker of a no-verdict entry that only a complete scan could judge.
+UNVERIFIED = "unverified"
+
+
+def _is_own_owner(t: TargetSocket, index: SocketIndex, k: CKey) -> bool:
+    """The entry's own socket is alive, connected and has the key's tuple: it owns the key.
+
+    Positive evidence from the map side, needing no namespace scan: where no
+    scan lists that socket (its namespace unreachable or unreadable, or it
+    connected after the scan) the entry is still its own connection's.
+    """
+    if t.dead or t.tuple is None or t.state not in OWNER_STATES:
+        return False
+    tk = index.interner.key_of(t.tuple)
+    if len(tk[0]) == 16:
+        tk = fold(tk)
+    return tk == k
+
+
+def _owned_by_entry_socket(entry: MapEntry, t: TargetSocket, index: SocketIndex) -> _Classified:
+    assert t.tuple is not None
+    netns = Netns(t.netns_ino, f"unscanned:{t.netns_ino}" if t.netns_ino else "unknown")
+    sock = LiveSocket(t.tuple, t.state, t.cookie, 0, netns, 0, t.recv_path)
+    details: dict[str, object] = {"owner_from_entry_socket": True,
+                                  "verified_by_cookie": False, "verified_by_tuple": True}
+    where = f"netns {t.netns_ino}" if t.netns_ino else "a namespace"
+    if t.recv_path == RECV_TCP:
+        details["owner_recv_path"] = t.recv_path
+        return (Kind.RECVPATH,
+                f"entry points to its owner {normalize(t.tuple)} in {where} no scan listed, "
+                "which reads with tcp_recvmsg: payload redirected to it is never read",
+                sock, details)
+    if t.recv_path is not None:
+        details["recv_path"] = t.recv_path
+    return (Kind.OK, f"owned by the entry's own socket {normalize(t.tuple)} in {where} "
+                     "(not listed by the socket scan)", sock, details)
 
 
 def _entry_socket_text(t: TargetSocket) -> str:
@@ -531,11 +583,17 @@ class AuditResult:
 
     def __init__(self, map: MapInfo, entries: int, findings: Iterable[Finding],
                  pending: int = 0, undecodable: Iterable[str] = (),
-                 *, lazy: tuple[Callable[[_LazyOk], Finding], int] | None = None) -> None:
+                 *, lazy: tuple[Callable[[_LazyOk], Finding], int] | None = None,
+                 unverified: int = 0, healthy: int = 0) -> None:
         self.map = map
         self.entries = entries
         self._parts: list[Finding | _LazyOk] = list(findings)
         self.pending = pending  # entries whose tuple is mid-handshake
+        #: entries no owner was found for, which only a complete scan could call
+        #: stale (the namespaces could not all be read, the entry's socket is unknown)
+        self.unverified = unverified
+        #: ``ok`` entries judged in the kernel: counted, never built as findings
+        self.healthy = healthy
         self.undecodable = list(undecodable)
         self._make: Callable[[_LazyOk], Finding] | None = None
         self._lazy = 0
@@ -560,7 +618,7 @@ class AuditResult:
         return (p for p in self._parts if isinstance(p, Finding))
 
     def count(self, kind: Kind) -> int:
-        lazy = self._lazy if kind is Kind.OK else 0
+        lazy = self._lazy + self.healthy if kind is Kind.OK else 0
         return lazy + sum(1 for f in self._built() if f.kind is kind)
 
     @property
@@ -575,11 +633,11 @@ class AuditResult:
 
     def confirm_bad(self, second: Sequence[Finding]) -> None:
         """``findings = confirm(findings, second)``, leaving compact ``ok`` findings be."""
-        again = {_identity(f) for f in second}
+        again = _by_key(second)
         parts: list[Finding | _LazyOk] = []
         for p in self._parts:
             if isinstance(p, Finding) and p.kind in BAD_KINDS:
-                if _identity(p) in again:
+                if _seen_again(p, again):
                     parts.append(replace(p, confirmed=True))
             else:
                 parts.append(p)
@@ -610,16 +668,20 @@ def audit_map(
 ) -> AuditResult:
     """Classify every entry of one map against the live sockets."""
     findings: list[Finding] = []
-    pending = 0
+    pending = unverified = 0
     append = findings.append
     with gc_paused():
         for entry in entries:
             kind, reason, sock, details = _classify(entry, index, policy)
             if kind is None:
-                pending += 1
+                if details.get(UNVERIFIED):
+                    unverified += 1
+                else:
+                    pending += 1
                 continue
             append(_new_finding(kind, info, entry, reason, sock, None, False, details))
-    return AuditResult(info, len(entries), findings, pending, list(undecodable))
+    return AuditResult(info, len(entries), findings, pending, list(undecodable),
+                       unverified=unverified)
 
 
 def audit_records(
@@ -628,8 +690,12 @@ def audit_records(
     records: Iterable[Record],
     index: SocketIndex,
     policy: AuditPolicy,
+    healthy: int = 0,
 ) -> AuditResult:
     """``audit_map`` over sockmap-iterator records, building little for ``ok`` entries.
+
+    ``healthy``: entries the kernel judged healthy and did not report
+    (bpf/entry_record.h); they count as ``ok`` but have no finding.
 
     The same verdicts as decoding each record into a ``MapEntry`` (key with
     ``decode``, target with ``target_socket``) and calling ``audit_map``;
@@ -640,7 +706,7 @@ def audit_records(
     interner = index.interner
     parts: list[Finding | _LazyOk] = []
     undecodable: list[str] = []
-    pending = lazy = total = 0
+    pending = lazy = total = unverified = 0
     owner, more, rows, recv = index._owner, index._more, index.table.rows, index.table.recv
     dst_local = layout.owner_local == "dst"
     append = parts.append
@@ -668,7 +734,10 @@ def audit_records(
                                target)
             kind, reason, sock, details = _classify(entry, index, policy)
             if kind is None:
-                pending += 1
+                if details.get(UNVERIFIED):
+                    unverified += 1
+                else:
+                    pending += 1
                 continue
             append(_new_finding(kind, info, entry, reason, sock, None, False, details))
 
@@ -683,13 +752,35 @@ def audit_records(
         return _new_finding(Kind.OK, info, entry, f"owned by {index.describe(row)}",
                             index.sock(row), None, False, details)
 
-    result = AuditResult(info, total, [], pending, undecodable, lazy=(make, lazy))
+    result = AuditResult(info, total + healthy, [], pending, undecodable, lazy=(make, lazy),
+                         unverified=unverified, healthy=healthy)
     result._parts = parts
     return result
 
 
-def _identity(f: Finding) -> tuple[str, Kind, int | None]:
-    return (f.entry.key_hex, f.kind, f.entry.cookie)
+def _by_key(findings: Sequence[Finding]) -> dict[tuple[str, Kind], list[Finding]]:
+    out: dict[tuple[str, Kind], list[Finding]] = defaultdict(list)
+    for f in findings:
+        out[(f.entry.key_hex, f.kind)].append(f)
+    return out
+
+
+def _same_socket(a: MapEntry, b: MapEntry) -> bool:
+    """Whether two looks' entries point to the same socket, as far as they tell.
+
+    Cookies decide where both looks have one (0 is "not generated yet": the
+    first look's scan may generate it, so it does not count); else the entry
+    socket's state and tuple; with neither, the key and kind must do.
+    """
+    if a.cookie and b.cookie:
+        return a.cookie == b.cookie
+    if a.target is not None and b.target is not None:
+        return (a.target.state, a.target.tuple) == (b.target.state, b.target.tuple)
+    return True
+
+
+def _seen_again(f: Finding, again: dict[tuple[str, Kind], list[Finding]]) -> bool:
+    return any(_same_socket(f.entry, g.entry) for g in again.get((f.entry.key_hex, f.kind), ()))
 
 
 def confirm(first: Sequence[Finding], second: Sequence[Finding]) -> list[Finding]:
@@ -702,11 +793,11 @@ def confirm(first: Sequence[Finding], second: Sequence[Finding]) -> list[Finding
     the entry still points to the same socket (it was not re-inserted for a
     new connection).  Other kinds pass through unconfirmed.
     """
-    again = {_identity(f) for f in second}
+    again = _by_key(second)
     out: list[Finding] = []
     for f in first:
         if f.kind in BAD_KINDS:
-            if _identity(f) in again:
+            if _seen_again(f, again):
                 out.append(replace(f, confirmed=True))
         else:
             out.append(f)

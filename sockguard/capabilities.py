@@ -281,7 +281,8 @@ def _probe_uncached() -> Capabilities:
     features["tracefs"] = _tracefs()
     ok, why = libbpf.available()
     if os.geteuid() != 0:
-        why, ok = "not root: BPF programs cannot be loaded (needs CAP_BPF, CAP_PERFMON)", False
+        why, ok = ("not root: not probed (loading BPF programs needs root: CAP_SYS_ADMIN; "
+                   "CAP_BPF alone is not enough here)"), False
     if not ok:
         for name in FEATURE_ORDER[3:]:
             features[name] = Feature(name, False, why,

@@ -8,18 +8,24 @@ printed as one line.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import ip_address
+from typing import NoReturn
 
 from . import maps as maps_adapter
 from .cilium import audit_policy
+from .config import MAX_CONFIRM_DELAY, integer_arg, number_arg
 from .errors import ConfigError, NotRootError, SockguardError
+from .escape import printable
 from .layout import LAYOUTS, KeyLayout
 from .model import IPAddress, MapInfo
 from .node_audit import ENTRY_SOURCES, SOCKET_SOURCES, NodeAudit, run_audit, with_owners
+from .notify import EscapingFormatter
 from .output import audit_json, audit_text, clean_json, clean_text, maps_json, maps_text
 from .remediation import DEFAULT_MAX_DELETES, Deletion, clean
 from .sockets import OwnerProbe
@@ -35,22 +41,37 @@ def _ip(text: str) -> IPAddress:
         raise argparse.ArgumentTypeError(f"not an IP address: {text}") from exc
 
 
-def _nonneg_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
+#: Longest ``trace --duration``: a week (without the flag it runs until stopped).
+MAX_TRACE_DURATION = 7 * 86400.0
+
+
+def _seconds_arg(high: float) -> Callable[[str], float]:
+    """argparse type: a finite number of seconds from 0 to ``high``."""
+    def seconds(text: str) -> float:
+        value = number_arg(text)
+        if not (math.isfinite(value) and 0 <= value <= high):
+            raise argparse.ArgumentTypeError(
+                f"must be >= 0 and <= {high:g} (seconds, a finite number), got {text!r}")
+        return value
+    return seconds
 
 
 def _nonneg_int(text: str) -> int:
-    value = int(text)
+    value = integer_arg(text)
     if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with sockguard's error format: one line, ``sockguard: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"sockguard: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="sockguard",
         description="Find and safely remove stale entries of eBPF sockhash maps.",
     )
@@ -81,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--proxy-ip", action="append", type=_ip, default=[], metavar="IP",
                        help="host gateway IP that marks L7-proxy entries (cilium_host's); "
                             "repeatable")
-        p.add_argument("--confirm-delay", type=_nonneg_float, default=0.2, metavar="SECONDS",
-                       help="pause before the confirming second look (default 0.2)")
+        p.add_argument("--confirm-delay", type=_seconds_arg(MAX_CONFIRM_DELAY), default=0.2,
+                       metavar="SECONDS",
+                       help=f"pause before the confirming second look (default 0.2; 0 to "
+                            f"{MAX_CONFIRM_DELAY:g})")
         p.add_argument("--no-iterator", action="store_true",
                        help="read keys with syscalls only (same as --entry-source syscall)")
         p.add_argument("--entry-source", choices=ENTRY_SOURCES, default="auto",
@@ -112,13 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _require_root() -> None:
     if os.geteuid() != 0:
-        raise NotRootError("must run as root (needs CAP_BPF/CAP_SYS_ADMIN to read BPF maps "
-                           "and CAP_SYS_ADMIN to enter network namespaces)")
+        raise NotRootError("must run as root (needs CAP_SYS_ADMIN to open BPF maps by id and "
+                           "to enter network namespaces; CAP_BPF alone is not enough)")
 
 
 def _select_maps(args: argparse.Namespace) -> tuple[list[MapInfo], bool]:
-    return maps_adapter.select_maps(args.map, args.bpffs,
-                                    tuple(args.discover_name) or ("cilium_sock_ops",))
+    if not args.map and not maps_adapter.is_bpffs(args.bpffs):
+        log.warning("%s is not a bpf filesystem: no pinned maps searched there, only loaded "
+                    "maps named %s", args.bpffs, " or ".join(_discover_names(args)))
+    return maps_adapter.select_maps(args.map, args.bpffs, _discover_names(args))
+
+
+def _discover_names(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.discover_name) or ("cilium_sock_ops",)
 
 
 def _layout(name: str) -> KeyLayout:
@@ -133,7 +162,8 @@ def _audit(args: argparse.Namespace) -> tuple[NodeAudit, list[MapInfo]]:
     policy = audit_policy(args.proxy_ip)
     audit = run_audit(maps, _layout(args.layout), policy, args.confirm_delay,
                       use_iterator=not args.no_iterator, tolerate_skips=discovered,
-                      socket_source=args.socket_source, entry_source_name=args.entry_source)
+                      socket_source=args.socket_source, entry_source_name=args.entry_source,
+                      include_ok=bool(getattr(args, "all", False)))
     if getattr(args, "all", False):
         with_owners(audit)
     return audit, maps
@@ -153,14 +183,26 @@ def _entry_count(info: MapInfo) -> int | None:
 def cmd_maps(args: argparse.Namespace) -> int:
     maps, _ = _select_maps(args)
     counts = {m.id: _entry_count(m) for m in maps}
-    print(maps_json(maps, counts) if args.json else maps_text(maps, counts))
+    print(maps_json(maps, counts) if args.json
+          else maps_text(maps, counts, args.bpffs, _discover_names(args)))
     return 0
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
     audit, _ = _audit(args)
     print(audit_json(audit, args.all) if args.json else audit_text(audit, args.all))
-    return 1 if audit.bad else 0
+    return _status(bool(audit.bad), audit)
+
+
+#: Exit status when nothing bad was found but the node could not be fully seen.
+EXIT_INCOMPLETE = 3
+
+
+def _status(bad_left: bool, audit: NodeAudit) -> int:
+    """1: bad entries (left); 3: none seen, but not every namespace could be seen; 0: neither."""
+    if bad_left:
+        return 1
+    return 0 if audit.complete else EXIT_INCOMPLETE
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
@@ -179,7 +221,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     else:
         print(clean_text(deletions, args.apply))
     left = [d for d in deletions if d.outcome not in ("deleted", "gone")]
-    return 1 if left else 0
+    return _status(bool(left), audit)
 
 
 # -- `sockguard run`: the always-on service (sockguard/daemon.py) -----------------------
@@ -205,8 +247,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _add_tracer_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("trace", help="live stream of sockhash/socket events (tracer)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--duration", type=_nonneg_float, default=None, metavar="SECONDS",
-                   help="stop after this long (default: until SIGINT/SIGTERM)")
+    p.add_argument("--duration", type=_seconds_arg(MAX_TRACE_DURATION), default=None,
+                   metavar="SECONDS",
+                   help=f"stop after this long (at most {MAX_TRACE_DURATION:g}; default: until "
+                        "SIGINT/SIGTERM)")
     p.add_argument("--all-states", action="store_true",
                    help="every TCP state transition, not only ESTABLISHED and CLOSE")
     p.add_argument("--every-recv", action="store_true",
@@ -231,9 +275,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .tracer import MapWatch, TraceEvent, Tracer, TracerOptions, attached_detections
 
     def emit(ev: TraceEvent) -> None:
-        print(json.dumps(ev.as_dict()) if args.json else ev.line(), flush=True)
+        print(json.dumps(ev.as_dict()) if args.json else printable(ev.line()), flush=True)
 
     specs = list(args.map)
+    if specs and not args.no_map_check:
+        # Named maps are resolved once before anything is attached: an unknown or
+        # invalid one is an error (exit 2), as in the other commands, not a silent no-op.
+        for info in maps_adapter.select_maps(specs, args.bpffs, ("cilium_sock_ops",))[0]:
+            LAYOUTS["cilium"].check_map(info.key_size, info.name)
     watch = None if args.no_map_check else MapWatch(
         lambda: maps_adapter.select_maps(specs, args.bpffs, ("cilium_sock_ops",))[0])
     options = TracerOptions(all_states=args.all_states, every_recv=args.every_recv,
@@ -266,6 +315,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     """One screen about the node; always exit 0 (it reports, it does not judge)."""
     from .doctor import render_json, render_text, report
 
+    if os.geteuid() != 0:
+        print("sockguard: doctor: not root: BPF program loads and the map and program "
+              "listings are refused, so those probes show 'no' with the reason; run as root "
+              "(CAP_SYS_ADMIN) for the full report", file=sys.stderr)
     doc = report()
     print(render_json(doc) if args.json else render_text(doc))
     return 0
@@ -277,16 +330,26 @@ COMMANDS = {"maps": cmd_maps, "audit": cmd_audit, "clean": cmd_clean, "run": cmd
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("sockguard: %(message)s"))  # see escape.py
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="sockguard: %(message)s", stream=sys.stderr)
+                        handlers=[handler])
     try:
-        _require_root()
+        if args.command != "doctor":  # doctor reports what it could not probe instead
+            _require_root()
         return COMMANDS[args.command](args)
     except SockguardError as exc:
         print(f"sockguard: {exc}", file=sys.stderr)
         return exc.exit_code
     except PermissionError as exc:
         print(f"sockguard: permission denied: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # BpfError included: one line, never a traceback
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            print(f"sockguard: out of file descriptors ({exc}); nothing was deleted after it; "
+                  "raise the limit (ulimit -n)", file=sys.stderr)
+        else:
+            print(f"sockguard: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

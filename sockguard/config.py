@@ -19,6 +19,7 @@ configuration is kept.
 from __future__ import annotations
 
 import argparse
+import math
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -85,8 +86,22 @@ class Option:
         return value
 
 
-def _positive(v: float) -> str | None:
-    return None if v > 0 else "must be > 0"
+#: Bounds of the float settings: finite only (TOML and float() accept inf and nan; an
+#: infinite interval would audit once and then never again, an infinite confirm_delay
+#: would hang every cycle).  A day between audits is already useless as monitoring;
+#: the confirming look is meant to be a fraction of a second.
+MAX_INTERVAL = 86400.0
+MAX_CONFIRM_DELAY = 60.0
+
+
+def _seconds(low: float, high: float, low_open: bool) -> Check:
+    lower = f"> {low:g}" if low_open else f">= {low:g}"
+
+    def check(v: float) -> str | None:
+        if math.isfinite(v) and (v > low if low_open else v >= low) and v <= high:
+            return None
+        return f"must be {lower} and <= {high:g} (seconds, a finite number)"
+    return check
 
 
 def _nonneg(v: float) -> str | None:
@@ -117,8 +132,9 @@ def _ip_literal(v: str) -> str | None:
 
 OPTIONS: tuple[Option, ...] = (
     Option("audit", "interval", "interval", "float",
-           "seconds from the start of one audit to the start of the next", "--interval",
-           _positive),
+           f"seconds from the start of one audit to the start of the next (> 0, at most "
+           f"{MAX_INTERVAL:g})", "--interval",
+           _seconds(0.0, MAX_INTERVAL, low_open=True)),
     Option("audit", "maps", "maps", "str-list",
            "maps to audit: pin paths, id:N or names; empty = discover (pins under "
            "/sys/fs/bpf and loaded maps named cilium_sock_ops)", "--map"),
@@ -132,8 +148,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("audit", "proxy_ips", "proxy_ips", "ip-list",
            "host gateway IPs (cilium_host) that mark L7-proxy entries", "--proxy-ip"),
     Option("audit", "confirm_delay", "confirm_delay", "float",
-           "seconds between the first look and the confirming second look",
-           "--confirm-delay", _nonneg),
+           f"seconds between the first look and the confirming second look (0 to "
+           f"{MAX_CONFIRM_DELAY:g})", "--confirm-delay",
+           _seconds(0.0, MAX_CONFIRM_DELAY, low_open=False)),
     Option("audit", "use_iterator", "use_iterator", "bool",
            "use the iter/sockmap BPF iterator where it works (needed to see shadowing on "
            "4-byte-value maps)", "--iterator"),
@@ -294,9 +311,27 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                                 metavar=opt.key.upper().rstrip("S"),
                                 help=text + "; repeatable, replaces the file's list")
         else:
-            conv: Callable[[str], object] = {"float": float, "int": int, "str": str}[opt.kind]
+            convs: dict[str, Callable[[str], object]] = {
+                "float": number_arg, "int": integer_arg, "str": str}
+            conv = convs[opt.kind]
             parser.add_argument(opt.flag, dest=opt.attr, type=conv, default=None,
                                 metavar=opt.key.upper(), help=text)
+
+
+def number_arg(text: str) -> float:
+    """argparse type of number flags: the error names what was expected, not a function."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def integer_arg(text: str) -> int:
+    """argparse type of integer flags."""
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:

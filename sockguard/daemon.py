@@ -39,6 +39,7 @@ import argparse
 import errno
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -48,12 +49,14 @@ from datetime import datetime
 from types import FrameType
 from typing import Any
 
+from . import libbpf
 from . import maps as maps_adapter
 from .capabilities import Detection
 from .cilium import audit_policy
 from .config import Config, describe, load_config, overrides_from_args
 from .errors import (
     BpffsNotMountedError,
+    FdExhaustedError,
     LayoutMismatchError,
     LibbpfMissingError,
     MapGoneError,
@@ -88,8 +91,41 @@ STOP_GRACE = 2.0
 TICK = 0.25
 
 
+#: errnos that mean "out of file descriptors" (the process's RLIMIT_NOFILE, or the system's).
+FD_ERRNOS = (errno.EMFILE, errno.ENFILE)
+
+
+def _out_of_fds(exc: BaseException) -> bool:
+    """Whether ``exc`` or anything in its cause/context chain is EMFILE/ENFILE."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, FdExhaustedError) or (
+                isinstance(cur, OSError) and cur.errno in FD_ERRNOS):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def fd_usage() -> str:
+    """"N fds open, RLIMIT_NOFILE M" as far as it can be told (listing needs an fd too)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        count = str(len(os.listdir("/proc/self/fd")))
+    except OSError:
+        count = "?"
+    return f"{count} fds open, RLIMIT_NOFILE {soft}"
+
+
 def failure_reason(exc: BaseException) -> str:
-    """A bounded label for why a cycle failed (see metrics.FAILURE_REASONS)."""
+    """A bounded label for why a cycle failed (see metrics.FAILURE_REASONS).
+
+    Running out of fds is decided first, whatever error it surfaced as: a map
+    that cannot be opened for want of an fd is not a missing map.
+    """
+    if _out_of_fds(exc):
+        return "fd_exhausted"
     table: tuple[tuple[type[BaseException], str], ...] = (
         (MapNotFoundError, "map_not_found"),
         (MapGoneError, "map_gone"),
@@ -106,6 +142,30 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return "permission" if exc.errno in (errno.EPERM, errno.EACCES) else "os_error"
     return "internal"
+
+
+def metrics_url(address: str, port: int) -> str:
+    """``http://127.0.0.1:9795/metrics``; an IPv6 address in brackets (``http://[::1]:…``)."""
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}/metrics"
+
+
+def map_gone(map_id: int, name: str) -> bool:
+    """Whether map ``map_id`` no longer exists (or the id is now another map's).
+
+    Only a definite answer counts: an error other than ENOENT (EPERM, EMFILE)
+    says nothing about the map, so it is not called gone.
+    """
+    try:
+        fd = libbpf.map_fd_by_id(map_id)
+    except OSError as exc:
+        return exc.errno == errno.ENOENT
+    try:
+        return libbpf.map_info(fd).name != name
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def select_maps(cfg: Config) -> tuple[list[MapInfo], bool]:
@@ -166,6 +226,8 @@ class Daemon:
         self._seen: dict[int, set[tuple[str, str]]] = {}
         self._last_ok: str = "never"
         self._last_counts: tuple[int, ...] | None = None
+        self._last_failure: tuple[str, str] | None = None  # (reason, error) last logged
+        self._failures = 0
         self._early_lock = threading.Lock()
         self._early_trigger: str | None = None
         self.tracer = TracerRunner(self)
@@ -236,9 +298,8 @@ class Daemon:
             self._beat()
             try:
                 self._cycle(self.config)
-            except Exception:  # never let the thread die on a bug: log, count, go on
-                log.exception("audit cycle crashed")
-                self.metrics.audit_failed("internal")
+            except Exception as exc:  # never let the thread die on a bug: log, count, go on
+                self._crashed(exc)
             self._beat()
             while not self._stop.is_set():
                 remaining = started + self.config.interval - time.monotonic()
@@ -306,11 +367,68 @@ class Daemon:
         self._report(cfg, audit, deletions, seconds)
 
     def _failed(self, exc: BaseException) -> None:
+        """Count every failed cycle; log the ERROR once, and again only when it changes."""
         reason = failure_reason(exc)
         self.metrics.audit_failed(reason)
-        log.error("audit failed (%s): %s", reason, exc, extra={"SOCKGUARD_FAILURE": reason})
+        if reason in ("map_not_found", "map_gone"):
+            self._forget_gone_maps(self.config)
+        what = f"{exc}"
+        if reason == "fd_exhausted":
+            what += f" (out of file descriptors: {fd_usage()})"
+        self._failures += 1
+        if (reason, str(exc)) != self._last_failure:
+            self._last_failure = (reason, str(exc))
+            log.error("audit failed (%s): %s", reason, what,
+                      extra={"SOCKGUARD_FAILURE": reason})
+        else:
+            log.debug("audit failed again (%s): %s", reason, what,
+                      extra={"SOCKGUARD_FAILURE": reason})
         self.notifier.notify(f"STATUS=audit failing ({reason}: {exc}); "
                              f"last successful audit {self._last_ok}")
+
+    def _crashed(self, exc: Exception) -> None:
+        """A bug in a cycle: counted every time, its traceback logged once per distinct error."""
+        self.metrics.audit_failed("internal")
+        self._failures += 1
+        ident = ("internal", f"{type(exc).__name__}: {exc}")
+        if ident != self._last_failure:
+            self._last_failure = ident
+            log.exception("audit cycle crashed", extra={"SOCKGUARD_FAILURE": "internal"})
+        else:
+            log.debug("audit cycle crashed again: %s", ident[1])
+
+    def _recovered(self) -> None:
+        """After failed cycles, say once that audits succeed again."""
+        if self._last_failure is not None:
+            log.info("audit succeeded again after %d failed cycles (last failure: %s: %s)",
+                     self._failures, *self._last_failure,
+                     extra={"SOCKGUARD_FAILURE": "recovered"})
+        self._last_failure = None
+        self._failures = 0
+
+    def _forget_gone_maps(self, cfg: Config) -> None:
+        """Stop exporting the per-map series of maps that are gone.
+
+        Gone: the id no longer exists, or, when maps are named in the config, no
+        configured spec resolves to it any more (an unpinned map can outlive its
+        pin while some fd, the tracer's too, still holds it).
+        """
+        named: set[int] | None = None
+        if cfg.maps:
+            named = set()
+            for spec in cfg.maps:
+                try:
+                    named.add(maps_adapter.resolve_map(spec, bpffs_root=cfg.bpffs).id)
+                except (MapNotFoundError, MapGoneError, BpffsNotMountedError):
+                    continue  # that spec names nothing now
+                except (SockguardError, OSError):
+                    named = None  # cannot tell (EPERM, EMFILE): keep what is exported
+                    break
+        for map_id, name in self.metrics.exported_maps():
+            if map_gone(map_id, name) or (named is not None and map_id not in named):
+                self.metrics.forget_map(map_id)
+                log.info("map %s id %d is gone: its per-map series are no longer exported",
+                         name, map_id, extra={"SOCKGUARD_MAP_ID": map_id})
 
     def _remediate(self, cfg: Config, audit: NodeAudit) -> list[Deletion]:
         """``remediation.clean`` per map, exactly as ``sockguard clean --apply`` drives it."""
@@ -326,7 +444,8 @@ class Daemon:
                 try:
                     with maps_adapter.open_map(result.map) as handle:
                         done = clean(handle, result.findings, probe, True, budget,
-                                     delete_unproven=cfg.delete_unproven)
+                                     delete_unproven=cfg.delete_unproven,
+                                     stop=self._stop.is_set)
                 except (SockguardError, OSError) as exc:
                     log.error("remediation of map %s id %d failed: %s", result.map.name,
                               result.map.id, exc, extra={"SOCKGUARD_MAP_ID": result.map.id})
@@ -345,6 +464,7 @@ class Daemon:
 
     def _report(self, cfg: Config, audit: NodeAudit, deletions: Sequence[Deletion],
                 seconds: float) -> None:
+        self._recovered()
         self._log_new_findings(cfg, audit)
         entries = sum(r.entries for r in audit.results)
         # Every kind the policy table shows, so that no bad kind is missing from STATUS.
@@ -354,7 +474,11 @@ class Daemon:
         summary = (f"{len(audit.results)} maps, {entries} entries: "
                    + ", ".join(f"{n} {k.value}" for n, k in zip(shown, SHOWN_KINDS, strict=True))
                    + (f", {deleted} deleted" if cfg.remediate else "")
-                   + f"; {audit.sockets} sockets in {len(audit.namespaces)} netns")
+                   + f"; {audit.sockets} sockets in {len(audit.namespaces)} netns"
+                   + ("" if audit.complete else
+                      f"; INCOMPLETE: {len(audit.unreadable) + len(audit.vanished)} netns "
+                      f"unreadable, {sum(audit.unseen.values())} entries in unseen netns, "
+                      f"{audit.unverified} unverified"))
         counts = (len(audit.results), entries, *shown, deleted)
         level = logging.INFO if counts != self._last_counts else logging.DEBUG
         self._last_counts = counts
@@ -432,7 +556,7 @@ class Daemon:
         except OSError as exc:
             raise SockguardError(f"cannot serve metrics on {cfg.metrics_address}:"
                                  f"{cfg.metrics_port}: {exc.strerror or exc}") from exc
-        log.info("metrics on http://%s:%d/metrics", cfg.metrics_address, cfg.metrics_port)
+        log.info("metrics on %s", metrics_url(cfg.metrics_address, cfg.metrics_port))
 
     def _stop_metrics(self) -> None:
         if self._server is not None:

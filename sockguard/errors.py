@@ -15,7 +15,11 @@ class SockguardError(Exception):
 
 
 class NotRootError(SockguardError):
-    """The BPF and namespace operations need CAP_SYS_ADMIN / CAP_BPF / CAP_NET_ADMIN."""
+    """The BPF and namespace operations need root (CAP_SYS_ADMIN; CAP_BPF alone is not enough)."""
+
+
+class FdExhaustedError(SockguardError):
+    """The process (EMFILE) or the system (ENFILE) ran out of file descriptors."""
 
 
 class BpffsNotMountedError(SockguardError):

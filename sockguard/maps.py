@@ -21,6 +21,7 @@ from sockguard import libbpf
 from sockguard.compact import Record
 from sockguard.errors import (
     BpffsNotMountedError,
+    FdExhaustedError,
     MapGoneError,
     MapNotFoundError,
     NotASockMapError,
@@ -91,11 +92,17 @@ def require_bpffs(root: str = "/sys/fs/bpf") -> None:
         raise BpffsNotMountedError(f"{root} is not a bpf filesystem; mount it: {MOUNT_HINT}")
 
 
+#: What the kernel needs here, measured on 6.18: CAP_BPF alone does not open maps by id.
+ROOT_HINT = "sockguard needs root (CAP_SYS_ADMIN; CAP_BPF alone is not enough)"
+
+
 def _raise_for(exc: BpfError, what: str) -> None:
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        # Not "map not found": the map may well be there, we could not get an fd for it.
+        raise FdExhaustedError(f"{what}: {exc.strerror}: sockguard is out of file "
+                               f"descriptors") from exc
     if exc.errno in (errno.EPERM, errno.EACCES):
-        raise NotRootError(
-            f"{what}: {exc.strerror}; sockguard needs root (CAP_BPF, CAP_SYS_ADMIN)"
-        ) from None
+        raise NotRootError(f"{what}: {exc.strerror}; {ROOT_HINT}") from None
 
 
 def _type_name(map_type: int) -> str:
@@ -257,6 +264,9 @@ def _not_sock(desc: str, raw: libbpf.RawMapInfo) -> NotASockMapError:
 
 
 def _resolve_path(path: str) -> MapInfo:
+    if os.path.isdir(path):
+        raise MapNotFoundError(f"{path} is a directory, not a pinned map; give the pin path of "
+                               "the map itself (e.g. /sys/fs/bpf/tc/globals/cilium_sock_ops)")
     if not is_bpffs(path):
         where = _existing_ancestor(path)
         raise BpffsNotMountedError(
@@ -326,7 +336,10 @@ def resolve_map(spec: str, bpffs_root: str = "/sys/fs/bpf") -> MapInfo:
         for path in _pinned_files(bpffs_root):
             if os.path.basename(path) == spec:
                 return _resolve_path(path)
-    raise MapNotFoundError(f"no map named {spec}")
+        raise MapNotFoundError(f"no map named {spec} (none loaded, none pinned under "
+                               f"{bpffs_root})")
+    raise MapNotFoundError(f"no map named {spec} (none loaded; {bpffs_root} is not a bpf "
+                           "filesystem, so no pins were searched)")
 
 
 class MapHandle:

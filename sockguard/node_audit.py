@@ -25,14 +25,22 @@ from . import maps as maps_adapter
 from .audit import AuditPolicy, AuditResult, SocketIndex, audit_map, audit_records
 from .compact import Interner, Record, entry_cookie, gc_paused, maker
 from .errors import LayoutMismatchError, LibbpfMissingError, MapGoneError, SockguardError
-from .layout import KeyDecodeError, KeyLayout, decode
+from .layout import CILIUM, KeyDecodeError, KeyLayout, decode
 from .libbpf import BpfError
 from .model import Finding, MapEntry, MapInfo, Netns
+from .netns import enumerate_netns
 from .owners import find_owners
 from .sockets import Scan, scan_all
 from .sockhash_lookup import TUPLE_PROGRAM, lookup_available, lookup_exactness
+from .sockhash_lookup import read_judged as lookup_judged
 from .sockhash_lookup import read_records as lookup_records
-from .sockmap_iter import cookies_need_scan_first, iterator_available, read_records, target_socket
+from .sockmap_iter import (
+    cookies_need_scan_first,
+    iterator_available,
+    read_judged,
+    read_records,
+    target_socket,
+)
 from .tcp_iter import read_tcp, tcp_iterator_available
 
 log = logging.getLogger(__name__)
@@ -69,10 +77,28 @@ class NodeAudit:
     socket_source: str = "sock_diag"  # "iterator" (iter/tcp) or "sock_diag"
     exactness: dict[int, str] = field(default_factory=dict)  # per map, see EntrySource
     entry_source: EntrySource | None = None
+    #: namespaces that exist but could not be read, "path: reason"
+    unreadable: list[str] = field(default_factory=list)
+    #: netns inode -> entries whose socket lives in a namespace no scan read
+    unseen: dict[int, int] = field(default_factory=dict)
 
     @property
     def bad(self) -> list[Finding]:
         return [f for r in self.results for f in r.bad]
+
+    @property
+    def complete(self) -> bool:
+        """The audit saw every namespace it knows of, and every entry's socket's namespace.
+
+        When not, nothing was called stale for the mere absence of an owner
+        (``unverified`` entries), and ``sockguard audit`` exits 3 if nothing
+        else is wrong: "nothing bad" cannot be said.
+        """
+        return not self.vanished and not self.unreadable and not self.unseen
+
+    @property
+    def unverified(self) -> int:
+        return sum(r.unverified for r in self.results)
 
 
 @dataclass(frozen=True)
@@ -163,14 +189,35 @@ def read_map(info: MapInfo, layout: KeyLayout, use_iterator: bool = True,
     return MapRead(info, entries, undecodable, source)
 
 
-def read_entry_records(info: MapInfo, source: EntrySource) -> dict[bytes, Record]:
-    """Each key of a 4-byte-value map with the socket it points to, from ``source``."""
+def read_entry_records(info: MapInfo, source: EntrySource,
+                       judge: bool = False) -> tuple[dict[bytes, Record], dict[int, int]]:
+    """Each key of a 4-byte-value map with the socket it points to, from ``source``.
+
+    With ``judge`` the kernel counts the healthy entries instead of reporting
+    them (bpf/entry_record.h): (records of the others, healthy entries per
+    netns inode of their socket).
+    """
     with maps_adapter.open_map(info) as handle:
         if source.name == "iterator":
-            return read_records(handle.fd, info.key_size)
+            if judge:
+                return read_judged(handle.fd, info.key_size)
+            return read_records(handle.fd, info.key_size), {}
         keys = list(handle.keys())
+        if judge:
+            return lookup_judged(handle.fd, info.key_size, keys)
         program = TUPLE_PROGRAM if source.exactness == "tuple" else None
-        return lookup_records(handle.fd, info.key_size, keys, program)
+        return lookup_records(handle.fd, info.key_size, keys, program), {}
+
+
+def _judges(source: EntrySource, layout: KeyLayout, info: MapInfo, include_ok: bool) -> bool:
+    """Whether healthy entries of ``info`` can be judged in the kernel on this look.
+
+    Only Cilium's 44-byte layout is known to the programs, only a source that
+    tells SOCK_DEAD and the receive path can judge (iterator, tc lookup with
+    BTF), and ``--all`` wants every ``ok`` entry as a finding.
+    """
+    return (not include_ok and layout is CILIUM and info.key_size == CILIUM.size
+            and source.exactness == "cookie" and source.name in ("iterator", "tc_lookup"))
 
 
 def scan_sockets(socket_source: str = "auto") -> tuple[Scan, str]:
@@ -206,26 +253,59 @@ class _Look:
     sources: dict[int, str]
     exactness: dict[int, str]
     socket_source: str
+    unreadable: list[str]
+    unseen: dict[int, int]
+
+
+def _unseen_namespaces(reads: Sequence[MapRead | tuple[MapInfo, dict[bytes, Record]]],
+                       scanned: Sequence[Netns]) -> dict[int, int]:
+    """Namespaces the entries' sockets live in that no scan read, with their entry counts.
+
+    The map side knows each entry socket's namespace (iterator, tc lookup);
+    a namespace no enumeration reaches (its names deleted while sockets in it
+    live on) shows up here.
+    """
+    seen = {n.ino for n in scanned}
+    unseen: dict[int, int] = {}
+    for r in reads:
+        if isinstance(r, MapRead):
+            inos = (e.target.netns_ino for e in r.entries if e.target is not None)
+        else:
+            inos = (rec[2] for rec in r[1].values())
+        for ino in inos:
+            if ino and ino not in seen:
+                unseen[ino] = unseen.get(ino, 0) + 1
+    return unseen
 
 
 def _look(
     maps: Sequence[MapInfo], layout: KeyLayout, policy: AuditPolicy, source: EntrySource,
-    skipped: list[str] | None = None, socket_source: str = "auto",
+    skipped: list[str] | None = None, socket_source: str = "auto", include_ok: bool = False,
 ) -> _Look:
-    """Read every map, then the sockets of every namespace, then classify."""
+    """Read every map, then the sockets of every namespace, then classify.
+
+    Where the kernel judges healthy entries (``_judges``) only the rest come up;
+    when there is no rest, no socket is scanned at all: every entry was
+    proven by its own socket.
+    """
     reads: list[MapRead | tuple[MapInfo, dict[bytes, Record]]] = []
+    healthy: dict[int, dict[int, int]] = {}  # map id -> netns inode -> healthy entries
     interner = Interner()
     sources: dict[int, str] = {}
     exactness: dict[int, str] = {}
+    judging = any(_judges(source, layout, m, include_ok) for m in maps)
+    scan_first = source.scan_first and not judging
     with gc_paused():
-        if source.scan_first:  # gives every live socket its cookie before the map is read
+        if scan_first:  # gives every live socket its cookie before the map is read
             scan, sock_source = scan_sockets("sock_diag")
         for info in maps:
             try:
                 if info.value_size != 8 and source.name != "syscall":
                     # records stay compact until a finding needs them
                     layout.check_map(info.key_size, info.name)
-                    reads.append((info, read_entry_records(info, source)))
+                    records, healthy[info.id] = read_entry_records(
+                        info, source, _judges(source, layout, info, include_ok))
+                    reads.append((info, records))
                     sources[info.id], exactness[info.id] = source.name, source.exactness
                 else:
                     reads.append(read_map(info, layout, False, interner))
@@ -235,18 +315,61 @@ def _look(
                 if skipped is None:
                     raise
                 skipped.append(str(exc))
-        if not source.scan_first:
-            scan, sock_source = scan_sockets(socket_source)
-        index = SocketIndex.from_table(scan.table, interner)
+        if not scan_first:
+            if judging and not any(isinstance(r, MapRead) or r[1] for r in reads):
+                scan, sock_source = Scan(), "none"  # nothing left to look up
+            else:
+                scan, sock_source = scan_sockets(socket_source)
+                if judging and source.scan_first:
+                    # The source reads the cookie field, which the scan has just
+                    # generated for every socket it listed: read the maps with
+                    # suspicious entries again, so that their cookies are known.
+                    reads = [_reread(r, source, layout, include_ok, healthy) for r in reads]
+        index = SocketIndex.from_table(scan.table, interner, scan.complete)
         results: list[AuditResult] = []
         for r in reads:
             if isinstance(r, MapRead):
                 results.append(audit_map(r.info, r.entries, index, policy, r.undecodable))
             else:
                 info, records = r
-                results.append(audit_records(info, layout, records.values(), index, policy))
+                results.append(audit_records(info, layout, records.values(), index, policy,
+                                             sum(healthy.get(info.id, {}).values())))
+        unseen = _unseen_namespaces(reads, scan.namespaces)
+        for ino, n in _unreachable(healthy).items():
+            unseen[ino] = unseen.get(ino, 0) + n
     return _Look(results, scan.namespaces, index.count, scan.vanished, sources, exactness,
-                 sock_source)
+                 sock_source, scan.unreadable, unseen)
+
+
+def _reread(r: MapRead | tuple[MapInfo, dict[bytes, Record]], source: EntrySource,
+            layout: KeyLayout, include_ok: bool,
+            healthy: dict[int, dict[int, int]]) -> MapRead | tuple[MapInfo, dict[bytes, Record]]:
+    if isinstance(r, MapRead) or not r[1]:
+        return r
+    info = r[0]
+    try:
+        records, healthy[info.id] = read_entry_records(
+            info, source, _judges(source, layout, info, include_ok))
+    except MapGoneError:
+        return r  # gone since the first read: judged on what that read saw
+    return info, records
+
+
+def _unreachable(healthy: dict[int, dict[int, int]]) -> dict[int, int]:
+    """Healthy entries whose socket lives in a namespace no enumeration reaches.
+
+    Judged in the kernel, they need no socket scan; but a namespace whose
+    names were all deleted while sockets in it live on is worth reporting
+    (inode 0: counted where the kernel's per-netns table was full).
+    """
+    inos: dict[int, int] = {}
+    for per_map in healthy.values():
+        for ino, n in per_map.items():
+            inos[ino] = inos.get(ino, 0) + n
+    if not inos:
+        return {}
+    known = {ref.netns.ino for ref in enumerate_netns()}
+    return {ino: n for ino, n in inos.items() if ino not in known}
 
 
 def _with_owners(findings: list[Finding]) -> list[Finding]:
@@ -277,6 +400,7 @@ def run_audit(
     tolerate_skips: bool = False,
     socket_source: str = "auto",
     entry_source_name: str | EntrySource = "auto",
+    include_ok: bool = False,
 ) -> NodeAudit:
     """Audit ``maps``; stale, shadowing and recvpath verdicts are confirmed by a second look.
 
@@ -285,6 +409,8 @@ def run_audit(
     ``socket_source`` is one of ``SOCKET_SOURCES``, ``entry_source_name`` one
     of ``ENTRY_SOURCES`` (``use_iterator=False`` means ``syscall``) or an
     :class:`EntrySource` itself (tests force the tuple-only tc lookup so).
+    ``include_ok`` (``--all``): every ``ok`` entry becomes a finding, so the
+    kernel does not judge healthy entries (the slow path).
     """
     start = time.monotonic()
     skipped: list[str] = []
@@ -293,13 +419,14 @@ def run_audit(
     else:
         source = entry_source(entry_source_name if use_iterator else "syscall")
     first = _look(maps, layout, policy, source, skipped if tolerate_skips else None,
-                  socket_source)
+                  socket_source, include_ok)
     results = first.results
     if any(r.bad for r in results):
         time.sleep(confirm_delay)
         checked = [r.map for r in results]
         try:
-            second = _look(checked, layout, policy, source, [], socket_source).results
+            second = _look(checked, layout, policy, source, [], socket_source,
+                           include_ok).results
         except SockguardError as exc:
             log.warning("second look failed, nothing confirmed: %s", exc)
             second = []
@@ -311,6 +438,13 @@ def run_audit(
         bad = r.bad
         if bad:
             r.substitute({id(f): g for f, g in zip(bad, _with_owners(bad), strict=True)})
-    return NodeAudit(results, first.namespaces, first.sockets, first.vanished, skipped,
-                     first.sources, time.monotonic() - start, first.socket_source,
-                     first.exactness, source)
+    audit = NodeAudit(results, first.namespaces, first.sockets, first.vanished, skipped,
+                      first.sources, time.monotonic() - start, first.socket_source,
+                      first.exactness, source, first.unreadable, first.unseen)
+    if not audit.complete:
+        log.warning("incomplete audit: %d namespace(s) vanished, %d unreadable, %d entries' "
+                    "sockets in %d namespace(s) no scan read; %d entries left unverified "
+                    "(nothing is called stale for the absence of an owner)",
+                    len(audit.vanished), len(audit.unreadable), sum(audit.unseen.values()),
+                    len(audit.unseen), audit.unverified)
+    return audit

@@ -30,6 +30,9 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from types import ModuleType
+from typing import Any
+
+from .escape import printable
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "sockguard"
@@ -227,10 +230,36 @@ class StderrFormatter(logging.Formatter):
         super().__init__("%(asctime)s sockguard %(levelname)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        extra = " ".join(f"{k}={v}" for k, v in sorted(record.__dict__.items())
-                         if k.startswith(FIELD_PREFIX))
-        return f"{text} [{extra}]" if extra else text
+        return escaped_format(super(), record)
+
+
+def escaped_format(formatter: Any, record: logging.LogRecord) -> str:
+    """``formatter``'s line with the message and the SOCKGUARD_* fields escaped (escape.py).
+
+    A process name with a newline or an ANSI escape (any task can set its own)
+    must not forge a log line or repaint a terminal.  Only a traceback
+    (``log.exception``) keeps its line breaks: it follows the escaped line.
+    ``formatter`` is a ``logging.Formatter`` (or its ``super()`` proxy).
+    """
+    saved = record.msg, record.args
+    record.msg, record.args = printable(record.getMessage()), None
+    try:
+        text: str = formatter.format(record)
+    finally:
+        record.msg, record.args = saved
+    extra = " ".join(f"{k}={printable(str(v))}" for k, v in sorted(record.__dict__.items())
+                     if k.startswith(FIELD_PREFIX))
+    if not extra:
+        return text
+    head, nl, tail = text.partition("\n")  # the fields go on the message's own line
+    return f"{head} [{extra}]{nl}{tail}"
+
+
+class EscapingFormatter(logging.Formatter):
+    """The CLI's ``sockguard: message`` lines, escaped like the daemon's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escaped_format(super(), record)
 
 
 def journal_wanted(env: Mapping[str, str] | None = None) -> bool:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .audit import TCP_STATE_NAMES
+from .escape import printable
 from .model import Finding, Kind, LiveSocket, MapInfo
 from .node_audit import NodeAudit
 from .remediation import Deletion
@@ -69,6 +70,7 @@ def audit_json(audit: NodeAudit, include_ok: bool = False) -> str:
             "exactness": audit.exactness.get(r.map.id),
             "counts": {k.value: r.count(k) for k in Kind},
             "pending": r.pending,
+            "unverified": r.unverified,
             "undecodable": r.undecodable,
         })
         findings.extend(finding_dict(f) for f in r.reported(include_ok))
@@ -79,6 +81,10 @@ def audit_json(audit: NodeAudit, include_ok: bool = False) -> str:
         "sockets": audit.sockets,
         "namespaces": [{"inode": n.ino, "name": n.name} for n in audit.namespaces],
         "vanished_namespaces": audit.vanished,
+        "unreadable_namespaces": audit.unreadable,
+        "unseen_namespaces": [{"inode": ino, "entries": n}
+                              for ino, n in sorted(audit.unseen.items())],
+        "complete": audit.complete,
         "skipped_maps": audit.skipped,
         "duration_seconds": round(audit.duration, 4),
         "socket_source": audit.socket_source,
@@ -100,6 +106,7 @@ EXACTNESS_TEXT = {
 def _table(rows: Sequence[Sequence[str]]) -> str:
     if not rows:
         return ""
+    rows = [[printable(cell) for cell in row] for row in rows]  # comm, paths: see escape.py
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -120,10 +127,11 @@ def audit_text(audit: NodeAudit, include_ok: bool = False) -> str:
     lines = []
     for r in audit.results:
         counts = ", ".join(f"{r.count(k)} {k.value}" for k in Kind)
-        lines.append(
+        lines.append(printable(
             f"map {r.map.name} (id {r.map.id}{', ' + r.map.path if r.map.path else ''}): "
             f"{r.entries} entries: {counts}; {r.pending} in handshake"
-        )
+            + (f"; {r.unverified} unverified" if r.unverified else "")
+        ))
         lines.extend(f"  undecodable key {u}" for u in r.undecodable)
         exact = audit.exactness.get(r.map.id)
         if exact is not None:
@@ -132,8 +140,15 @@ def audit_text(audit: NodeAudit, include_ok: bool = False) -> str:
     via = "iter/tcp" if audit.socket_source == "iterator" else audit.socket_source
     lines.append(f"{audit.sockets} TCP sockets in {len(audit.namespaces)} network namespace(s) "
                  f"via {via} ({audit.duration:.2f} s)")
-    lines.extend(f"skipped map: {s}" for s in audit.skipped)
+    lines.extend(printable(f"skipped map: {s}") for s in audit.skipped)
     lines.extend(f"namespace vanished during the scan: {v}" for v in audit.vanished)
+    lines.extend(f"namespace could not be read: {u}" for u in audit.unreadable)
+    lines.extend(f"{n} entries' sockets live in netns {ino}, which no scan read"
+                 for ino, n in sorted(audit.unseen.items()))
+    if not audit.complete:
+        lines.append(f"INCOMPLETE: not every namespace could be seen; {audit.unverified} "
+                     "entries without an owner in the namespaces read were not called stale "
+                     "(their sockets are unknown), and nothing is deleted for an absence")
     shown = [f for r in audit.results for f in r.reported(include_ok)]
     if shown:
         header = ["KIND", "MAP", "FAMILY", "KEY sip:sport -> dip:dport", "LIVE SOCKET", "PROCESS"]
@@ -141,7 +156,7 @@ def audit_text(audit: NodeAudit, include_ok: bool = False) -> str:
         lines.append(_table([header, *(_finding_row(f) for f in shown)]))
         for f in shown:
             if f.kind is not Kind.OK:
-                lines.append(f"  {f.kind.value} {f.entry.key}: {f.reason}")
+                lines.append(printable(f"  {f.kind.value} {f.entry.key}: {f.reason}"))
     elif not audit.results:
         lines.append("no sockhash maps on this node to audit "
                      "(none pinned under the bpffs, none loaded under the discovered names)")
@@ -156,10 +171,11 @@ def _programs_text(programs: tuple[str, ...] | None) -> str:
     return ",".join(programs) or "-"
 
 
-def maps_text(maps: Sequence[MapInfo], counts: dict[int, int | None]) -> str:
+def maps_text(maps: Sequence[MapInfo], counts: dict[int, int | None],
+              bpffs: str = "/sys/fs/bpf", names: Sequence[str] = ("cilium_sock_ops",)) -> str:
     if not maps:
-        return ("no sockhash or sockmap maps found "
-                "(pinned under /sys/fs/bpf or named cilium_sock_ops)")
+        return printable(f"no sockhash or sockmap maps found (pinned under {bpffs} or named "
+                         f"{' or '.join(names) or '-'})")
     header = ["ID", "NAME", "TYPE", "KEY", "VALUE", "ENTRIES", "MAX", "PATH", "PROGRAMS"]
     rows = [[str(m.id), m.name, m.map_type, str(m.key_size), str(m.value_size),
              "?" if counts.get(m.id) is None else str(counts[m.id]), str(m.max_entries),

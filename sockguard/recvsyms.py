@@ -25,7 +25,7 @@ KALLSYMS = "/proc/kallsyms"
 RECV_SYMBOLS = ("tcp_recvmsg", "tcp_bpf_recvmsg", "tcp_bpf_recvmsg_parser")
 
 #: ``struct sg_config`` of bpf/sock_state.h, the whole ``.rodata`` of both iterators.
-CONFIG = struct.Struct("=QQQI4x")
+CONFIG = struct.Struct("=QQQII")
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,12 @@ def recv_symbols(path: str = KALLSYMS) -> RecvSymbols:
                        found.get("tcp_bpf_recvmsg_parser", 0), tuple(problems))
 
 
-def config(key_size: int = 0) -> bytes:
-    """The ``.rodata`` image for an iterator object."""
+def config(key_size: int = 0, judge: bool = False) -> bytes:
+    """The ``.rodata`` image for an iterator or entry-source object.
+
+    ``judge``: the entry sources count healthy entries instead of reporting
+    them (bpf/entry_record.h); only for Cilium's 44-byte layout.
+    """
     syms = recv_symbols()
     return CONFIG.pack(syms.tcp_recvmsg, syms.tcp_bpf_recvmsg, syms.tcp_bpf_recvmsg_parser,
-                       key_size)
+                       key_size, int(judge))

@@ -33,10 +33,10 @@ alone, which an exact lookup cannot re-verify.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .audit import OWNER_STATES, normalize
+from .audit import OWNER_STATES, TCP_STATE_NAMES, normalize
 from .compact import Interner, entry_cookie, target_socket
 from .errors import SockguardError
 from .maps import MapHandle
@@ -54,7 +54,7 @@ class Deletion:
     """What happened (or, in a dry run, would happen) to one finding."""
 
     finding: Finding
-    outcome: str  # "deleted", "would-delete", "refused", "gone", "skipped-cap"
+    outcome: str  # "deleted", "would-delete", "refused", "gone", "skipped-cap", "skipped-stop"
     reason: str
 
 
@@ -96,6 +96,46 @@ def reverify(handle: MapHandle, finding: Finding, probe: OwnerProbe) -> tuple[bo
         return False, "refused: the entry now belongs to its live owner"
     if finding.kind is Kind.SHADOWING and owner is not None and handle.info.value_size != 8:
         return _entry_still_elsewhere(handle, raw, owner)
+    if finding.kind is Kind.STALE:
+        return _stale_still_proven(handle, raw, finding, probe)
+    return True, "verified"
+
+
+def _stale_still_proven(handle: MapHandle, raw: bytes, finding: Finding,
+                        probe: OwnerProbe) -> tuple[bool, str]:
+    """No owner answered the exact lookup: is that positive evidence?
+
+    Only if the entry's own socket, read again now, is not a live connection
+    with the key's tuple (it is dead, closed, or another tuple: proof without
+    any namespace), or — where the entry's socket cannot be read — if every
+    namespace could be asked.  A namespace that could not be opened, or one no
+    enumeration reaches, must never turn "could not look" into "absent".
+    """
+    try:
+        now = handle.entry_socket(raw)
+        known = True
+    except SockguardError:
+        now, known = None, False
+    except OSError as exc:
+        return False, f"refused: could not read the entry's socket now ({exc})"
+    if known:
+        if now is None:
+            return False, "gone: the key is no longer in the map"
+        t = target_socket(now, Interner())
+        key_owner = normalize(finding.entry.key.owner)
+        if (not t.dead and t.tuple is not None and t.state in OWNER_STATES
+                and normalize(t.tuple) == key_owner):
+            where = f"netns {t.netns_ino}" if t.netns_ino else "a namespace no lookup reached"
+            return False, (f"refused: the entry's own socket is a live connection with "
+                           f"{key_owner} (in {where})")
+        why = ("closed by its process" if t.dead else
+               f"in state {TCP_STATE_NAMES.get(t.state, t.state)}" if t.state not in OWNER_STATES
+               else "another tuple")
+        return True, f"verified: the entry's own socket is {why}"
+    if not probe.complete:
+        return False, ("refused: not every namespace could be asked ("
+                       + "; ".join(probe.unreadable) + ") and the entry's socket is unknown: "
+                       "an absent owner is no evidence")
     return True, "verified"
 
 
@@ -147,6 +187,7 @@ def clean(
     apply: bool,
     max_deletes: int = DEFAULT_MAX_DELETES,
     delete_unproven: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> list[Deletion]:
     """Delete (or, without ``apply``, list) the confirmed bad findings of one map.
 
@@ -163,6 +204,10 @@ def clean(
             why = ("deleted only with --delete-unproven (remediation.delete_unproven)"
                    if f.kind in UNPROVEN_DELETABLE_KINDS else "reported, not deleted")
             out.append(Deletion(f, "refused", f"refused: {f.kind.value} entries are {why}"))
+            continue
+        if stop is not None and stop():
+            # Asked to stop (SIGTERM): not one more delete, however long the list.
+            out.append(Deletion(f, "skipped-stop", "stopping: not deleted"))
             continue
         if done >= max_deletes:
             out.append(Deletion(f, "skipped-cap", f"--max-deletes {max_deletes} reached"))

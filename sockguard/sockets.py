@@ -53,12 +53,25 @@ _RECV_BUF = 1 << 20
 
 @dataclass
 class Scan:
-    """The sockets of every namespace that could be read, and those that could not."""
+    """The sockets of every namespace that could be read, and those that could not.
+
+    ``vanished``: paths that no longer opened (the namespace went away while
+    we looked).  ``unreadable``: namespaces that exist but could not be read
+    (out of fds, a dump that failed), as "path: reason".  Neither is
+    "no sockets there": an audit with either is incomplete, and nothing is
+    called stale for the mere absence of an owner (see audit.AuditPolicy).
+    """
 
     sockets: list[LiveSocket] = field(default_factory=list)
     namespaces: list[Netns] = field(default_factory=list)
     vanished: list[str] = field(default_factory=list)
     table: SocketTable = field(default_factory=SocketTable)  # the same sockets, as rows
+    unreadable: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Every namespace enumerated was read."""
+        return not self.vanished and not self.unreadable
 
 
 def _ip(family: int, raw: bytes) -> IPAddress:
@@ -224,11 +237,18 @@ def scan_all(refs: Sequence[NetnsRef] | None = None, *, compact: bool = False) -
                     f"cannot enter network namespace {ref.path}: {exc.strerror}"
                 ) from exc
             except OSError as exc:
-                log.warning("skipping namespace %s: %s", ref.path, exc)
-                scan.vanished.append(ref.path)
+                log.warning("cannot read namespace %s: %s", ref.path, exc)
+                scan.unreadable.append(f"{ref.path}: {exc.strerror or exc}")
                 continue
+            start = len(scan.table.rows)
             with sock:
-                dump_rows(sock, scan.table.rows)
+                try:
+                    dump_rows(sock, scan.table.rows)
+                except OSError as exc:  # a dump cut short: none of its rows count
+                    del scan.table.rows[start:]
+                    log.warning("cannot read namespace %s: %s", ref.path, exc)
+                    scan.unreadable.append(f"{ref.path}: {exc.strerror or exc}")
+                    continue
             scan.table.close_span(ref.netns)
             scan.namespaces.append(ref.netns)
         if not compact:
@@ -245,12 +265,23 @@ class OwnerProbe:
 
     def __init__(self, refs: Sequence[NetnsRef] | None = None) -> None:
         self._socks: list[tuple[Netns, socket.socket]] = []
+        #: Namespaces that exist but could not be opened ("path: reason"): an owner
+        #: there cannot be seen, so ``owner() is None`` proves nothing while any is listed.
+        self.unreadable: list[str] = []
         for ref in refs if refs is not None else enumerate_netns():
             try:
                 self._socks.append((ref.netns, open_diag_socket(ref)))
-            except (NamespaceGone, OSError):
+            except NamespaceGone:
                 continue
+            except OSError as exc:
+                log.warning("re-verification cannot read namespace %s: %s", ref.path, exc)
+                self.unreadable.append(f"{ref.path}: {exc.strerror or exc}")
         self._seq = 100
+
+    @property
+    def complete(self) -> bool:
+        """Every enumerated namespace that still exists can be asked."""
+        return not self.unreadable
 
     def owner(self, tup: Tuple4) -> LiveSocket | None:
         """The live full socket with exactly ``tup`` in any namespace, if one exists."""

@@ -43,6 +43,7 @@ BTF_PROGRAM = "lookup_btf"
 TUPLE_PROGRAM = "lookup_tuple"
 TARGET_MAP = "target"
 REC_TUPLE_ONLY = 0x4
+REC_HEALTHY = 0x8  # bpf/entry_record.h: judged healthy in the kernel (judge mode)
 #: Where the record starts in the test packet (bpf/sockhash_lookup.bpf.c RECORD_OFF).
 RECORD_OFF = 16
 PACKET_SIZE = RECORD_OFF + RECORD.size
@@ -50,14 +51,14 @@ PACKET_SIZE = RECORD_OFF + RECORD.size
 EXACTNESS = {BTF_PROGRAM: "cookie", TUPLE_PROGRAM: "tuple"}
 
 
-def _load(map_fd: int, key_size: int, program: str) -> libbpf.BpfObject:
+def _load(map_fd: int, key_size: int, program: str, judge: bool = False) -> libbpf.BpfObject:
     if not OBJECT_PATH.is_file():
         raise LibbpfMissingError(
             f"{OBJECT_PATH} is missing: reinstall sockguard (pip install .) to build BPF objects"
         )
     obj = libbpf.BpfObject(OBJECT_PATH)
     try:
-        obj.set_rodata(recvsyms.config(key_size))
+        obj.set_rodata(recvsyms.config(key_size, judge))
         obj.reuse_map(TARGET_MAP, map_fd)
         for name in (BTF_PROGRAM, TUPLE_PROGRAM):
             obj.program(name).set_autoload(name == program)
@@ -133,6 +134,12 @@ class Reader:
 
     def lookup(self, key: bytes) -> Record | None:
         """The socket ``key`` points to, as a record; None when the key holds none."""
+        rec = self.lookup_judged(key)
+        return rec if isinstance(rec, tuple) else None
+
+    def lookup_judged(self, key: bytes) -> Record | int | None:
+        """As ``lookup``, but for an entry the kernel judged healthy (judge mode) the netns
+        inode of its socket instead of a record."""
         retval, out = self._run.run(self._prefix + key + self._pad)
         if retval != 0 or len(out) < PACKET_SIZE:
             raise BpfError(errno.EIO, f"tc lookup: program returned {retval}, "
@@ -141,12 +148,48 @@ class Reader:
          recv) = RECORD.unpack_from(out, RECORD_OFF)
         if not flags & REC_HAS_SOCKET:
             return None
+        if flags & REC_HEALTHY:
+            return int(netns)
         if family == socket.AF_INET:
             saddr, daddr = saddr[:4], daddr[:4]
         if flags & REC_TUPLE_ONLY:
             cookie, netns, recv = COOKIE_UNKNOWN, 0, 0
         return (key, cookie, netns, family, state, saddr, daddr, sport, dport,
                 bool(flags & REC_DEAD), recv)
+
+
+def read_judged(map_fd: int, key_size: int,
+                keys: list[bytes]) -> tuple[dict[bytes, Record], dict[int, int]]:
+    """The records of the entries the kernel did not judge healthy, and the healthy ones
+    as counts per netns inode of their socket (``sockmap_iter.read_judged``'s contract)."""
+    program = _probe()[0] or BTF_PROGRAM
+    obj = _load_or_refuse(map_fd, key_size, program, judge=True)
+    result: dict[bytes, Record] = {}
+    healthy: dict[int, int] = {}
+    try:
+        lookup = Reader(obj, program, key_size).lookup_judged
+        with gc_paused():
+            for key in keys:
+                rec = lookup(key)
+                if isinstance(rec, int):
+                    healthy[rec] = healthy.get(rec, 0) + 1
+                elif rec is not None:
+                    result[key] = rec
+    finally:
+        obj.close()
+    return result, healthy
+
+
+def _load_or_refuse(map_fd: int, key_size: int, program: str,
+                    judge: bool = False) -> libbpf.BpfObject:
+    if not 0 < key_size <= KEY_MAX:
+        raise ValueError(f"key size {key_size} not in 1..{KEY_MAX}")
+    try:
+        return _load(map_fd, key_size, program, judge)
+    except BpfError as exc:
+        if exc.errno == errno.EPERM:
+            raise NotRootError(f"loading the tc lookup program: {exc.strerror}") from None
+        raise
 
 
 def read_records(map_fd: int, key_size: int, keys: list[bytes],
@@ -158,15 +201,8 @@ def read_records(map_fd: int, key_size: int, keys: list[bytes],
     ``program`` (default: the one this kernel takes) lets a caller that
     wants tuple-only records ask for ``TUPLE_PROGRAM`` where both load.
     """
-    if not 0 < key_size <= KEY_MAX:
-        raise ValueError(f"key size {key_size} not in 1..{KEY_MAX}")
     program = program or _probe()[0] or BTF_PROGRAM
-    try:
-        obj = _load(map_fd, key_size, program)
-    except BpfError as exc:
-        if exc.errno == errno.EPERM:
-            raise NotRootError(f"loading the tc lookup program: {exc.strerror}") from None
-        raise
+    obj = _load_or_refuse(map_fd, key_size, program)
     result: dict[bytes, Record] = {}
     try:
         reader = Reader(obj, program, key_size)

@@ -24,8 +24,8 @@ from sockguard.errors import LibbpfMissingError, NotRootError
 from sockguard.libbpf import BpfError
 from sockguard.model import TargetSocket
 
-__all__ = ["KeyReader", "Record", "iterator_available", "read_records", "read_sockmap",
-           "target_socket"]
+__all__ = ["KeyReader", "Record", "iterator_available", "read_judged", "read_records",
+           "read_sockmap", "target_socket"]
 
 OBJECT_PATH = Path(sockguard.__file__).parent / "bpf" / "sockmap_iter.bpf.o"
 PROGRAM = "dump_sockmap"
@@ -38,11 +38,12 @@ KEY_MAX = 64
 RECORD = struct.Struct("=64sQQIHBB16s16sHHB3x")
 REC_HAS_SOCKET = 0x1
 REC_DEAD = 0x2
+REC_SUMMARY = 0x10  # bpf/entry_record.h: a judged walk's last record; cookie = healthy count
 
 RODATA = recvsyms.CONFIG  # .rodata: struct sg_config (bpf/sock_state.h)
 
 
-def _load(key_size: int, program: str | None = None) -> libbpf.BpfObject:
+def _load(key_size: int, program: str | None = None, judge: bool = False) -> libbpf.BpfObject:
     """Open and load the iterator object specialised for ``key_size``.
 
     Only ``program`` (default: the variant this kernel takes) is loaded: the
@@ -60,7 +61,7 @@ def _load(key_size: int, program: str | None = None) -> libbpf.BpfObject:
             raise LibbpfMissingError(
                 f"{OBJECT_PATH}: unexpected .rodata size {len(rodata)}; rebuild sockguard"
             )
-        obj.set_rodata(recvsyms.config(key_size))
+        obj.set_rodata(recvsyms.config(key_size, judge))
         for name in (PROGRAM, COMPAT_PROGRAM):
             obj.program(name).set_autoload(name == program)
         obj.load()
@@ -77,27 +78,67 @@ def read_records(map_fd: int, key_size: int) -> dict[bytes, Record]:
     consistent per bucket but not a global snapshot.  Empty sockmap slots
     are left out.
     """
+    return _walk(map_fd, key_size, judge=False)[0]
+
+
+def read_judged(map_fd: int, key_size: int) -> tuple[dict[bytes, Record], dict[int, int]]:
+    """The records of the entries the kernel could not judge healthy, and the healthy ones.
+
+    The healthy entries come as counts per netns inode of their socket (0:
+    counted, namespace unknown — the kernel's table was full).
+
+    A healthy entry (bpf/entry_record.h: its own socket alive, connected,
+    not on tcp_recvmsg, with the key's tuple) costs no record and no Python
+    object; only Cilium's 44-byte layout can be judged.
+    """
+    return _walk(map_fd, key_size, judge=True)
+
+
+def _healthy_by_netns(obj: libbpf.BpfObject, total: int) -> dict[int, int]:
+    fd = obj.map("healthy_netns").fd
+    out: dict[int, int] = {}
+    key: bytes | None = None
+    while (key := libbpf.map_get_next_key(fd, key, 8)) is not None:
+        value = libbpf.map_lookup(fd, key, 8)
+        if value is not None:
+            out[int.from_bytes(key, "little")] = int.from_bytes(value, "little")
+    if total > sum(out.values()):
+        out[0] = out.get(0, 0) + total - sum(out.values())
+    return out
+
+
+def _walk(map_fd: int, key_size: int,
+          judge: bool) -> tuple[dict[bytes, Record], dict[int, int]]:
     if not 0 < key_size <= KEY_MAX:
         raise ValueError(f"key size {key_size} not in 1..{KEY_MAX}")
     try:
-        obj = _load(key_size)
+        obj = _load(key_size, judge=judge)
     except BpfError as exc:
         # EACCES here is the verifier refusing the program, not a permission problem
         if exc.errno == errno.EPERM:
             raise NotRootError(f"loading the sockmap iterator: {exc.strerror}") from None
         raise
+    by_netns: dict[int, int] = {}
     try:
         with obj.program(iterator_variant()).attach_iter_map(map_fd) as link:
             data = libbpf.iter_read(link)
+        if judge:
+            summary = [r for r in RECORD.iter_unpack(data[-RECORD.size:]) if r[6] & REC_SUMMARY]
+            by_netns = _healthy_by_netns(obj, summary[0][1] if summary else 0)
     finally:
         obj.close()
     if len(data) % RECORD.size:
         raise BpfError(errno.EIO, f"sockmap iterator: {len(data)} bytes is not whole records")
     result: dict[bytes, Record] = {}
     inet = socket.AF_INET
+    healthy = 0
+    summaries = 0
     with gc_paused():
         for (key, cookie, netns, _klen, family, state, flags, saddr, daddr, sport, dport,
              recv) in RECORD.iter_unpack(data):
+            if flags & REC_SUMMARY:
+                healthy, summaries = cookie, summaries + 1
+                continue
             if not flags & REC_HAS_SOCKET:
                 continue  # an empty sockmap slot
             if family == inet:
@@ -105,7 +146,10 @@ def read_records(map_fd: int, key_size: int) -> dict[bytes, Record]:
             k = key[:key_size]
             result[k] = (k, cookie, netns, family, state, saddr, daddr, sport, dport,
                          bool(flags & REC_DEAD), recv)
-    return result
+    if judge and (summaries != 1 or sum(by_netns.values()) != healthy):
+        raise BpfError(errno.EIO, f"sockmap iterator: {summaries} summary records in one walk, "
+                                  f"{healthy} healthy entries, {by_netns} by netns")
+    return result, by_netns
 
 
 _FLAGS_AT = struct.calcsize("=64sQQIHB")  # offset of the record's flags byte

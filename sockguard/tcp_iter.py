@@ -149,11 +149,15 @@ def read_tcp(refs: Sequence[NetnsRef] | None = None) -> Scan:
                 raise NotRootError(
                     f"cannot enter network namespace {ref.path}: {exc.strerror}"
                 ) from exc
-            except BpfError:
-                raise
+            except BpfError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                    raise
+                log.warning("cannot read namespace %s: %s", ref.path, exc)
+                scan.unreadable.append(f"{ref.path}: {exc}")
+                continue
             except OSError as exc:
-                log.warning("skipping namespace %s: %s", ref.path, exc)
-                scan.vanished.append(ref.path)
+                log.warning("cannot read namespace %s: %s", ref.path, exc)
+                scan.unreadable.append(f"{ref.path}: {exc.strerror or exc}")
                 continue
             _rows(data, scan.table.rows, scan.table.recv)
             scan.table.close_span(ref.netns)

@@ -91,14 +91,86 @@ def test_without_capabilities(make_map: MakeMap, bpffs_dir: Path) -> None:
     for args in (["audit", "--map", str(pin)], ["clean", "--apply"], ["maps"]):
         proc = subprocess.run([*drop, sys.executable, "-m", "sockguard", *args],
                               capture_output=True, text=True, timeout=60, check=False)
-        assert_error(proc, "needs root (CAP_BPF, CAP_SYS_ADMIN)")
+        assert_error(proc, "needs root (CAP_SYS_ADMIN; CAP_BPF alone is not enough)")
 
 
 def test_bad_flag_values() -> None:
-    proc = sockguard("clean", "--max-deletes", "-1")
-    assert proc.returncode == 2 and "must be >= 0" in proc.stderr
-    proc = sockguard("audit", "--proxy-ip", "not-an-ip")
-    assert proc.returncode == 2 and "not an IP address" in proc.stderr
+    assert_error(sockguard("clean", "--max-deletes", "-1"), "must be >= 0")
+    assert_error(sockguard("audit", "--proxy-ip", "not-an-ip"), "not an IP address")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    # audit/clean: a confirming look of inf/nan/1e308 s crashed or hung every run
+    (["audit", "--confirm-delay", "inf"], "--confirm-delay: must be >= 0 and <= 60"),
+    (["audit", "--confirm-delay", "nan"], "--confirm-delay: must be >= 0 and <= 60"),
+    (["clean", "--confirm-delay", "1e308"], "--confirm-delay: must be >= 0 and <= 60"),
+    (["clean", "--confirm-delay", "-1"], "--confirm-delay: must be >= 0 and <= 60"),
+    (["audit", "--confirm-delay", "soon"], "--confirm-delay: expected a number, got 'soon'"),
+    (["clean", "--max-deletes", "abc"], "--max-deletes: expected an integer, got 'abc'"),
+    (["trace", "--duration", "inf"], "--duration: must be >= 0 and <= 604800"),
+    # run's flags go through the configuration's checks
+    (["run", "--interval", "inf"], "flag --interval: audit.interval must be > 0 and <= 86400"),
+    (["run", "--interval", "nan"], "flag --interval: audit.interval must be > 0 and <= 86400"),
+    (["run", "--interval", "1e308"], "audit.interval must be > 0 and <= 86400"),
+    (["run", "--interval", "0"], "audit.interval must be > 0 and <= 86400"),
+    (["run", "--confirm-delay", "inf"], "audit.confirm_delay must be >= 0 and <= 60"),
+    (["run", "--confirm-delay", "nan"], "audit.confirm_delay must be >= 0 and <= 60"),
+    (["run", "--confirm-delay", "1e308"], "audit.confirm_delay must be >= 0 and <= 60"),
+    (["run", "--max-deletes", "many"], "--max-deletes: expected an integer, got 'many'"),
+    (["run", "--metrics-port", "x"], "--metrics-port: expected an integer, got 'x'"),
+])
+def test_bad_numbers_are_one_line_errors(args: list[str], message: str) -> None:
+    proc = sockguard(*args)
+    assert_error(proc, message)
+    assert "_nonneg" not in proc.stderr and "usage:" not in proc.stderr
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[audit]\ninterval = inf\n", "audit.interval must be > 0 and <= 86400"),
+    ("[audit]\ninterval = nan\n", "audit.interval must be > 0 and <= 86400"),
+    ("[audit]\ninterval = 1e308\n", "audit.interval must be > 0 and <= 86400"),
+    ("[audit]\nconfirm_delay = inf\n", "audit.confirm_delay must be >= 0 and <= 60"),
+    ("[audit]\nconfirm_delay = nan\n", "audit.confirm_delay must be >= 0 and <= 60"),
+])
+def test_bad_numbers_in_the_config_file_stop_run(tmp_path: Path, text: str,
+                                                 message: str) -> None:
+    config = tmp_path / "sockguard.toml"
+    config.write_text(text)
+    assert_error(sockguard("run", "--config", str(config)), message)
+
+
+def test_trace_with_an_unknown_map_is_an_error(bpffs_dir: Path) -> None:
+    assert_error(sockguard("trace", "--map", "no_such_map_x", "--duration", "1"),
+                 "no map named no_such_map_x")
+    assert_error(sockguard("trace", "--map", str(bpffs_dir / "nothing"), "--duration", "1"),
+                 "no such pinned map")
+
+
+def test_a_bpffs_directory_as_map_says_it_is_a_directory(bpffs_dir: Path) -> None:
+    for command in ("audit", "clean", "maps", "trace"):
+        proc = sockguard(command, "--map", str(bpffs_dir))
+        assert_error(proc, f"{bpffs_dir} is a directory, not a pinned map")
+        assert "Permission denied" not in proc.stderr
+
+
+def test_a_bpffs_option_that_is_no_bpffs_is_named() -> None:
+    assert_error(sockguard("audit", "--bpffs", "/etc", "--map", "no_such_map_x"),
+                 "/etc is not a bpf filesystem")
+    proc = sockguard("maps", "--bpffs", "/etc", "--discover-name", "sg_none_here")
+    assert proc.returncode == 0
+    assert "pinned under /etc" in proc.stdout and "/sys/fs/bpf" not in proc.stdout
+    assert "/etc is not a bpf filesystem" in proc.stderr
+
+
+def test_doctor_as_non_root_exits_0_and_says_what_it_could_not_probe() -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                           sys.executable, "-m", "sockguard", "doctor"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "not root" in proc.stderr and "detections" in proc.stdout
 
 
 def test_no_maps_is_said_plainly(bpffs_dir: Path) -> None:

@@ -190,6 +190,16 @@ def test_seed_hang_is_reported_as_shadowing_and_cleaned(lab: Lab, entry_source: 
 
 
 def test_clean_under_churn_deletes_no_live_entry(lab3: Lab, entry_source: str) -> None:
+    _churn_clean(lab3, entry_source)
+
+
+def test_cookie_less_clean_under_churn_deletes_no_live_entry(lab3: Lab) -> None:
+    """Port reuse without an entry source (keys only): the re-check before each delete
+    still protects every live connection."""
+    _churn_clean(lab3, "syscall")
+
+
+def _churn_clean(lab3: Lab, entry_source: str) -> None:
     a, b, c = lab3.pods
     injected = {cilium_key(a.addr(), 9999, c.addr(), 61000 + i) for i in range(20)}
     inject_each(lab3, sorted(injected))

@@ -11,6 +11,7 @@ sockets of the lab's namespaces.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -60,22 +61,28 @@ class RunningDaemon:
 
     def __init__(self, tmp: Path, map_path: Path, interval: float = 0.5,
                  remediate: bool = False, env: dict[str, str] | None = None,
-                 entry_source: str = "auto") -> None:
+                 entry_source: str = "auto", nofile: int | None = None,
+                 extra: str = "") -> None:
         self.tmp = tmp
         self.entry_source = entry_source
         self.port = free_port()
         self.config = tmp / "sockguard.toml"
         self.log_path = tmp / "daemon.log"
         self.map_path = map_path
-        self.write_config(interval=interval, remediate=remediate)
+        self.write_config(interval=interval, remediate=remediate, extra=extra)
         full_env = {k: v for k, v in os.environ.items()
                     if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
                                  "JOURNAL_STREAM")}
         full_env.update(env or {})
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        def limit() -> None:  # RLIMIT_NOFILE as a unit's LimitNOFILE= would set it
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             [str(SOCKGUARD), "run", "--config", str(self.config)],
             stdout=self._log, stderr=subprocess.STDOUT, env=full_env,
+            preexec_fn=limit if nofile is not None else None,
         )
 
     def write_config(self, interval: float, remediate: bool, extra: str = "") -> None:
@@ -270,18 +277,39 @@ def test_remediation_deletes_stale_and_shadowing_entries(
 
 
 def test_failing_audits_are_counted_and_the_daemon_keeps_running(
-        lab_object: Path, start_daemon: Callable[..., RunningDaemon]) -> None:
-    """The map vanishes under a running daemon (Cilium restarted): logged, counted, alive."""
-    with LabWorld(pods=1, obj_path=lab_object) as doomed:
+        lab_object: Path, lab: Lab, start_daemon: Callable[..., RunningDaemon]) -> None:
+    """The map vanishes under a running daemon (Cilium restarted): logged, counted, alive.
+
+    Its per-map series stop being exported (README: they vanish with their map), the
+    ERROR is logged once however many cycles fail, and once more when audits recover.
+    """
+    with LabWorld(pods=2, obj_path=lab_object) as doomed:
         d = start_daemon(doomed.pin_path, interval=0.3)
         _ready(d)
+        _make_stale(doomed)
+        d.wait_value("sockguard_findings", lambda v: v == 1, timeout=SLOW, kind="stale")
+        assert d.value("sockguard_map_entries") == 1
     # The lab is gone: its pin, map and namespaces with it.
-    d.wait_value("sockguard_audit_failures_total", lambda v: v >= 2, timeout=SLOW,
+    d.wait_value("sockguard_audit_failures_total", lambda v: v >= 4, timeout=SLOW,
                  reason="map_not_found")
     assert d.alive()
     failures = d.value("sockguard_audit_failures_total") or 0
     d.wait_value("sockguard_audits_total", lambda v: v >= failures + 1, timeout=SLOW)
-    assert "audit failed (map_not_found)" in d.log()
+    samples = d.scrape()
+    gone = [k for k in samples if k[0] in ("sockguard_map_entries", "sockguard_findings",
+                                           "sockguard_pending_entries",
+                                           "sockguard_entry_source_info")]
+    assert not gone, f"per-map series of a destroyed map still exported: {gone}"
+    log = d.log()
+    assert "audit failed (map_not_found)" in log
+    assert log.count("ERROR: audit failed") == 1, "the same failure is logged once, not " \
+        "every interval:\n" + log
+    # Point the daemon at a live map: one line says audits work again.
+    d.map_path = lab.pin_path
+    d.write_config(interval=0.3, remediate=False)
+    d.signal(signal.SIGHUP)
+    assert wait_for(lambda: "audit succeeded again after" in d.log(), SLOW), d.log()
+    assert d.log().count("audit succeeded again after") == 1
 
 
 # -- systemd notify protocol -----------------------------------------------------------------
@@ -399,6 +427,10 @@ def test_sighup_with_a_good_config_applies_the_new_interval(
 @pytest.mark.parametrize("bad", [
     "[audit\ninterval = 1\n",                 # not TOML
     "[audit]\ninterval = 1\nspeed = 3\n",     # unknown key
+    "[audit]\ninterval = inf\n",              # one audit, then silence
+    "[audit]\ninterval = nan\n",
+    "[audit]\ninterval = 1e308\n",
+    "[audit]\nconfirm_delay = inf\n",         # every cycle would crash
 ])
 def test_sighup_with_a_bad_config_keeps_the_old_one(
         lab: Lab, start_daemon: Callable[..., RunningDaemon], bad: str) -> None:
@@ -408,7 +440,7 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(
     d.signal(signal.SIGHUP)
     d.wait_value("sockguard_config_reloads_total", lambda v: v == 1, timeout=5,
                  result="failure")
-    assert "reload rejected, keeping the running configuration" in d.log()
+    assert d.log().count("reload rejected, keeping the running configuration") == 1
     assert d.value("sockguard_audit_interval_seconds") == 0.3
     audits = d.value("sockguard_audits_total") or 0
     d.wait_value("sockguard_audits_total", lambda v: v >= audits + 2, timeout=SLOW)
@@ -444,3 +476,65 @@ def test_sigterm_between_audits_exits_0(
     assert "stopped" in d.log()
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{d.port}/metrics", timeout=1)
+
+
+# -- the metrics endpoint under a local user's idle connections --------------------------------
+
+#: A local user's connections: more than the 1024 fds systemd gives a service by default.
+IDLE_CONNECTIONS = 1100
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_idle_connections_to_the_metrics_port_starve_neither_scrapes_nor_audits(
+        lab: Lab, start_daemon: Callable[..., RunningDaemon]) -> None:
+    """1,100 idle TCP connections to the port, the daemon at the default RLIMIT_NOFILE 1024.
+
+    Before the endpoint was bounded each connection held a thread and an fd forever:
+    scrapes failed and audits failed with EMFILE. Now scrapes answer in < 1 s, the
+    daemon's fds and threads stay bounded and the next audits see the lab's entries.
+    """
+    d = start_daemon(lab.pin_path, interval=0.5, nofile=1024)
+    _ready(d)
+    stale_key = _make_stale(lab)
+    d.wait_value("sockguard_findings", lambda v: v == 1, timeout=SLOW, kind="stale")
+    pid = d.proc.pid
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < IDLE_CONNECTIONS + 512:  # this test process holds the connections
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, IDLE_CONNECTIONS + 1024), hard))
+    conns: list[socket.socket] = []
+    try:
+        for _ in range(IDLE_CONNECTIONS):
+            conns.append(socket.create_connection(("127.0.0.1", d.port), timeout=10))
+        latencies = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            body = urllib.request.urlopen(f"http://127.0.0.1:{d.port}/metrics",
+                                          timeout=5).read()
+            latencies.append(time.monotonic() - t0)
+            assert b"sockguard_audits_total" in body
+        print(f"scrape latency under {IDLE_CONNECTIONS} idle connections: "
+              f"max {max(latencies) * 1000:.1f} ms")
+        assert max(latencies) < 1.0, latencies
+        assert _fds(pid) < 200, f"daemon holds {_fds(pid)} fds"
+        assert _threads(pid) < 20, f"daemon runs {_threads(pid)} threads"
+        # The next audits complete and see the lab's entry as it is.
+        done = d.value("sockguard_audit_duration_seconds_count") or 0
+        d.wait_value("sockguard_audit_duration_seconds_count", lambda v: v >= done + 2,
+                     timeout=SLOW)
+        assert d.value("sockguard_findings", kind="stale") == 1
+        assert d.value("sockguard_map_entries") == 1
+        assert d.value("sockguard_audit_failures_total") == 0, d.log()
+        assert stale_key in lab.keys()
+        assert d.alive()
+    finally:
+        for c in conns:
+            c.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+

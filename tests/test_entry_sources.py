@@ -10,9 +10,11 @@ skipped with the probe's reason; where both load, both are exercised.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 
 import pytest
@@ -27,7 +29,7 @@ from sockguard.node_audit import EntrySource, entry_source, run_audit
 from sockguard.remediation import reverify
 from sockguard.sockets import OwnerProbe
 from tests.conftest import entry_source_skip_reason
-from tests.lab import Lab, cilium_key, key_for, recv_exact
+from tests.lab import Lab, cilium_key, close_rst, key_for, recv_exact
 
 pytestmark = pytest.mark.kernel
 
@@ -162,7 +164,7 @@ def test_collision_hang_is_shadowing_from_the_tc_lookup(lab: Lab, exactness: str
     maps, _ = select_maps([str(lab.pin_path)])
 
     audit = run_audit(maps, CILIUM, AuditPolicy(), confirm_delay=0.05,
-                      entry_source_name=source)
+                      entry_source_name=source, include_ok=True)
 
     assert audit.sources == {maps[0].id: "tc_lookup"}
     assert audit.exactness == {maps[0].id: exactness}
@@ -212,3 +214,48 @@ def test_shadowing_delete_refused_once_the_key_is_the_owners_again(
         ok, why = reverify(handle, shadow, probe)
         assert not ok and "owner" in why, why
     assert future in lab.keys()
+
+
+@pytest.mark.parametrize("source", ["iterator", "tc_lookup"])
+def test_the_kernel_judges_healthy_entries_and_reports_only_the_rest(
+        make_map: MakeMap, tcp_pair: TcpPair, source: str) -> None:
+    """A healthy entry (its own socket alive, connected, with the key's tuple) is only
+    counted; a record comes up for every other entry, on both entry sources."""
+    _need(source)
+    fd = make_map(SOCKHASH, KEY, 4, 256)
+    socks = [s for _ in range(10) for s in tcp_pair()]
+    for s in socks:
+        libbpf.map_update(fd, key_for(s), struct.pack("=i", s.fileno()))
+    c6 = None
+    with contextlib.suppress(OSError):
+        a6, b6 = tcp_pair(socket.AF_INET6)
+        for s in (a6, b6):
+            libbpf.map_update(fd, key_for(s), struct.pack("=i", s.fileno()))
+        c6 = a6
+    dummy, other = tcp_pair()
+    wrong = cilium_key("10.9.9.9", 80, "10.9.9.8", 4242)  # a key its socket does not have
+    libbpf.map_update(fd, wrong, struct.pack("=i", dummy.fileno()))
+    closed, peer = tcp_pair()
+    closed_key = key_for(closed)
+    libbpf.map_update(fd, closed_key, struct.pack("=i", closed.fileno()))
+    close_rst(peer)  # the entry's socket is reset: CLOSE, still in the map
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        st = struct.unpack("B", closed.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1))[0]
+        if st == 7:
+            break
+        time.sleep(0.01)
+    keys = [key_for(s) for s in socks] + [wrong, closed_key]
+    healthy_keys = len(socks) + (2 if c6 is not None else 0)
+    if c6 is not None:
+        keys += [key_for(s) for s in (a6, b6)]
+    if source == "iterator":
+        records, healthy = sockmap_iter.read_judged(fd, KEY)
+    else:
+        records, healthy = sockhash_lookup.read_judged(fd, KEY, keys)
+    assert sum(healthy.values()) == healthy_keys
+    assert set(healthy) == {os.stat("/proc/self/ns/net").st_ino}  # the sockets' netns
+    assert set(records) == {wrong, closed_key}
+    assert records[wrong][1] in (0, cookie(dummy))
+    assert records[closed_key][4] == 7  # CLOSE
+    assert other.fileno() >= 0

@@ -90,3 +90,26 @@ def test_every_alert_has_firing_and_silent_rule_tests() -> None:
         silent = [b for b in mine if "exp_alerts: []" in b]
         assert fires, f"{alert}: no test where it fires"
         assert silent, f"{alert}: no test where it stays silent"
+
+
+def test_unit_bounds_fds_and_keeps_sys_and_proc_sys_read_only() -> None:
+    unit = _unit_lines()
+    nofile = int(unit["LimitNOFILE"][0])
+    assert 1024 < nofile <= 65536  # above systemd's default 1024 soft limit, still bounded
+    ro = " ".join(unit["ReadOnlyPaths"]).split()
+    assert {"/sys", "/proc/sys", "/proc/sysrq-trigger"} <= set(ro)
+    # ProtectKernelTunables=no is what makes these needed (see the unit's comment).
+    assert unit["ProtectKernelTunables"] == ["no"]
+
+
+def test_documented_exposure_is_the_measured_one() -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not installed")
+    proc = subprocess.run([tool, "security", "--offline=true", str(UNIT)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", proc.stdout)
+    assert found, proc.stdout + proc.stderr
+    readme = (ROOT / "packaging" / "README.md").read_text()
+    assert f"rates the\nunit **{found.group(1)} " in readme, \
+        f"packaging/README.md does not state the measured exposure {found.group(1)}"

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from sockguard import audit, metrics, policy, remediation
+from sockguard.errors import SockguardError
 from sockguard.layout import CILIUM, decode
 from sockguard.model import Finding, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
 from sockguard.node_audit import NodeAudit
@@ -214,10 +215,15 @@ class FakeHandle:
         self.deleted.append(raw)
         return True
 
+    def entry_socket(self, raw: bytes) -> None:
+        raise SockguardError("no entry source in this fake: the probe decides")
+
 
 @dataclass
 class FakeProbe:
     owners: dict[Tuple4, LiveSocket] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
+    complete: bool = True
 
     def owner(self, tup: Tuple4) -> LiveSocket | None:
         return self.owners.get(tup)

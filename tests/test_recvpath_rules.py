@@ -8,6 +8,7 @@ from dataclasses import replace
 from ipaddress import ip_address
 from typing import Any, cast
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +21,8 @@ from sockguard.audit import (
     audit_records,
     judge,
 )
-from sockguard.compact import SocketTable
+from sockguard.compact import Record, SocketTable
+from sockguard.errors import SockguardError
 from sockguard.layout import CILIUM, decode, key_for_socket
 from sockguard.model import (
     RECV_BPF,
@@ -147,8 +149,13 @@ def test_proxy_entry_whose_client_is_dead_is_stale_not_proxy() -> None:
 
 
 class _Handle:
-    def __init__(self, info: MapInfo) -> None:
+    """A map whose entry's socket cannot be read (no exact source), unless ``record`` is given."""
+
+    def __init__(self, info: MapInfo, record: Record | None = None,
+                 readable: bool = False) -> None:
         self.info = info
+        self.record = record
+        self.readable = readable
 
     def contains(self, raw: bytes) -> bool:
         return True
@@ -156,23 +163,60 @@ class _Handle:
     def lookup_cookie(self, raw: bytes) -> int | None:
         return None
 
+    def entry_socket(self, raw: bytes) -> Record | None:
+        if not self.readable:
+            raise SockguardError("no entry source here")
+        return self.record
+
 
 class _Probe:
-    def __init__(self, owner: LiveSocket | None) -> None:
+    def __init__(self, owner: LiveSocket | None, unreadable: tuple[str, ...] = ()) -> None:
         self._owner = owner
+        self.unreadable = list(unreadable)
+
+    @property
+    def complete(self) -> bool:
+        return not self.unreadable
 
     def owner(self, t: Tuple4) -> LiveSocket | None:
         return self._owner
 
 
 def _reverify(finding_kind: Kind, details: dict[str, object], owner: LiveSocket | None,
-              cookie: int = 1) -> bool:
+              cookie: int = 1, handle: _Handle | None = None,
+              probe: _Probe | None = None) -> bool:
     from sockguard.model import Finding
 
     f = Finding(finding_kind, MAP, entry(SERVER, cookie, dead=True), "why", None, None, True,
                 details)
-    ok, _why = reverify(cast(Any, _Handle(MAP)), f, cast(Any, _Probe(owner)))
+    ok, _why = reverify(cast(Any, handle or _Handle(MAP)), f, cast(Any, probe or _Probe(owner)))
     return ok
+
+
+def _record(t: Tuple4, state: int = 1, dead: bool = False) -> Record:
+    """An entry-socket record (iterator/tc lookup shape) for the socket with tuple ``t``."""
+    return (b"k", 7, 4026531840, 2, state, t.local.ip.packed, t.remote.ip.packed,
+            t.local.port, t.remote.port, dead, 0)
+
+
+def test_stale_needs_positive_evidence_when_a_namespace_could_not_be_asked() -> None:
+    """Could not look is not absent: with an unreadable namespace and the entry's socket
+    unknown, a stale entry is refused; the entry's own socket can still prove it."""
+    blind = _Probe(None, unreadable=("/proc/42/ns/net: Too many open files",))
+    assert _reverify(Kind.STALE, {}, None)  # every namespace asked: no owner anywhere
+    assert not _reverify(Kind.STALE, {}, None, probe=blind)
+    # The entry's socket read again: a live connection with the key's tuple (its
+    # namespace unreadable or unreachable) -> refused even with every namespace asked.
+    live_self = _Handle(MAP, _record(SERVER), readable=True)
+    assert not _reverify(Kind.STALE, {}, None, handle=live_self)
+    assert not _reverify(Kind.STALE, {}, None, handle=live_self, probe=blind)
+    # ... closed, dead, or another tuple: proof without any namespace.
+    for rec in (_record(SERVER, state=7), _record(SERVER, dead=True),
+                _record(SERVER.reversed())):
+        assert _reverify(Kind.STALE, {}, None, handle=_Handle(MAP, rec, readable=True),
+                         probe=blind)
+    # the key gone since the audit
+    assert not _reverify(Kind.STALE, {}, None, handle=_Handle(MAP, None, readable=True))
 
 
 def test_a_dead_entry_is_deletable_while_its_own_socket_finishes_closing() -> None:
@@ -304,3 +348,57 @@ def test_kallsyms_symbols_fail_soft_one_by_one() -> None:
                         "tcp_bpf_recvmsg_parser not in /proc/kallsyms"]
     hidden, why = find_symbols(b"0000000000000000 T tcp_recvmsg\n", ("tcp_recvmsg",))
     assert hidden == {} and "kptr_restrict" in why[0]
+
+
+# --- could not look is not absent ----------------------------------------------------
+
+
+def _index(socks: Sequence[LiveSocket], complete: bool) -> SocketIndex:
+    index = SocketIndex.build(socks)
+    index.complete = complete
+    return index
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_an_entry_whose_own_socket_owns_its_tuple_is_ok_without_the_scan(complete: bool) -> None:
+    """The scan missed the owner (its namespace unreachable or unreadable): the entry's
+    own socket — alive, connected, the key's tuple — is the owner."""
+    v = judge(entry(SERVER, 9), _index([], complete), NO_POLICY)
+    assert v.kind is Kind.OK and v.details["owner_from_entry_socket"] is True
+    assert v.socket is not None and v.socket.tuple == SERVER
+    on_tcp = judge(entry(SERVER, 9, recv=RECV_TCP), _index([], complete), NO_POLICY)
+    assert on_tcp.kind is Kind.RECVPATH
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_the_entry_socket_proves_stale_whatever_the_scan(complete: bool) -> None:
+    index = _index([], complete)
+    assert judge(entry(SERVER, 9, dead=True), index, NO_POLICY).kind is Kind.STALE
+    assert judge(entry(SERVER, 9, state=7), index, NO_POLICY).kind is Kind.STALE
+    assert judge(entry(SERVER, 9, SERVER.reversed()), index, NO_POLICY).kind is Kind.STALE
+
+
+def test_without_the_entry_socket_an_incomplete_scan_calls_nothing_stale() -> None:
+    assert judge(entry(SERVER, None), _index([], True), NO_POLICY).kind is Kind.STALE
+    blind = _index([], False)
+    v = judge(entry(SERVER, None), blind, NO_POLICY)
+    assert v.kind is None and v.details == {"unverified": True}
+    result = audit_map(MAP, [entry(SERVER, None), entry(SERVER.reversed(), None)], blind,
+                       NO_POLICY)
+    assert result.findings == [] and result.unverified == 2 and result.pending == 0
+
+
+@given(complete=st.booleans(), dead=st.booleans(), state=st.sampled_from([1, 4, 7, 8]),
+       other=st.booleans(), known=st.booleans())
+def test_no_owner_in_the_scan_is_stale_only_with_evidence(
+        complete: bool, dead: bool, state: int, other: bool, known: bool) -> None:
+    """Property: with no owner in the scan, an entry is called stale only when the
+    scan was complete or its own socket is not a live connection with its tuple."""
+    e = entry(SERVER, 9 if known else None, SERVER.reversed() if other else None,
+              state=state, dead=dead)
+    v = judge(e, _index([], complete), NO_POLICY)
+    own_socket_is_owner = known and not dead and not other and state in (1, 4, 8)
+    if v.kind is Kind.STALE:
+        assert complete or (known and not own_socket_is_owner)
+    if own_socket_is_owner:
+        assert v.kind is Kind.OK
