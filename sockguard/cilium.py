@@ -11,6 +11,7 @@ listens on in the host namespace and its client socket is alive.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable
 from ipaddress import ip_address
 
@@ -24,6 +25,10 @@ CILIUM_HOST = "cilium_host"
 
 
 def _addresses_of(ifname: str) -> frozenset[IPAddress]:
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:  # no such interface: not a Cilium node, and no pyroute2 import
+        return frozenset()
     # Imported here: pyroute2 costs ~150 ms of start-up, and only this needs it.
     from pyroute2 import IPRoute
 

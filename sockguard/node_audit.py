@@ -414,6 +414,8 @@ def run_audit(
     """
     start = time.monotonic()
     skipped: list[str] = []
+    if not maps:  # nothing to audit: no program to load, no namespace to scan
+        return NodeAudit([], [], 0, duration=time.monotonic() - start, socket_source="none")
     if isinstance(entry_source_name, EntrySource):
         source = entry_source_name
     else:

@@ -138,8 +138,13 @@ def audit_text(audit: NodeAudit, include_ok: bool = False) -> str:
             lines.append(f"  entries' sockets: {EXACTNESS_TEXT[exact]} "
                          f"(via {audit.sources.get(r.map.id)})")
     via = "iter/tcp" if audit.socket_source == "iterator" else audit.socket_source
-    lines.append(f"{audit.sockets} TCP sockets in {len(audit.namespaces)} network namespace(s) "
-                 f"via {via} ({audit.duration:.2f} s)")
+    if audit.socket_source == "none":
+        lines.append("no socket scan needed: every entry was judged healthy in the kernel by "
+                     f"its own socket ({audit.duration:.2f} s)" if audit.results else
+                     f"nothing to scan ({audit.duration:.2f} s)")
+    else:
+        lines.append(f"{audit.sockets} TCP sockets in {len(audit.namespaces)} network "
+                     f"namespace(s) via {via} ({audit.duration:.2f} s)")
     lines.extend(printable(f"skipped map: {s}") for s in audit.skipped)
     lines.extend(f"namespace vanished during the scan: {v}" for v in audit.vanished)
     lines.extend(f"namespace could not be read: {u}" for u in audit.unreadable)
