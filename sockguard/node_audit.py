@@ -22,15 +22,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from . import maps as maps_adapter
-from .audit import AuditPolicy, AuditResult, SocketIndex, audit_map, audit_records
+from .audit import (
+    OWNER_STATES,
+    AuditPolicy,
+    AuditResult,
+    SocketIndex,
+    audit_map,
+    audit_records,
+)
 from .compact import Interner, Record, entry_cookie, gc_paused, maker
 from .errors import LayoutMismatchError, LibbpfMissingError, MapGoneError, SockguardError
 from .layout import CILIUM, KeyDecodeError, KeyLayout, decode
 from .libbpf import BpfError
-from .model import Finding, MapEntry, MapInfo, Netns
+from .model import Finding, MapEntry, MapInfo, Netns, Tuple4
 from .netns import enumerate_netns
 from .owners import find_owners
-from .sockets import Scan, scan_all
+from .sockets import Scan, lookup_tuples, scan_all
 from .sockhash_lookup import TUPLE_PROGRAM, lookup_available, lookup_exactness
 from .sockhash_lookup import read_judged as lookup_judged
 from .sockhash_lookup import read_records as lookup_records
@@ -316,15 +323,19 @@ def _look(
                     raise
                 skipped.append(str(exc))
         if not scan_first:
+            suspicious = _suspicious_tuples(reads, layout) if judging else None
             if judging and not any(isinstance(r, MapRead) or r[1] for r in reads):
                 scan, sock_source = Scan(), "none"  # nothing left to look up
+            elif (suspicious is not None and len(suspicious) <= TARGETED_MAX
+                  and socket_source != "iterator"):  # iter/tcp asked for: its receive paths
+                scan, sock_source = lookup_tuples(suspicious), "sock_diag lookups"
             else:
                 scan, sock_source = scan_sockets(socket_source)
-                if judging and source.scan_first:
-                    # The source reads the cookie field, which the scan has just
-                    # generated for every socket it listed: read the maps with
-                    # suspicious entries again, so that their cookies are known.
-                    reads = [_reread(r, source, layout, include_ok, healthy) for r in reads]
+            if judging and source.scan_first and sock_source != "none":
+                # The source reads the cookie field, which the scan has just
+                # generated for every socket it listed or looked up: read the maps
+                # with suspicious entries again, so that their cookies are known.
+                reads = [_reread(r, source, layout, include_ok, healthy) for r in reads]
         index = SocketIndex.from_table(scan.table, interner, scan.complete)
         results: list[AuditResult] = []
         for r in reads:
@@ -339,6 +350,36 @@ def _look(
             unseen[ino] = unseen.get(ino, 0) + n
     return _Look(results, scan.namespaces, index.count, scan.vanished, sources, exactness,
                  sock_source, scan.unreadable, unseen)
+
+
+#: Up to this many suspicious tuples, a look asks sock_diag for exactly them in each
+#: namespace instead of dumping every socket of every namespace.
+TARGETED_MAX = 256
+
+
+def _suspicious_tuples(reads: Sequence[MapRead | tuple[MapInfo, dict[bytes, Record]]],
+                       layout: KeyLayout) -> list[Tuple4] | None:
+    """What a targeted scan must look up for the not-healthy entries; None: scan everything.
+
+    The tuple each key describes (its owner, if any), and the entry socket's
+    own tuple where it is connected: an L7-proxy entry is judged by that
+    socket (its client), and a lookup generates the socket's cookie, which
+    sources reading the cookie field then see on their second read.
+    """
+    tuples: dict[Tuple4, None] = {}
+    interner = Interner()
+    for r in reads:
+        if isinstance(r, MapRead):
+            return None
+        for raw, rec in r[1].items():
+            try:
+                tuples[decode(layout, raw, interner).owner] = None
+            except KeyDecodeError:
+                continue
+            target = target_socket(rec, interner)
+            if target.tuple is not None and target.state in OWNER_STATES:
+                tuples[target.tuple] = None
+    return list(tuples)
 
 
 def _reread(r: MapRead | tuple[MapInfo, dict[bytes, Record]], source: EntrySource,

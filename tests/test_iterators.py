@@ -164,8 +164,14 @@ def test_seed_shadowing_is_flagged_by_the_receive_path_before_any_payload(lab: L
     srv = lab.accept(listener)
     assert key_for(srv) == future  # its insert failed with EEXIST: the psock was dropped
 
-    # Nothing has been sent yet.
+    # Nothing has been sent yet.  (By default only the suspicious tuples are looked up
+    # with sock_diag; iter/tcp, asked for, also reads the owner's receive path.)
     code, doc = sockguard("audit", "--map", str(lab.pin_path), "--json")
+    assert code == 1 and doc["socket_source"] == "sock_diag lookups"
+    [f] = [f for f in doc["findings"] if f["key_hex"] == future.hex()]
+    assert f["kind"] == "shadowing" and f["socket"]["cookie"] == cookie(srv)
+    code, doc = sockguard("audit", "--map", str(lab.pin_path), "--json",
+                          "--socket-source", "iterator")
     assert code == 1 and doc["socket_source"] == "iterator"
     [f] = [f for f in doc["findings"] if f["key_hex"] == future.hex()]
     assert f["kind"] == "shadowing" and f["confirmed"] is True
