@@ -400,7 +400,10 @@ def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Clas
                           "but not every namespace could be read and the entry's socket is "
                           "unknown", None, {UNVERIFIED: True})
         details: dict[str, object] = {}
-        reason = f"no live socket in any namespace has {tup}"
+        # Named by its sides: the key prints as sip -> dip (the peer's view), the
+        # owner it describes has them the other way round.
+        reason = (f"no live socket in any namespace has local {tup.local}, "
+                  f"remote {tup.remote}")
         tw_row = index._timewait.get(k)
         if tw_row is not None:
             tw = index.sock(tw_row)
@@ -680,8 +683,8 @@ def audit_map(
                     pending += 1
                 continue
             append(_new_finding(kind, info, entry, reason, sock, None, False, details))
-    return AuditResult(info, len(entries), findings, pending, list(undecodable),
-                       unverified=unverified)
+    return AuditResult(info, len(entries) + len(undecodable), findings, pending,
+                       list(undecodable), unverified=unverified)
 
 
 def audit_records(
@@ -752,7 +755,9 @@ def audit_records(
         return _new_finding(Kind.OK, info, entry, f"owned by {index.describe(row)}",
                             index.sock(row), None, False, details)
 
-    result = AuditResult(info, total + healthy, [], pending, undecodable, lazy=(make, lazy),
+    # entries: every key, as `sockguard maps` counts them, undecodable ones included
+    result = AuditResult(info, total + healthy + len(undecodable), [], pending, undecodable,
+                         lazy=(make, lazy),
                          unverified=unverified, healthy=healthy)
     result._parts = parts
     return result

@@ -196,20 +196,22 @@ def read_map(info: MapInfo, layout: KeyLayout, use_iterator: bool = True,
     return MapRead(info, entries, undecodable, source)
 
 
-def read_entry_records(info: MapInfo, source: EntrySource,
-                       judge: bool = False) -> tuple[dict[bytes, Record], dict[int, int]]:
+def read_entry_records(info: MapInfo, source: EntrySource, judge: bool = False,
+                       only: Sequence[bytes] | None = None,
+                       ) -> tuple[dict[bytes, Record], dict[int, int]]:
     """Each key of a 4-byte-value map with the socket it points to, from ``source``.
 
     With ``judge`` the kernel counts the healthy entries instead of reporting
     them (bpf/entry_record.h): (records of the others, healthy entries per
-    netns inode of their socket).
+    netns inode of their socket).  ``only``: the tc lookup asks for just these
+    keys (it looks keys up one by one; the iterator always walks the map).
     """
     with maps_adapter.open_map(info) as handle:
         if source.name == "iterator":
             if judge:
                 return read_judged(handle.fd, info.key_size)
             return read_records(handle.fd, info.key_size), {}
-        keys = list(handle.keys())
+        keys = list(handle.keys()) if only is None else list(only)
         if judge:
             return lookup_judged(handle.fd, info.key_size, keys)
         program = TUPLE_PROGRAM if source.exactness == "tuple" else None
@@ -288,12 +290,14 @@ def _unseen_namespaces(reads: Sequence[MapRead | tuple[MapInfo, dict[bytes, Reco
 def _look(
     maps: Sequence[MapInfo], layout: KeyLayout, policy: AuditPolicy, source: EntrySource,
     skipped: list[str] | None = None, socket_source: str = "auto", include_ok: bool = False,
+    only: dict[int, list[bytes]] | None = None,
 ) -> _Look:
     """Read every map, then the sockets of every namespace, then classify.
 
     Where the kernel judges healthy entries (``_judges``) only the rest come up;
     when there is no rest, no socket is scanned at all: every entry was
-    proven by its own socket.
+    proven by its own socket.  ``only`` (map id -> keys): a confirming look
+    of the tc lookup asks just for the keys the first look found bad.
     """
     reads: list[MapRead | tuple[MapInfo, dict[bytes, Record]]] = []
     healthy: dict[int, dict[int, int]] = {}  # map id -> netns inode -> healthy entries
@@ -311,7 +315,8 @@ def _look(
                     # records stay compact until a finding needs them
                     layout.check_map(info.key_size, info.name)
                     records, healthy[info.id] = read_entry_records(
-                        info, source, _judges(source, layout, info, include_ok))
+                        info, source, _judges(source, layout, info, include_ok),
+                        None if only is None else only.get(info.id, []))
                     reads.append((info, records))
                     sources[info.id], exactness[info.id] = source.name, source.exactness
                 else:
@@ -389,10 +394,16 @@ def _reread(r: MapRead | tuple[MapInfo, dict[bytes, Record]], source: EntrySourc
         return r
     info = r[0]
     try:
-        records, healthy[info.id] = read_entry_records(
-            info, source, _judges(source, layout, info, include_ok))
+        records, now_healthy = read_entry_records(
+            info, source, _judges(source, layout, info, include_ok),
+            list(r[1]) if source.name == "tc_lookup" else None)
     except MapGoneError:
         return r  # gone since the first read: judged on what that read saw
+    if source.name == "tc_lookup":  # only the suspicious keys were asked again
+        for ino, n in now_healthy.items():
+            healthy[info.id][ino] = healthy[info.id].get(ino, 0) + n
+    else:
+        healthy[info.id] = now_healthy
     return info, records
 
 
@@ -468,8 +479,10 @@ def run_audit(
         time.sleep(confirm_delay)
         checked = [r.map for r in results]
         try:
+            only = ({r.map.id: [bytes.fromhex(f.entry.key_hex) for f in r.bad]
+                     for r in results} if source.name == "tc_lookup" else None)
             second = _look(checked, layout, policy, source, [], socket_source,
-                           include_ok).results
+                           include_ok, only).results
         except SockguardError as exc:
             log.warning("second look failed, nothing confirmed: %s", exc)
             second = []
