@@ -12,6 +12,7 @@ import errno
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from ipaddress import ip_address
@@ -329,6 +330,11 @@ COMMANDS = {"maps": cmd_maps, "audit": cmd_audit, "clean": cmd_clean, "run": cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "run" in words[:1]:
+        # A reload asked for while the daemon starts is moot (it reads its config
+        # then); by default SIGHUP would kill it before its handler is installed.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(EscapingFormatter("sockguard: %(message)s"))  # see escape.py
