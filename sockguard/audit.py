@@ -444,16 +444,8 @@ def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Clas
                         f"entry points to {index.describe(r)}, which its process has closed: "
                         "the entry outlived close() (sock_map_close did not remove it)",
                         None, {"entry_socket_dead": True, "owner_cookie": cookie})
-            path = _owner_path(index, entry, cookie)
-            if path == RECV_TCP:
-                return (Kind.RECVPATH,
-                        f"entry points to its owner {index.describe(r)}, which reads with "
-                        "tcp_recvmsg: payload redirected to it is never read",
-                        index.sock(r), {"verified_by_cookie": True, "owner_recv_path": path})
-            details = {"verified_by_cookie": True}
-            if path is not None:
-                details["recv_path"] = path
-            return Kind.OK, f"owned by {index.describe(r)}", index.sock(r), details
+            return _owner_verdict(index.describe(r), index.sock(r),
+                                  _owner_path(index, entry, cookie), {"verified_by_cookie": True})
     victim = index.sock(first)
     details = {"entry_cookie": cookie, "owner_cookie": victim.cookie}
     target_row = index.row_by_cookie(cookie)
@@ -470,6 +462,20 @@ def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Clas
         if owner_path == RECV_TCP:
             reason += "; the owner reads with tcp_recvmsg, so it never sees that payload"
     return Kind.SHADOWING, reason, victim, details
+
+
+def _owner_verdict(owner: str, sock: LiveSocket, path: str | None,
+                   details: dict[str, object]) -> _Classified:
+    """The entry points to its live owner: ``ok``, or ``recvpath`` when that owner reads
+    with plain ``tcp_recvmsg`` (the payload redirected to it is never read)."""
+    if path == RECV_TCP:
+        details["owner_recv_path"] = path
+        return (Kind.RECVPATH, f"entry points to its owner {owner}, which reads with "
+                               "tcp_recvmsg: payload redirected to it is never read",
+                sock, details)
+    if path is not None:
+        details["recv_path"] = path
+    return Kind.OK, f"owned by {owner}", sock, details
 
 
 #: ``details`` marker of a no-verdict entry that only a complete scan could judge.
@@ -495,19 +501,11 @@ def _owned_by_entry_socket(entry: MapEntry, t: TargetSocket, index: SocketIndex)
     assert t.tuple is not None
     netns = Netns(t.netns_ino, f"unscanned:{t.netns_ino}" if t.netns_ino else "unknown")
     sock = LiveSocket(t.tuple, t.state, t.cookie, 0, netns, 0, t.recv_path)
-    details: dict[str, object] = {"owner_from_entry_socket": True,
-                                  "verified_by_cookie": False, "verified_by_tuple": True}
     where = f"netns {t.netns_ino}" if t.netns_ino else "a namespace"
-    if t.recv_path == RECV_TCP:
-        details["owner_recv_path"] = t.recv_path
-        return (Kind.RECVPATH,
-                f"entry points to its owner {normalize(t.tuple)} in {where} no scan listed, "
-                "which reads with tcp_recvmsg: payload redirected to it is never read",
-                sock, details)
-    if t.recv_path is not None:
-        details["recv_path"] = t.recv_path
-    return (Kind.OK, f"owned by the entry's own socket {normalize(t.tuple)} in {where} "
-                     "(not listed by the socket scan)", sock, details)
+    return _owner_verdict(f"{normalize(t.tuple)} in {where} (the entry's own socket; no "
+                          "socket scan listed it)", sock, t.recv_path,
+                          {"owner_from_entry_socket": True, "verified_by_cookie": False,
+                           "verified_by_tuple": True})
 
 
 def _entry_socket_text(t: TargetSocket) -> str:
@@ -541,19 +539,11 @@ def _judge_by_tuple(entry: MapEntry, index: SocketIndex, k: CKey, first: int) ->
                     f"entry points to {index.describe(first)}, which its process has closed: "
                     "the entry outlived close() (sock_map_close did not remove it)",
                     None, {"entry_socket_dead": True, "verified_by_tuple": True})
-        path = t.recv_path or index.table.recv_path(rows[first][2])
-        details: dict[str, object] = {"verified_by_cookie": False, "verified_by_tuple": True}
-        if path == RECV_TCP:
-            details["owner_recv_path"] = path
-            return (Kind.RECVPATH,
-                    f"entry points to its owner {index.describe(first)}, which reads with "
-                    "tcp_recvmsg: payload redirected to it is never read",
-                    index.sock(first), details)
-        if path is not None:
-            details["recv_path"] = path
-        return Kind.OK, f"owned by {index.describe(first)}", index.sock(first), details
+        return _owner_verdict(index.describe(first), index.sock(first),
+                              t.recv_path or index.table.recv_path(rows[first][2]),
+                              {"verified_by_cookie": False, "verified_by_tuple": True})
     victim = index.sock(first)
-    details = {"verified_by_cookie": False, "verified_by_tuple": True}
+    details: dict[str, object] = {"verified_by_cookie": False, "verified_by_tuple": True}
     details.update(_target_details(entry, index, k))
     details.setdefault("entry_socket", _entry_socket_text(t))
     reason = (f"entry points to {_entry_socket_text(t)}, not to the live owner "
