@@ -28,8 +28,7 @@ from .model import IPAddress, MapInfo
 from .node_audit import ENTRY_SOURCES, SOCKET_SOURCES, NodeAudit, run_audit, with_owners
 from .notify import EscapingFormatter
 from .output import audit_json, audit_text, clean_json, clean_text, maps_json, maps_text
-from .remediation import DEFAULT_MAX_DELETES, Deletion, clean
-from .sockets import OwnerProbe
+from .remediation import DEFAULT_MAX_DELETES, clean_maps
 from .sockmap_iter import iterator_available, read_sockmap
 
 log = logging.getLogger("sockguard")
@@ -208,19 +207,14 @@ def _status(bad_left: bool, audit: NodeAudit) -> int:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     audit, _ = _audit(args)
-    deletions: list[Deletion] = []
-    budget = args.max_deletes
-    with OwnerProbe() as probe:
-        for result in audit.results:
-            with maps_adapter.open_map(result.map) as handle:
-                done = clean(handle, result.findings, probe, args.apply, budget,
-                             delete_unproven=args.delete_unproven)
-            budget -= sum(1 for d in done if d.outcome in ("deleted", "would-delete"))
-            deletions.extend(done)
+    deletions = clean_maps(audit.results, args.apply, args.max_deletes,
+                           delete_unproven=args.delete_unproven)
     if args.json:
         print(clean_json(deletions, args.apply, audit))
     else:
         print(clean_text(deletions, args.apply))
+    if any(d.outcome == "error" for d in deletions):
+        return 2  # a map failed mid-way: the reason is in each deletion and on stderr
     left = [d for d in deletions if d.outcome not in ("deleted", "gone")]
     return _status(bool(left), audit)
 

@@ -71,8 +71,7 @@ from .model import Finding, MapInfo
 from .node_audit import NodeAudit, run_audit
 from .notify import Notifier, make_log_handler, monotonic_usec
 from .policy import SHOWN_KINDS
-from .remediation import Deletion, clean
-from .sockets import OwnerProbe
+from .remediation import Deletion, clean_maps
 from .tracer import (
     MapWatch,
     TraceEvent,
@@ -432,28 +431,9 @@ class Daemon:
 
     def _remediate(self, cfg: Config, audit: NodeAudit) -> list[Deletion]:
         """``remediation.clean`` per map, exactly as ``sockguard clean --apply`` drives it."""
-        out: list[Deletion] = []
-        budget = cfg.max_deletes
-        todo = [r for r in audit.results if r.bad]
-        if not todo:
-            return out
-        with OwnerProbe() as probe:
-            for result in todo:
-                if self._stop.is_set():
-                    break
-                try:
-                    with maps_adapter.open_map(result.map) as handle:
-                        done = clean(handle, result.findings, probe, True, budget,
-                                     delete_unproven=cfg.delete_unproven,
-                                     stop=self._stop.is_set)
-                except (SockguardError, OSError) as exc:
-                    log.error("remediation of map %s id %d failed: %s", result.map.name,
-                              result.map.id, exc, extra={"SOCKGUARD_MAP_ID": result.map.id})
-                    self.metrics.refusals.labels(reason="error").inc(len(result.bad))
-                    continue
-                budget -= sum(1 for d in done if d.outcome == "deleted")
-                out.extend(done)
-                self._beat()
+        out = clean_maps(audit.results, True, cfg.max_deletes,
+                         delete_unproven=cfg.delete_unproven, stop=self._stop.is_set,
+                         progress=self._beat)
         for d in out:
             if d.outcome not in ("deleted", "would-delete"):
                 log.info("not deleted (%s): %s entry %s of map %s: %s", d.outcome,

@@ -65,6 +65,8 @@ def refusal_reason(d: Deletion) -> str:
         return "cap_reached"
     if d.outcome == "skipped-stop":
         return "stopping"
+    if d.outcome == "error":
+        return "error"
     text = d.reason
     if "not every namespace could be asked" in text or "could not read" in text:
         return "incomplete"

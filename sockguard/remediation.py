@@ -36,10 +36,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .audit import OWNER_STATES, TCP_STATE_NAMES, normalize
+from .audit import OWNER_STATES, TCP_STATE_NAMES, AuditResult, normalize
 from .compact import Interner, entry_cookie, target_socket
 from .errors import SockguardError
-from .maps import MapHandle
+from .maps import MapHandle, open_map
 from .model import Finding, Kind, LiveSocket
 from .policy import BAD_KINDS, UNPROVEN_DELETABLE_KINDS, deletable_kinds, unproven
 from .sockets import OwnerProbe
@@ -54,7 +54,8 @@ class Deletion:
     """What happened (or, in a dry run, would happen) to one finding."""
 
     finding: Finding
-    outcome: str  # "deleted", "would-delete", "refused", "gone", "skipped-cap", "skipped-stop"
+    #: "deleted", "would-delete", "refused", "gone", "skipped-cap", "skipped-stop", "error"
+    outcome: str
     reason: str
 
 
@@ -197,8 +198,12 @@ def clean(
     out: list[Deletion] = []
     done = 0
     allowed = deletable_kinds(delete_unproven)
+    failed: str | None = None  # the error that ended this map's deletes
     for f in findings:
         if f.kind not in BAD_KINDS or not f.confirmed:
+            continue
+        if failed is not None:
+            out.append(Deletion(f, "error", f"not deleted: {failed}"))
             continue
         if f.kind not in allowed:
             why = ("deleted only with --delete-unproven (remediation.delete_unproven)"
@@ -212,19 +217,67 @@ def clean(
         if done >= max_deletes:
             out.append(Deletion(f, "skipped-cap", f"--max-deletes {max_deletes} reached"))
             continue
-        ok, why = reverify(handle, f, probe)
-        if not ok:
-            outcome = "gone" if why.startswith("gone") else "refused"
-            out.append(Deletion(f, outcome, why))
+        try:
+            ok, why = reverify(handle, f, probe)
+            if not ok:
+                outcome = "gone" if why.startswith("gone") else "refused"
+                out.append(Deletion(f, outcome, why))
+                continue
+            if not apply:
+                out.append(Deletion(f, "would-delete", "dry run: re-verified, not deleted"))
+                done += 1
+                continue
+            deleted = handle.delete(bytes.fromhex(f.entry.key_hex))
+        except (SockguardError, OSError) as exc:
+            # The map vanished, or we ran out of fds: nothing more is deleted in it,
+            # and what was deleted before stays reported.
+            failed = str(exc)
+            log.error("remediation of map %s id %d stopped: %s", f.map.name, f.map.id, exc,
+                      extra={"SOCKGUARD_MAP_ID": f.map.id})
+            out.append(Deletion(f, "error", f"not deleted: {failed}"))
             continue
-        if not apply:
-            out.append(Deletion(f, "would-delete", "dry run: re-verified, not deleted"))
-            done += 1
-            continue
-        if handle.delete(bytes.fromhex(f.entry.key_hex)):
+        if deleted:
             _log_deletion(f, "deleted", f.reason)
             out.append(Deletion(f, "deleted", f.reason))
             done += 1
         else:
             out.append(Deletion(f, "gone", "gone: removed by the kernel before our delete"))
+    return out
+
+
+def clean_maps(
+    results: Sequence[AuditResult],
+    apply: bool,
+    max_deletes: int = DEFAULT_MAX_DELETES,
+    *,
+    delete_unproven: bool = False,
+    stop: Callable[[], bool] | None = None,
+    progress: Callable[[], None] | None = None,
+) -> list[Deletion]:
+    """``clean`` over every map of an audit: one budget, one owner probe.
+
+    The one loop that both ``sockguard clean`` and the daemon's remediation
+    drive.  A map that cannot be opened any more (unloaded, out of fds) gets
+    outcome ``error`` for its bad findings; the other maps go on.
+    ``progress`` is called after each map (the daemon's heartbeat).
+    """
+    out: list[Deletion] = []
+    budget = max_deletes
+    todo = [r for r in results if r.bad]
+    if not todo:
+        return out
+    with OwnerProbe() as probe:
+        for result in todo:
+            try:
+                with open_map(result.map) as handle:
+                    done = clean(handle, result.findings, probe, apply, budget,
+                                 delete_unproven=delete_unproven, stop=stop)
+            except (SockguardError, OSError) as exc:
+                log.error("remediation of map %s id %d failed: %s", result.map.name,
+                          result.map.id, exc, extra={"SOCKGUARD_MAP_ID": result.map.id})
+                done = [Deletion(f, "error", f"not deleted: {exc}") for f in result.bad]
+            budget -= sum(1 for d in done if d.outcome in ("deleted", "would-delete"))
+            out.extend(done)
+            if progress is not None:
+                progress()
     return out

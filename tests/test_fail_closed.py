@@ -306,3 +306,41 @@ def test_daemon_reports_unseen_namespaces_and_deletes_nothing(
         d.stop()
     assert keys <= set(lab.keys())
     _still_flows(cli, srv)
+
+
+def test_a_map_gone_mid_remediation_fails_alone(bpffs_dir: Path) -> None:
+    """One loop for `clean` and the daemon: a map unloaded between the audit and its
+    deletes gets outcome `error`; the other maps are still cleaned."""
+    from sockguard.remediation import clean_maps
+
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen(1)
+        dummy = socket.create_connection(lst.getsockname())
+        peer, _ = lst.accept()
+    fds, pins = [], []
+    try:
+        for i in range(2):
+            fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_SOCKHASH, f"sg_gone{i}", 44, 4, 64)
+            pin = bpffs_dir / f"gone{i}"
+            libbpf.obj_pin(fd, str(pin))
+            for j in range(3):
+                key = cilium_key("10.97.0.1", 80, f"10.97.{i}.{j + 2}", 31000 + j)
+                libbpf.map_update(fd, key, struct.pack("i", dummy.fileno()))
+            fds.append(fd)
+            pins.append(pin)
+        maps, _ = select_maps([str(p) for p in pins])
+        audit = run_audit(maps, CILIUM, AuditPolicy(), confirm_delay=0.01)
+        assert [r.count(Kind.STALE) for r in audit.results] == [3, 3]
+        gone = audit.results[0].map.id
+        pins[0].unlink()
+        os.close(fds.pop(0))  # the map is freed: its id no longer opens
+        out = clean_maps(audit.results, apply=True)
+        outcomes = sorted((d.finding.map.id == gone, d.outcome) for d in out)
+        assert outcomes == [(False, "deleted")] * 3 + [(True, "error")] * 3
+        assert all("not deleted" in d.reason for d in out if d.outcome == "error")
+    finally:
+        for fd in fds:
+            os.close(fd)
+        dummy.close()
+        peer.close()
