@@ -326,8 +326,10 @@ def _kernel_fn_detection(name: str, caps: Capabilities, symbol: str) -> Detectio
     desc = DESCRIPTIONS[name]
     syms = kallsyms.load()
     if syms.usable and syms.address(symbol) is None:
-        return Detection(name, desc, False, None, f"{symbol} is not in this kernel's kallsyms "
-                                                  "(inlined or renamed)")
+        why = ("is ambiguous in this kernel's kallsyms (two functions of that name)"
+               if symbol in syms.ambiguous else
+               "is not in this kernel's kallsyms (inlined or renamed)")
+        return Detection(name, desc, False, None, f"{symbol} {why}")
     if caps.ok("kprobe"):
         return Detection(name, desc, True, "kprobe", f"kprobe on {symbol}")
     if caps.ok("fentry"):

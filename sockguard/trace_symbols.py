@@ -10,7 +10,9 @@ function for stack frames, exact start address for function pointers.
 ``.rodata``; stacks need the whole table.)
 
 Addresses read as zero when ``kptr_restrict`` hides them; ``usable`` says so,
-and callers then report names as unknown instead of guessing.
+and callers then report names as unknown instead of guessing.  A name listed at
+two addresses (two static functions) has no address, as ``recvsyms`` and libbpf
+rule too: guessing one of them could name the wrong function.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ class Kallsyms:
     addrs: list[int] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     by_name: dict[str, int] = field(default_factory=dict)
+    ambiguous: frozenset[str] = frozenset()  # names listed at more than one address
 
     @classmethod
     def parse(cls, text: str) -> Kallsyms:
         """Read the ``kallsyms`` format: ``address type name [module]`` per line."""
         rows: list[tuple[int, str]] = []
         by_name: dict[str, int] = {}
+        ambiguous: set[str] = set()
         for line in text.splitlines():
             parts = line.split()
             if len(parts) < 3 or parts[1] not in ("t", "T"):
@@ -42,9 +46,10 @@ class Kallsyms:
             addr = int(parts[0], 16)
             name = parts[2]
             rows.append((addr, name))
-            by_name.setdefault(name, addr)
+            if by_name.setdefault(name, addr) != addr:
+                ambiguous.add(name)
         rows.sort()
-        return cls([a for a, _ in rows], [n for _, n in rows], by_name)
+        return cls([a for a, _ in rows], [n for _, n in rows], by_name, frozenset(ambiguous))
 
     @property
     def usable(self) -> bool:
@@ -52,7 +57,9 @@ class Kallsyms:
         return bool(self.addrs) and self.addrs[-1] != 0
 
     def address(self, name: str) -> int | None:
-        """The address of function ``name``; None when absent or hidden."""
+        """The address of function ``name``; None when absent, hidden or ambiguous."""
+        if name in self.ambiguous:
+            return None
         addr = self.by_name.get(name)
         return addr if addr else None
 

@@ -82,6 +82,21 @@ def test_kallsyms_parse_and_lookups() -> None:
     assert not hidden.usable and hidden.name_at(0x10) is None
 
 
+def test_kallsyms_rejects_an_ambiguous_name_as_recvsyms_does() -> None:
+    """Two static functions of one name: no address, rather than maybe the wrong one."""
+    from sockguard.recvsyms import find_symbols
+
+    text = ("ffffffff81000900 t tcp_bpf_recvmsg\n"
+            "ffffffff81000d00 t tcp_bpf_recvmsg\n"
+            "ffffffff81000800 T tcp_recvmsg\n")
+    syms = Kallsyms.parse(text)
+    assert syms.address("tcp_bpf_recvmsg") is None and "tcp_bpf_recvmsg" in syms.ambiguous
+    assert syms.address("tcp_recvmsg") == 0xFFFFFFFF81000800
+    found, problems = find_symbols(text.encode(), ("tcp_bpf_recvmsg", "tcp_recvmsg"))
+    assert "tcp_bpf_recvmsg" not in found and found["tcp_recvmsg"] == 0xFFFFFFFF81000800
+    assert problems == ["tcp_bpf_recvmsg is ambiguous in /proc/kallsyms"]
+
+
 @pytest.mark.parametrize(("frames", "caller", "klass"), [
     # kprobe: the probed function first, then the inlined sk_psock_put's caller
     ([0xFFFFFFFF81000001, 0xFFFFFFFF81000150, 0xFFFFFFFF81000410], "sock_hash_update_common",
