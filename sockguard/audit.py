@@ -75,34 +75,15 @@ from .model import (
     Tuple4,
 )
 
-# include/net/tcp_states.h
-TCP_ESTABLISHED = 1
-TCP_SYN_SENT = 2
-TCP_SYN_RECV = 3
-TCP_FIN_WAIT1 = 4
-TCP_FIN_WAIT2 = 5
-TCP_TIME_WAIT = 6
-TCP_CLOSE = 7
-TCP_CLOSE_WAIT = 8
-TCP_LAST_ACK = 9
-TCP_LISTEN = 10
-TCP_CLOSING = 11
-TCP_NEW_SYN_RECV = 12
-
-TCP_STATE_NAMES = {
-    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
-    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
-    11: "CLOSING", 12: "NEW_SYN_RECV",
-}
-
-OWNER_STATES = frozenset(
-    {TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING}
-)
-HANDSHAKE_STATES = frozenset({TCP_SYN_SENT, TCP_SYN_RECV, TCP_NEW_SYN_RECV})
-
 #: Findings that mean an entry endangers a connection (confirmed by a second
 #: look, exit status 1).  Which they are, and which are deleted: policy.POLICY.
-from .policy import BAD_KINDS as BAD_KINDS  # noqa: E402 - one table for every consumer
+from .policy import BAD_KINDS as BAD_KINDS
+from .tcp_states import (
+    HANDSHAKE_STATES,
+    OWNER_STATES,
+    TCP_STATE_NAMES,
+    TCP_TIME_WAIT,
+)
 
 _RECV_CODES = {name: code for code, name in RECV_NAMES.items()}
 

@@ -57,6 +57,7 @@ from sockguard.errors import SockguardError
 from sockguard.libbpf import BpfError, BpfObject
 from sockguard.maps import MapHandle
 from sockguard.model import Endpoint, IPAddress, Tuple4
+from sockguard.tcp_states import OWNER_STATES, state_name
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,7 @@ VIA_LOOKUP = "tc lookup"
 VIA_ITERATOR = "iter/sockmap"
 #: TCP states of a socket that owns its tuple (an entry's socket in any other
 #: state is not the new connection's).
-CONNECTED_STATES = frozenset({1, 4, 5, 8, 9, 11})
-TCP_STATE_NAMES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2",
-                   "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING",
-                   "NEW_SYN_RECV", "BOUND_INACTIVE")
+CONNECTED_STATES = OWNER_STATES
 
 
 @dataclass(frozen=True)
@@ -129,7 +127,7 @@ def entry_of(rec: Record, map_id: int, map_name: str, via: str) -> Entry:
     """An :class:`Entry` from an iterator or tc-lookup record."""
     _key, cookie, netns, _family, state, _s, _d, _sp, _dp, dead, _recv = rec
     known = cookie >= 0  # a tuple-only tc lookup record carries -1: not known
-    name = TCP_STATE_NAMES[state] if state < len(TCP_STATE_NAMES) else str(state)
+    name = state_name(state)
     return Entry(map_id, map_name, cookie if known else None, record_tuple(rec), name, state,
                  netns if known and netns else None, dead, via)
 

@@ -22,14 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from . import maps as maps_adapter
-from .audit import (
-    OWNER_STATES,
-    AuditPolicy,
-    AuditResult,
-    SocketIndex,
-    audit_map,
-    audit_records,
-)
+from .audit import AuditPolicy, AuditResult, SocketIndex, audit_map, audit_records
 from .compact import Interner, Record, entry_cookie, gc_paused, maker
 from .errors import LayoutMismatchError, LibbpfMissingError, MapGoneError, SockguardError
 from .layout import CILIUM, KeyDecodeError, KeyLayout, decode
@@ -49,6 +42,7 @@ from .sockmap_iter import (
     target_socket,
 )
 from .tcp_iter import read_tcp, tcp_iterator_available
+from .tcp_states import OWNER_STATES
 
 log = logging.getLogger(__name__)
 

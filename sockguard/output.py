@@ -10,11 +10,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .audit import TCP_STATE_NAMES
 from .escape import printable
 from .model import Finding, Kind, LiveSocket, MapInfo
 from .node_audit import NodeAudit
 from .remediation import Deletion
+from .tcp_states import TCP_STATE_NAMES
 
 SCHEMA_VERSION = 1
 

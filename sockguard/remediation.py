@@ -36,13 +36,14 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .audit import OWNER_STATES, TCP_STATE_NAMES, AuditResult, normalize
+from .audit import AuditResult, normalize
 from .compact import Interner, entry_cookie, target_socket
 from .errors import SockguardError
 from .maps import MapHandle, open_map
 from .model import Finding, Kind, LiveSocket
 from .policy import BAD_KINDS, UNPROVEN_DELETABLE_KINDS, deletable_kinds, unproven
 from .sockets import OwnerProbe
+from .tcp_states import OWNER_STATES, TCP_STATE_NAMES
 
 log = logging.getLogger(__name__)
 

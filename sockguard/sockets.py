@@ -23,11 +23,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
-from .audit import OWNER_STATES, TCP_LISTEN, normalize
+from .audit import normalize
 from .compact import SocketTable, SockRow, ckey, gc_paused
 from .errors import NotRootError
 from .model import Endpoint, IPAddress, LiveSocket, Netns, Tuple4
 from .netns import NamespaceGone, NetnsRef, entered, enumerate_netns
+from .tcp_states import OWNER_STATES, TCP_LISTEN
 
 log = logging.getLogger(__name__)
 

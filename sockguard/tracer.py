@@ -73,6 +73,7 @@ from sockguard.libbpf import BpfError, BpfObject, Link
 from sockguard.model import Endpoint, IPAddress, MapInfo, SockKey, Tuple4
 from sockguard.ringbuf import RingBuffer
 from sockguard.sockmap_iter import KeyReader, iterator_available
+from sockguard.tcp_states import TCP_CLOSE, TCP_ESTABLISHED, state_name
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +176,7 @@ class WatchedBits:
         return bool(self.bitmap[bit >> 3] & (1 << (bit & 7)))
 
 
-TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
-              "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV",
-              "BOUND_INACTIVE")
-TCP_ESTABLISHED, TCP_CLOSE = 1, 7
+
 
 #: Bounded metric labels.
 UPDATE_ERRNOS = ("EEXIST", "EBUSY", "EINVAL", "ENOMEM", "ENOSPC", "EOPNOTSUPP", "other")
@@ -859,7 +857,7 @@ class Tracer:
             self.events += 1
             self.handler(event)
             if (self.collisions is not None and event.kind == "state" and not event.late
-                    and event.state == TCP_STATES[TCP_ESTABLISHED] and event.sock is not None
+                    and event.state == state_name(TCP_ESTABLISHED) and event.sock is not None
                     and self.watch is not None):
                 self.collisions.offer(Candidate(
                     key_for_socket(self.watch.layout, event.sock), event.cookie, event.sock,
@@ -923,7 +921,7 @@ class Tracer:
             if path == "tcp":
                 kw["key_in_maps"] = self._holding(tup)
         elif etype == EV_STATE:
-            kw = {"old_state": TCP_STATES[old] if old < len(TCP_STATES) else str(old)}
+            kw = {"old_state": state_name(old)}
             if new == TCP_CLOSE:
                 kw["key_in_maps"] = self._holding(tup)
         elif etype == EV_DESTROY:
@@ -932,7 +930,7 @@ class Tracer:
             kind=EVENT_KINDS.get(etype, f"type{etype}"), time=(ts + self._clock) / 1e9,
             pid=pid, tid=tid, comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
             netns=netns, cookie=cookie, sock=tup,
-            state=TCP_STATES[new] if new < len(TCP_STATES) else str(new),
+            state=state_name(new),
             source=SOURCES.get(source, "?"), late=late, **kw)  # type: ignore[arg-type]
 
     def _holding(self, tup: Tuple4 | None) -> tuple[str, ...] | None:

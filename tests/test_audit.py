@@ -8,20 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockguard.audit import (
+from sockguard.audit import AuditPolicy, SocketIndex, audit_map, confirm, judge
+from sockguard.layout import CILIUM, decode, key_for_socket
+from sockguard.model import Endpoint, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
+from sockguard.tcp_states import (
     TCP_ESTABLISHED,
     TCP_FIN_WAIT1,
     TCP_SYN_RECV,
     TCP_SYN_SENT,
     TCP_TIME_WAIT,
-    AuditPolicy,
-    SocketIndex,
-    audit_map,
-    confirm,
-    judge,
 )
-from sockguard.layout import CILIUM, decode, key_for_socket
-from sockguard.model import Endpoint, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
 
 MAP = MapInfo(7, "cilium_sock_ops", "sockhash", 44, 4, 65535, "/sys/fs/bpf/x")
 POD_NS = Netns(4026532000, "pod-a")

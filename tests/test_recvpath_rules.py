@@ -12,15 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockguard.audit import (
-    TCP_CLOSE,
-    TCP_ESTABLISHED,
-    AuditPolicy,
-    SocketIndex,
-    audit_map,
-    audit_records,
-    judge,
-)
+from sockguard.audit import AuditPolicy, SocketIndex, audit_map, audit_records, judge
 from sockguard.compact import Record, SocketTable
 from sockguard.errors import SockguardError
 from sockguard.layout import CILIUM, decode, key_for_socket
@@ -38,6 +30,7 @@ from sockguard.model import (
     Tuple4,
 )
 from sockguard.remediation import reverify
+from sockguard.tcp_states import TCP_CLOSE, TCP_ESTABLISHED
 
 MAP = MapInfo(7, "cilium_sock_ops", "sockhash", 44, 4, 65535, "/sys/fs/bpf/x")
 POD = Netns(4026532000, "pod-a")
