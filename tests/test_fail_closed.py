@@ -334,7 +334,18 @@ def test_a_map_gone_mid_remediation_fails_alone(bpffs_dir: Path) -> None:
         assert [r.count(Kind.STALE) for r in audit.results] == [3, 3]
         gone = audit.results[0].map.id
         pins[0].unlink()
-        os.close(fds.pop(0))  # the map is freed: its id no longer opens
+        os.close(fds.pop(0))  # the last reference: the map is freed, its id no longer opens
+        # ... once the kernel has dropped the references the audit's programs and links
+        # held (released asynchronously on some kernels, 5.10 among them).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.close(libbpf.map_fd_by_id(gone))
+            except OSError:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"map id {gone} still opens 10 s after its last fd was closed")
         out = clean_maps(audit.results, apply=True)
         outcomes = sorted((d.finding.map.id == gone, d.outcome) for d in out)
         assert outcomes == [(False, "deleted")] * 3 + [(True, "error")] * 3
