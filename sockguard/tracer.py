@@ -527,7 +527,7 @@ class TracerOptions:
     filter_watched: bool = False
     watch_interval: float = 1.0   # shortest period between refreshes of the watched set
     #: a refresh may take at most this share of the tracer thread's time (longer period)
-    watch_budget: float = 0.05
+    watch_budget: float = 0.01
 
 
 def daemon_options() -> TracerOptions:
