@@ -78,7 +78,8 @@ def measure_world(world: World, netns: int, levels: list[int], stale_n: int, rep
     sg = [*sockguard_argv(), "audit", "--map", world.pin, "--json"]
     stale = stale_keys(stale_n, netns)
     stale_hex = {k.hex() for k in stale}
-    points, problems = [], []
+    points: list[dict[str, Any]] = []
+    problems: list[str] = []
     have = world.entries
     for level in levels:
         ok = cut_map(world.pin, level) if level < have else have
@@ -155,8 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ok:
         print(f"the sockmap iterator cannot run: {why}", file=sys.stderr)
         return 2
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (
-        lambda *a: print(*a, flush=True))
+    log: Callable[..., None] = (
+        (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json
+        else (lambda *a: print(*a, flush=True)))
     worlds: list[World] = []
 
     def teardown() -> None:

@@ -285,8 +285,10 @@ def name_threads(pid: int, a: dict[str, Any], samples_a: list[Sample],
     """Give phase a's threads their roles (Python 3.11 does not name threads in the kernel).
 
     audit: the thread with the most CPU in phase b, where an audit starts every 0.3 s;
-    metrics: of the others, the one whose CPU moves in the seconds in which this script
-    scraped /metrics and not in the others; tracer: the busiest remaining one.
+    metrics: of the others, the one with the largest share of its CPU in the seconds
+    right after this script scraped /metrics (1 in ``--scrape`` seconds); tracer: the
+    busiest remaining one. (``Daemon.run`` starts them in the order metrics, audit,
+    tracer, so their thread ids ascend in that order: a cross-check.)
     """
     threads = {int(t): v for t, v in a["threads"].items()}
     audit = max(cpu_b, key=lambda t: cpu_b[t][1]) if cpu_b else None
@@ -299,10 +301,11 @@ def name_threads(pid: int, a: dict[str, Any], samples_a: list[Sample],
             # the scrape follows the /proc read: its CPU shows in the next interval
             (scr if prev.audits_done is not None else quiet)[t].append(d)
 
-    def mean(xs: list[float]) -> float:
-        return sum(xs) / len(xs) if xs else 0.0
+    def scrape_part(t: int) -> float:  # the share of its CPU that follows a scrape
+        total = sum(scr[t]) + sum(quiet[t])
+        return sum(scr[t]) / total if total > 0 else 0.0
 
-    metrics = max(rest, key=lambda t: mean(scr[t]) - mean(quiet[t])) if rest else None
+    metrics = max(rest, key=scrape_part) if rest else None
     left = [t for t in rest if t != metrics]
     tracer = max(left, key=lambda t: threads[t]["cpu_s"]) if left else None
     for t, v in threads.items():
@@ -495,8 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not ok:
         print(f"the sockmap iterator cannot run: {why}", file=sys.stderr)
         return 2
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (
-        lambda *a: print(*a, flush=True))
+    log: Callable[..., None] = (
+        (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json
+        else (lambda *a: print(*a, flush=True)))
 
     world = World()
     tmp = Path(tempfile.mkdtemp(prefix="sg-daemon-cost-"))
