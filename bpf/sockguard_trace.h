@@ -153,7 +153,7 @@ static __always_inline int sg_is_tcp(const struct sock *sk, const bool typed)
  * Kernel-side filter (the daemon's mode): the key the audited map's layout
  * would store for a socket, looked up in `watched`, a hash of the keys
  * userspace last read from the audited maps (sockguard/tracer.py,
- * WatchedKeys).  Only the Cilium layout is known here (DESIGN.md section 2):
+ * WatchedKeys).  Only the Cilium layout is known here (README, "Cilium's key layout"):
  * written from the peer's point of view, sip = remote ip, dip = local ip,
  * sport = remote port, dport = local port, family 1 (IPv4, also for an
  * AF_INET6 socket whose two addresses are IPv4-mapped) or 2 (IPv6), ports

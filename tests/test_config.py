@@ -360,7 +360,7 @@ def test_refusal_reasons_map_remediations_words_to_bounded_labels() -> None:
     from sockguard.remediation import Deletion
 
     raw = bytes.fromhex("0a0a8630" + "00" * 12 + "0a0a65f9" + "00" * 12
-                        + "01000000" + "1f900000" + "db780000")  # DESIGN.md's seed key
+                        + "01000000" + "1f900000" + "db780000")  # the README's worked key example
     info = MapInfo(1, "cilium_sock_ops", "sockhash", 44, 4, 65535)
     f = Finding(Kind.STALE, info, MapEntry(raw.hex(), decode(CILIUM, raw)), "why")
     cases = {

@@ -57,7 +57,10 @@ def _show(keys: list[bytes]) -> list[str]:
 
 
 def test_oracle_matches_design_worked_example() -> None:
-    """DESIGN.md §2's seed key: sip 10.10.134.48:8080, dip 10.10.101.249:56184."""
+    """The README's worked key example ("Cilium's key layout").
+
+    sip 10.10.134.48:8080, dip 10.10.101.249:56184.
+    """
     seed = bytes.fromhex(
         "0a0a8630" + "00" * 12 + "0a0a65f9" + "00" * 12 + "01000000" + "1f900000" + "db780000"
     )
@@ -78,7 +81,7 @@ def test_oracle_ipv6_and_mapped() -> None:
 
 
 def _assert_port_bytes(key: bytes, sport: int, dport: int) -> None:
-    """DESIGN.md §2: big-endian u16 in bytes 36-37 / 40-41, the next two bytes zero."""
+    """README, "Cilium's key layout": big-endian u16 in bytes 36-37 / 40-41, then two zeros."""
     assert key[36:38] == struct.pack("!H", sport), describe(key)
     assert key[38:40] == b"\0\0"
     assert key[40:42] == struct.pack("!H", dport), describe(key)

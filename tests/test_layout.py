@@ -12,7 +12,7 @@ from sockguard.errors import LayoutMismatchError
 from sockguard.layout import CILIUM, KeyDecodeError, decode, encode, key_for_socket
 from sockguard.model import Endpoint, Tuple4
 
-# DESIGN.md §2, from the seed incident (shared/seeds/002_*).
+# The README's worked key example ("Cilium's key layout"), from the incident.
 SEED_KEY = bytes.fromhex(
     "0a0a8630" + "00" * 12 + "0a0a65f9" + "00" * 12 + "01000000" + "1f900000" + "db780000"
 )

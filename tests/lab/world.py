@@ -79,7 +79,10 @@ def build_lab_object(out_dir: Path) -> Path:
 
 
 def bpffs_ready() -> bool:
-    """Mount bpffs at /sys/fs/bpf if it is not (DESIGN.md §3: not mounted at boot)."""
+    """Mount bpffs at /sys/fs/bpf if it is not.
+
+    It is not mounted at boot on the development machine (README, "Kernel facts").
+    """
     with open("/proc/mounts") as fh:
         if any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in fh):
             return True
@@ -364,7 +367,7 @@ def sk_msg_attached(prog: libbpf.Program, map_fd: int) -> Iterator[bool]:
     kernels (tests/vm) answer ``bpf_link_create`` with EINVAL.  There the
     program is attached with ``bpf_prog_attach``, which outlives the process
     (as long as the map lives), so it is detached explicitly on the way out
-    (DESIGN.md §5).
+    (the lab leaves nothing attached behind it).
     """
     try:
         link = prog.attach_to_map(map_fd, libbpf.BPF_SK_MSG_VERDICT)
