@@ -33,9 +33,9 @@ struct sg_config {
 
 const volatile struct sg_config sg_config = {};
 
-static __always_inline __u8 recv_path(struct sock *sk)
+/* The RECV_* code of a receive function's address (`sk->sk_prot->recvmsg`). */
+static __always_inline __u8 recv_code(__u64 fn)
 {
-	__u64 fn = (__u64)BPF_CORE_READ(sk, __sk_common.skc_prot, recvmsg);
 	__u64 tcp = sg_config.tcp_recvmsg, bpf = sg_config.tcp_bpf_recvmsg;
 	__u64 parser = sg_config.tcp_bpf_recvmsg_parser;
 
@@ -46,6 +46,11 @@ static __always_inline __u8 recv_path(struct sock *sk)
 	if ((bpf && fn == bpf) || (parser && fn == parser))
 		return RECV_BPF;
 	return tcp && bpf ? RECV_OTHER : RECV_UNKNOWN;
+}
+
+static __always_inline __u8 recv_path(struct sock *sk)
+{
+	return recv_code((__u64)BPF_CORE_READ(sk, __sk_common.skc_prot, recvmsg));
 }
 
 /*

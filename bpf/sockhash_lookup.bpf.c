@@ -85,21 +85,6 @@ static __always_inline void copy_tuple(struct record *rec, struct bpf_sock *sk)
 	}
 }
 
-/* sock_state.h's recv_path() for a function address read directly (no probe_read in tc). */
-static __always_inline __u8 recv_code(__u64 fn)
-{
-	__u64 tcp = sg_config.tcp_recvmsg, bpf = sg_config.tcp_bpf_recvmsg;
-	__u64 parser = sg_config.tcp_bpf_recvmsg_parser;
-
-	if (!fn)
-		return RECV_UNKNOWN;
-	if (tcp && fn == tcp)
-		return RECV_TCP;
-	if ((bpf && fn == bpf) || (parser && fn == parser))
-		return RECV_BPF;
-	return tcp && bpf ? RECV_OTHER : RECV_UNKNOWN;
-}
-
 static __always_inline int lookup(struct __sk_buff *skb, bool btf)
 {
 	__u8 key[KEY_MAX];
@@ -127,6 +112,7 @@ static __always_inline int lookup(struct __sk_buff *skb, bool btf)
 			rec->flags = REC_HAS_SOCKET | ((sk_flags >> dead) & 1 ? REC_DEAD : 0);
 			rec->cookie = s->__sk_common.skc_cookie.counter;
 			rec->netns_ino = s->__sk_common.skc_net.net->ns.inum;
+			/* sock_state.h's recv_code(): the address read directly (no probe_read in tc) */
 			rec->recv = recv_code((__u64)s->__sk_common.skc_prot->recvmsg);
 		}
 	}
