@@ -301,32 +301,16 @@ class OwnerProbe:
 
     def owner(self, tup: Tuple4) -> LiveSocket | None:
         """The live full socket with exactly ``tup`` in any namespace, if one exists."""
-        want = normalize(tup)
-        family = socket.AF_INET if tup.family == 4 else socket.AF_INET6
-        for netns, sock in self._socks:
-            self._seq += 1
-            sock.send(_request(
-                family, self._seq, NLM_F_REQUEST, states=0xFFFFFFFF,
-                sport=tup.local.port, dport=tup.remote.port,
-                src=tup.local.ip.packed, dst=tup.remote.ip.packed,
-            ))
-            try:
-                for payload in _messages(sock, self._seq):
-                    found = _decode(payload, netns)
-                    # inet_diag_find_one_icsk() falls back to a listener on the
-                    # local port (inet_lookup), so the reply must be checked.
-                    if found.state in OWNER_STATES and normalize(found.tuple) == want:
-                        return found
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.EINVAL):
-                    raise
-        return None
+        return next((s for s in self._exact(tup) if s.state in OWNER_STATES), None)
 
     def found(self, tup: Tuple4) -> list[LiveSocket]:
         """Every socket with exactly ``tup`` (any state) in each namespace: a targeted scan."""
+        return list(self._exact(tup))
+
+    def _exact(self, tup: Tuple4) -> Iterator[LiveSocket]:
+        """The sockets with exactly ``tup``, namespace by namespace (an exact lookup each)."""
         want = normalize(tup)
         family = socket.AF_INET if tup.family == 4 else socket.AF_INET6
-        out: list[LiveSocket] = []
         for netns, sock in self._socks:
             self._seq += 1
             sock.send(_request(
@@ -335,14 +319,14 @@ class OwnerProbe:
                 src=tup.local.ip.packed, dst=tup.remote.ip.packed,
             ))
             try:
-                for payload in _messages(sock, self._seq):
-                    sock_found = _decode(payload, netns)
-                    if normalize(sock_found.tuple) == want:  # not the listener fallback
-                        out.append(sock_found)
+                replies = [_decode(payload, netns) for payload in _messages(sock, self._seq)]
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.EINVAL):
                     raise
-        return out
+                continue
+            # inet_diag_find_one_icsk() falls back to a listener on the local port
+            # (inet_lookup), so the reply must be checked.
+            yield from (s for s in replies if normalize(s.tuple) == want)
 
     @property
     def namespaces(self) -> list[Netns]:
