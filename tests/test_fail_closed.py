@@ -19,7 +19,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from tests.lab.topology import ip
 pytestmark = pytest.mark.kernel
 
 SERVER_PORT = 8080
+TcpPair = Callable[..., tuple[socket.socket, socket.socket]]
 SOCKGUARD = Path(sys.executable).with_name("sockguard")
 
 
@@ -186,16 +187,12 @@ def test_stale_needs_proof_when_a_namespace_cannot_be_read(lab: Lab) -> None:
         node_audit.scan_sockets = real  # type: ignore[assignment]
 
 
-def test_clean_stops_deleting_when_asked(bpffs_dir: Path) -> None:
+def test_clean_stops_deleting_when_asked(bpffs_dir: Path, tcp_pair: TcpPair) -> None:
     """The stop check is made before every delete, not between maps."""
     fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_SOCKHASH, "sg_stop", 44, 4, 512)
     pin = bpffs_dir / "stop_map"
     libbpf.obj_pin(fd, str(pin))
-    with socket.socket() as lst:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        dummy = socket.create_connection(lst.getsockname())
-        peer, _ = lst.accept()
+    dummy, _peer = tcp_pair()  # closed by the fixture: closing unlinks it from every map
     try:
         keys = [cilium_key("10.99.0.1", 80, "10.99.0.2", 20000 + i) for i in range(200)]
         for k in keys:  # no sk_msg on this map: one socket may sit under many keys
@@ -223,23 +220,18 @@ def test_clean_stops_deleting_when_asked(bpffs_dir: Path) -> None:
             remaining += 1
         assert remaining == 183
     finally:
-        dummy.close()
-        peer.close()
         os.close(fd)
 
 
-def test_sigterm_mid_remediation_stops_the_deletes(bpffs_dir: Path, tmp_path: Path) -> None:
+def test_sigterm_mid_remediation_stops_the_deletes(bpffs_dir: Path, tmp_path: Path,
+                                                  tcp_pair: TcpPair) -> None:
     """`sockguard run` with remediation on: SIGTERM while it deletes thousands of
     stale entries ends the deleting within milliseconds, not after the map is done."""
     n = 4000
     fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_SOCKHASH, "sg_term", 44, 4, 8192)
     pin = bpffs_dir / "term_map"
     libbpf.obj_pin(fd, str(pin))
-    with socket.socket() as lst:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        dummy = socket.create_connection(lst.getsockname())
-        peer, _ = lst.accept()
+    dummy, _peer = tcp_pair()  # closed by the fixture: closing unlinks it from every map
     for i in range(n):
         k = cilium_key("10.98.0.1", 80, f"10.98.{i // 250}.{i % 250 + 2}", 30000 + i)
         libbpf.map_update(fd, k, struct.pack("i", dummy.fileno()))
@@ -271,8 +263,6 @@ def test_sigterm_mid_remediation_stops_the_deletes(bpffs_dir: Path, tmp_path: Pa
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        dummy.close()
-        peer.close()
         os.close(fd)
     after = log_path.read_text().count("deleted stale entry")
     # Python runs the handler in the main thread at its next turn with the GIL (the
@@ -308,16 +298,12 @@ def test_daemon_reports_unseen_namespaces_and_deletes_nothing(
     _still_flows(cli, srv)
 
 
-def test_a_map_gone_mid_remediation_fails_alone(bpffs_dir: Path) -> None:
+def test_a_map_gone_mid_remediation_fails_alone(bpffs_dir: Path, tcp_pair: TcpPair) -> None:
     """One loop for `clean` and the daemon: a map unloaded between the audit and its
     deletes gets outcome `error`; the other maps are still cleaned."""
     from sockguard.remediation import clean_maps
 
-    with socket.socket() as lst:
-        lst.bind(("127.0.0.1", 0))
-        lst.listen(1)
-        dummy = socket.create_connection(lst.getsockname())
-        peer, _ = lst.accept()
+    dummy, _peer = tcp_pair()  # closed by the fixture: closing unlinks it from every map
     fds, pins = [], []
     try:
         for i in range(2):
@@ -353,5 +339,3 @@ def test_a_map_gone_mid_remediation_fails_alone(bpffs_dir: Path) -> None:
     finally:
         for fd in fds:
             os.close(fd)
-        dummy.close()
-        peer.close()
