@@ -435,11 +435,12 @@ class Daemon:
                          delete_unproven=cfg.delete_unproven, stop=self._stop.is_set,
                          progress=self._beat)
         for d in out:
-            if d.outcome not in ("deleted", "would-delete"):
+            if d.refusal is not None:
                 log.info("not deleted (%s): %s entry %s of map %s: %s", d.outcome,
                          d.finding.kind.value, d.finding.entry.key, d.finding.map.name,
                          d.reason, extra={**finding_fields(d.finding),
-                                          "SOCKGUARD_OUTCOME": d.outcome})
+                                          "SOCKGUARD_OUTCOME": d.outcome,
+                                          "SOCKGUARD_REFUSAL": d.refusal.value})
         return out
 
     def _report(self, cfg: Config, audit: NodeAudit, deletions: Sequence[Deletion],

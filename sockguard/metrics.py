@@ -42,15 +42,14 @@ from .model import Kind
 from .node_audit import NodeAudit
 from .policy import DELETED_KINDS as DELETED_KINDS
 from .policy import EXPORTED_KINDS
-from .remediation import Deletion
+from .remediation import DONE_OUTCOMES, Deletion, Refusal
 
 log = logging.getLogger(__name__)
 
 #: The ``kind`` labels of sockguard_findings, from the one policy table (sockguard/policy.py).
 FINDING_KINDS: tuple[Kind, ...] = EXPORTED_KINDS
-REFUSAL_REASONS = ("live_owner", "reinserted", "proxy_entry", "owner_matches", "unproven",
-                   "no_owner", "gone", "cap_reached", "error", "stopping", "incomplete",
-                   "entry_socket_live", "other")
+#: The ``reason`` labels of sockguard_deletions_refused, one per ``remediation.Refusal``.
+REFUSAL_REASONS = tuple(r.value for r in Refusal)
 FAILURE_REASONS = ("map_not_found", "map_gone", "not_a_sockmap", "layout_mismatch",
                    "permission", "bpffs", "libbpf", "fd_exhausted", "os_error", "internal")
 RELOAD_RESULTS = ("success", "failure")
@@ -58,33 +57,11 @@ DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 
 
 def refusal_reason(d: Deletion) -> str:
-    """The bounded label for a deletion that did not happen, from remediation's outcome."""
-    if d.outcome == "gone":
-        return "gone"
-    if d.outcome == "skipped-cap":
-        return "cap_reached"
-    if d.outcome == "skipped-stop":
-        return "stopping"
-    if d.outcome == "error":
-        return "error"
-    text = d.reason
-    if "not every namespace could be asked" in text or "could not read" in text:
-        return "incomplete"
-    if "own socket is a live connection" in text:
-        return "entry_socket_live"
-    if "re-inserted" in text:
-        return "reinserted"
-    if "L7 proxy" in text:
-        return "proxy_entry"
-    if "a live socket owns" in text:
-        return "live_owner"
-    if "belongs to its live owner" in text:
-        return "owner_matches"
-    if "--delete-unproven" in text:
-        return "unproven"
-    if "no live socket owns" in text:
-        return "no_owner"
-    return "other"
+    """The bounded label for a deletion that did not happen: the refusal remediation named.
+
+    A deletion made without one (none of remediation's) counts as ``other``.
+    """
+    return (d.refusal or Refusal.OTHER).value
 
 
 @dataclass(frozen=True)
@@ -249,7 +226,7 @@ class Metrics:
         for d in deletions:
             if d.outcome == "deleted":
                 self.deletions.labels(kind=d.finding.kind.value).inc()
-            elif d.outcome != "would-delete":
+            elif d.outcome not in DONE_OUTCOMES:
                 self.refusals.labels(reason=refusal_reason(d)).inc()
 
     def exported_maps(self) -> list[tuple[int, str]]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from .audit import AuditResult, normalize
 from .compact import Interner, entry_cookie, target_socket
@@ -50,6 +51,38 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_DELETES = 1000
 
 
+class Refusal(Enum):
+    """Why a bad entry was not deleted, named where remediation decides it.
+
+    The values are the ``reason`` labels of ``sockguard_deletions_refused_total``
+    (dashboards and alert rules select on them), so they never change; the
+    prose of ``Deletion.reason`` is for people and may.
+    """
+
+    LIVE_OWNER = "live_owner"  # a stale entry's tuple has a live owner again
+    REINSERTED = "reinserted"  # the key now points to another socket than at the audit
+    PROXY_ENTRY = "proxy_entry"  # L7-proxy entries are reported, never deleted
+    OWNER_MATCHES = "owner_matches"  # the entry (may) point to its live owner
+    UNPROVEN = "unproven"  # recvpath, without --delete-unproven
+    NO_OWNER = "no_owner"  # recvpath whose owner is gone: the next audit judges it
+    GONE = "gone"  # the key left the map before our delete
+    CAP_REACHED = "cap_reached"  # --max-deletes / remediation.max_deletes spent
+    ERROR = "error"  # the map failed (vanished, out of fds): nothing more deleted in it
+    STOPPING = "stopping"  # SIGTERM: not one more delete
+    INCOMPLETE = "incomplete"  # could not look everywhere: absence is no evidence
+    ENTRY_SOCKET_LIVE = "entry_socket_live"  # the entry's own socket is a live owner
+    OTHER = "other"  # a bad kind the policy table never deletes
+
+    @property
+    def outcome(self) -> str:
+        """The ``Deletion.outcome`` this refusal is reported as (CLI text and JSON)."""
+        return _OUTCOMES.get(self, "refused")
+
+
+_OUTCOMES = {Refusal.GONE: "gone", Refusal.CAP_REACHED: "skipped-cap",
+             Refusal.STOPPING: "skipped-stop", Refusal.ERROR: "error"}
+
+
 @dataclass(frozen=True)
 class Deletion:
     """What happened (or, in a dry run, would happen) to one finding."""
@@ -58,53 +91,95 @@ class Deletion:
     #: "deleted", "would-delete", "refused", "gone", "skipped-cap", "skipped-stop", "error"
     outcome: str
     reason: str
+    #: Why not deleted (None when deleted or, in a dry run, deletable).
+    refusal: Refusal | None = None
+
+    @classmethod
+    def refused(cls, finding: Finding, refusal: Refusal, reason: str) -> Deletion:
+        """A finding left in the map, its outcome following from ``refusal``."""
+        return cls(finding, refusal.outcome, reason, refusal)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``reverify``'s answer: deletable, or the refusal and why, decided together."""
+
+    refusal: Refusal | None
+    why: str
+
+    @property
+    def ok(self) -> bool:
+        return self.refusal is None
+
+
+def _yes(why: str) -> Verdict:
+    return Verdict(None, why)
+
+
+def _no(refusal: Refusal, why: str) -> Verdict:
+    return Verdict(refusal, why)
+
+
+_GONE = _no(Refusal.GONE, "gone: the key is no longer in the map")
 
 
 def reverify(handle: MapHandle, finding: Finding, probe: OwnerProbe) -> tuple[bool, str]:
     """Check ``finding`` against the kernel right now; (deletable, why)."""
+    verdict = recheck(handle, finding, probe)
+    return verdict.ok, verdict.why
+
+
+def recheck(handle: MapHandle, finding: Finding, probe: OwnerProbe) -> Verdict:
+    """Check ``finding`` against the kernel right now, naming the refusal where it is made."""
     raw = bytes.fromhex(finding.entry.key_hex)
     if not handle.contains(raw):
-        return False, "gone: the key is no longer in the map"
+        return _GONE
     if finding.entry.cookie is not None and handle.info.value_size == 8:
         now = handle.lookup_cookie(raw)
         if now is not None and now != finding.entry.cookie:
-            return False, (f"refused: the entry now points to socket {now}, "
-                           "re-inserted since the audit")
+            return _no(Refusal.REINSERTED, f"refused: the entry now points to socket {now}, "
+                                           "re-inserted since the audit")
     if finding.details.get("proxy"):
-        return False, "refused: L7 proxy entries are reported, not deleted"
+        return _no(Refusal.PROXY_ENTRY, "refused: L7 proxy entries are reported, not deleted")
     owner = probe.owner(finding.entry.key.owner)
     if finding.kind is Kind.RECVPATH:
-        # Deletable only while the owner still hangs on a key whose entry socket
-        # nothing identified (see the module docstring).
-        if not unproven(finding):
-            return False, ("refused: the entry belongs to its live owner, which reads with "
-                           "tcp_recvmsg: deleting would hide an inconsistent kernel state")
-        if owner is None:
-            return False, (f"refused: no live socket owns {finding.entry.key.owner} now; "
-                           "the next audit judges the entry again")
-        return True, (f"verified: {owner.tuple} (netns {owner.netns}) is still live and its "
-                      "entry socket unproven")
+        return _recvpath_verdict(finding, owner)
     dead = finding.details.get("entry_socket_dead")
     if (finding.kind is Kind.STALE and owner is not None and dead
             and finding.entry.cookie is not None and owner.cookie == finding.entry.cookie):
         # The tuple's only full socket is the entry's own, closed by its process
         # (cookies are never reused): deleting its entry lets the peer's payload
         # reach it through TCP, which answers an orphan with a reset, as without sockops.
-        return True, "verified: the entry's socket is closed (SOCK_DEAD)"
+        return _yes("verified: the entry's socket is closed (SOCK_DEAD)")
     if finding.kind is Kind.STALE and owner is not None:
-        return False, f"refused: a live socket owns {owner.tuple} now (netns {owner.netns})"
+        return _no(Refusal.LIVE_OWNER,
+                   f"refused: a live socket owns {owner.tuple} now (netns {owner.netns})")
     if finding.kind is Kind.SHADOWING and owner is not None and finding.entry.cookie is not None \
             and owner.cookie == finding.entry.cookie:
-        return False, "refused: the entry now belongs to its live owner"
+        return _no(Refusal.OWNER_MATCHES, "refused: the entry now belongs to its live owner")
     if finding.kind is Kind.SHADOWING and owner is not None and handle.info.value_size != 8:
         return _entry_still_elsewhere(handle, raw, owner)
     if finding.kind is Kind.STALE:
         return _stale_still_proven(handle, raw, finding, probe)
-    return True, "verified"
+    return _yes("verified")
+
+
+def _recvpath_verdict(finding: Finding, owner: LiveSocket | None) -> Verdict:
+    """Deletable only while the owner still hangs on a key whose entry socket nothing
+    identified (see the module docstring)."""
+    if not unproven(finding):
+        return _no(Refusal.OWNER_MATCHES,
+                   "refused: the entry belongs to its live owner, which reads with "
+                   "tcp_recvmsg: deleting would hide an inconsistent kernel state")
+    if owner is None:
+        return _no(Refusal.NO_OWNER, f"refused: no live socket owns {finding.entry.key.owner} "
+                                     "now; the next audit judges the entry again")
+    return _yes(f"verified: {owner.tuple} (netns {owner.netns}) is still live and its "
+                "entry socket unproven")
 
 
 def _stale_still_proven(handle: MapHandle, raw: bytes, finding: Finding,
-                        probe: OwnerProbe) -> tuple[bool, str]:
+                        probe: OwnerProbe) -> Verdict:
     """No owner answered the exact lookup: is that positive evidence?
 
     Only if the entry's own socket, read again now, is not a live connection
@@ -119,29 +194,29 @@ def _stale_still_proven(handle: MapHandle, raw: bytes, finding: Finding,
     except SockguardError:
         now, known = None, False
     except OSError as exc:
-        return False, f"refused: could not read the entry's socket now ({exc})"
+        return _no(Refusal.INCOMPLETE, f"refused: could not read the entry's socket now ({exc})")
     if known:
         if now is None:
-            return False, "gone: the key is no longer in the map"
+            return _GONE
         t = target_socket(now, Interner())
         key_owner = normalize(finding.entry.key.owner)
         if (not t.dead and t.tuple is not None and t.state in OWNER_STATES
                 and normalize(t.tuple) == key_owner):
             where = f"netns {t.netns_ino}" if t.netns_ino else "a namespace no lookup reached"
-            return False, (f"refused: the entry's own socket is a live connection with "
-                           f"{key_owner} (in {where})")
+            return _no(Refusal.ENTRY_SOCKET_LIVE, f"refused: the entry's own socket is a live "
+                                                  f"connection with {key_owner} (in {where})")
         why = ("closed by its process" if t.dead else
                f"in state {TCP_STATE_NAMES.get(t.state, t.state)}" if t.state not in OWNER_STATES
                else "another tuple")
-        return True, f"verified: the entry's own socket is {why}"
+        return _yes(f"verified: the entry's own socket is {why}")
     if not probe.complete:
-        return False, ("refused: not every namespace could be asked ("
-                       + "; ".join(probe.unreadable) + ") and the entry's socket is unknown: "
-                       "an absent owner is no evidence")
-    return True, "verified"
+        return _no(Refusal.INCOMPLETE, "refused: not every namespace could be asked ("
+                   + "; ".join(probe.unreadable) + ") and the entry's socket is unknown: "
+                   "an absent owner is no evidence")
+    return _yes("verified")
 
 
-def _entry_still_elsewhere(handle: MapHandle, raw: bytes, owner: LiveSocket) -> tuple[bool, str]:
+def _entry_still_elsewhere(handle: MapHandle, raw: bytes, owner: LiveSocket) -> Verdict:
     """For a shadowing entry of a 4-byte-value map: does it still point away from ``owner``?
 
     The audit's cookie is not enough: the key may have been deleted and
@@ -152,20 +227,20 @@ def _entry_still_elsewhere(handle: MapHandle, raw: bytes, owner: LiveSocket) -> 
     try:
         now = handle.entry_socket(raw)
     except (SockguardError, OSError) as exc:
-        return False, f"refused: could not read the entry's socket now ({exc})"
+        return _no(Refusal.INCOMPLETE, f"refused: could not read the entry's socket now ({exc})")
     if now is None:
-        return False, "gone: the key is no longer in the map"
+        return _GONE
     cookie = entry_cookie(now)
     if cookie:  # known and generated: the socket's identity
         if cookie == owner.cookie:
-            return False, "refused: the entry now belongs to its live owner"
-        return True, f"verified: the entry points to socket {cookie}, not to the owner"
+            return _no(Refusal.OWNER_MATCHES, "refused: the entry now belongs to its live owner")
+        return _yes(f"verified: the entry points to socket {cookie}, not to the owner")
     target = target_socket(now, Interner())
     if target.tuple is not None and target.state in OWNER_STATES \
             and normalize(target.tuple) == normalize(owner.tuple):
-        return False, ("refused: the entry points to a socket with the owner's tuple "
-                       "(its cookie unknown): it may be the owner")
-    return True, "verified: the entry points to a socket that is not the owner's tuple"
+        return _no(Refusal.OWNER_MATCHES, "refused: the entry points to a socket with the "
+                                          "owner's tuple (its cookie unknown): it may be the owner")
+    return _yes("verified: the entry points to a socket that is not the owner's tuple")
 
 
 def _log_deletion(f: Finding, outcome: str, reason: str) -> None:
@@ -204,46 +279,58 @@ def clean(
         if f.kind not in BAD_KINDS or not f.confirmed:
             continue
         if failed is not None:
-            out.append(Deletion(f, "error", f"not deleted: {failed}"))
+            out.append(Deletion.refused(f, Refusal.ERROR, f"not deleted: {failed}"))
             continue
         if f.kind not in allowed:
-            why = ("deleted only with --delete-unproven (remediation.delete_unproven)"
-                   if f.kind in UNPROVEN_DELETABLE_KINDS else "reported, not deleted")
-            out.append(Deletion(f, "refused", f"refused: {f.kind.value} entries are {why}"))
+            out.append(_not_allowed(f))
             continue
         if stop is not None and stop():
             # Asked to stop (SIGTERM): not one more delete, however long the list.
-            out.append(Deletion(f, "skipped-stop", "stopping: not deleted"))
+            out.append(Deletion.refused(f, Refusal.STOPPING, "stopping: not deleted"))
             continue
         if done >= max_deletes:
-            out.append(Deletion(f, "skipped-cap", f"--max-deletes {max_deletes} reached"))
+            out.append(Deletion.refused(f, Refusal.CAP_REACHED,
+                                        f"--max-deletes {max_deletes} reached"))
             continue
         try:
-            ok, why = reverify(handle, f, probe)
-            if not ok:
-                outcome = "gone" if why.startswith("gone") else "refused"
-                out.append(Deletion(f, outcome, why))
-                continue
-            if not apply:
-                out.append(Deletion(f, "would-delete", "dry run: re-verified, not deleted"))
-                done += 1
-                continue
-            deleted = handle.delete(bytes.fromhex(f.entry.key_hex))
+            d = _delete_one(handle, f, probe, apply)
         except (SockguardError, OSError) as exc:
             # The map vanished, or we ran out of fds: nothing more is deleted in it,
             # and what was deleted before stays reported.
             failed = str(exc)
             log.error("remediation of map %s id %d stopped: %s", f.map.name, f.map.id, exc,
                       extra={"SOCKGUARD_MAP_ID": f.map.id})
-            out.append(Deletion(f, "error", f"not deleted: {failed}"))
-            continue
-        if deleted:
-            _log_deletion(f, "deleted", f.reason)
-            out.append(Deletion(f, "deleted", f.reason))
+            d = Deletion.refused(f, Refusal.ERROR, f"not deleted: {failed}")
+        if d.outcome in DONE_OUTCOMES:
             done += 1
-        else:
-            out.append(Deletion(f, "gone", "gone: removed by the kernel before our delete"))
+        out.append(d)
     return out
+
+
+#: Outcomes that spend the delete budget (``--max-deletes``).
+DONE_OUTCOMES = ("deleted", "would-delete")
+
+
+def _not_allowed(f: Finding) -> Deletion:
+    """A bad finding of a kind the policy table does not let this run delete."""
+    if f.kind in UNPROVEN_DELETABLE_KINDS:
+        return Deletion.refused(f, Refusal.UNPROVEN, f"refused: {f.kind.value} entries are "
+                                "deleted only with --delete-unproven (remediation.delete_unproven)")
+    return Deletion.refused(f, Refusal.OTHER,
+                            f"refused: {f.kind.value} entries are reported, not deleted")
+
+
+def _delete_one(handle: MapHandle, f: Finding, probe: OwnerProbe, apply: bool) -> Deletion:
+    """Re-verify one finding and, with ``apply``, delete its key; map errors propagate."""
+    verdict = recheck(handle, f, probe)
+    if verdict.refusal is not None:
+        return Deletion.refused(f, verdict.refusal, verdict.why)
+    if not apply:
+        return Deletion(f, "would-delete", "dry run: re-verified, not deleted")
+    if not handle.delete(bytes.fromhex(f.entry.key_hex)):
+        return Deletion.refused(f, Refusal.GONE, "gone: removed by the kernel before our delete")
+    _log_deletion(f, "deleted", f.reason)
+    return Deletion(f, "deleted", f.reason)
 
 
 def clean_maps(
@@ -276,8 +363,9 @@ def clean_maps(
             except (SockguardError, OSError) as exc:
                 log.error("remediation of map %s id %d failed: %s", result.map.name,
                           result.map.id, exc, extra={"SOCKGUARD_MAP_ID": result.map.id})
-                done = [Deletion(f, "error", f"not deleted: {exc}") for f in result.bad]
-            budget -= sum(1 for d in done if d.outcome in ("deleted", "would-delete"))
+                done = [Deletion.refused(f, Refusal.ERROR, f"not deleted: {exc}")
+                        for f in result.bad]
+            budget -= sum(1 for d in done if d.outcome in DONE_OUTCOMES)
             out.extend(done)
             if progress is not None:
                 progress()

@@ -352,12 +352,13 @@ def test_unknown_failure_reason_is_bounded() -> None:
                                        {"reason": "internal"}) == 1.0
 
 
-def test_refusal_reasons_map_remediations_words_to_bounded_labels() -> None:
-    """The ``reason`` label of sockguard_deletions_refused_total, from real outcomes."""
+def test_refusal_reasons_are_bounded_labels_of_remediations_refusals() -> None:
+    """The ``reason`` label of sockguard_deletions_refused_total, from remediation's refusal
+    (decided with its outcome; tests/test_refusals.py drives each decision)."""
     from sockguard.layout import CILIUM, decode
     from sockguard.metrics import REFUSAL_REASONS, refusal_reason
     from sockguard.model import Finding, Kind, MapEntry, MapInfo
-    from sockguard.remediation import Deletion
+    from sockguard.remediation import Deletion, Refusal
 
     raw = bytes.fromhex("0a0a8630" + "00" * 12 + "0a0a65f9" + "00" * 12
                         + "01000000" + "1f900000" + "db780000")  # the README's worked key example
@@ -375,8 +376,11 @@ def test_refusal_reasons_map_remediations_words_to_bounded_labels() -> None:
                     "(remediation.delete_unproven)"): "unproven",
         ("refused", "refused: no live socket owns 1 -> 2 now; the next audit judges the "
                     "entry again"): "no_owner",
-        ("refused", "refused: something new"): "other",
     }
     for (outcome, reason), label in cases.items():
-        assert refusal_reason(Deletion(f, outcome, reason)) == label
+        d = Deletion.refused(f, Refusal(label), reason)
+        assert d.outcome == outcome
+        assert refusal_reason(d) == label
         assert label in REFUSAL_REASONS
+    assert refusal_reason(Deletion(f, "refused", "refused: something new")) == "other"
+    assert "other" in REFUSAL_REASONS

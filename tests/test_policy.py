@@ -29,7 +29,6 @@ from sockguard.layout import CILIUM, decode
 from sockguard.model import Finding, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
 from sockguard.node_audit import NodeAudit
 from sockguard.policy import ALERTED, BAD_KINDS, EXPORTED_KINDS, POLICY, SHOWN_KINDS
-from sockguard.remediation import Deletion
 from tests.lab import Lab, cilium_key, recv_exact
 from tests.lab.keys import raw_key
 
@@ -180,8 +179,9 @@ def test_new_refusals_have_bounded_reasons() -> None:
     f = _finding(Kind.RECVPATH, 1)
     [refused] = remediation.clean(FakeHandle(), [f], FakeProbe(), apply=False)
     assert metrics.refusal_reason(refused) == "unproven"
-    gone = Deletion(f, "refused", "refused: no live socket owns 1 -> 2 now; the next audit "
-                                  "judges the entry again")
+    [gone] = remediation.clean(FakeHandle(), [f], FakeProbe(), apply=False,
+                               delete_unproven=True)
+    assert "no live socket owns" in gone.reason
     assert metrics.refusal_reason(gone) == "no_owner"
     assert {"unproven", "no_owner"} <= set(metrics.REFUSAL_REASONS)
 
