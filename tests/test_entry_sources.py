@@ -22,6 +22,7 @@ import pytest
 from sockguard import libbpf, sockhash_lookup, sockmap_iter
 from sockguard.audit import AuditPolicy
 from sockguard.compact import COOKIE_UNKNOWN
+from sockguard.errors import NotRootError
 from sockguard.layout import CILIUM
 from sockguard.maps import open_map, select_maps
 from sockguard.model import Kind
@@ -91,6 +92,20 @@ def test_auto_prefers_the_iterator_then_the_tc_lookup() -> None:
 MakeMap = Callable[..., int]
 TcpPair = Callable[..., tuple[socket.socket, socket.socket]]
 SOCKHASH = libbpf.BPF_MAP_TYPE_SOCKHASH
+
+
+@pytest.mark.usefixtures("bpf_kernel")
+def test_iterator_probe_agrees_with_a_real_read(make_map: MakeMap) -> None:
+    """Whichever way the probe answers, a real walk of a map behaves that way."""
+    ok, why = sockmap_iter.iterator_available()
+    fd = make_map(SOCKHASH, 44, 4)
+    if ok:
+        assert why.startswith("iter/sockmap loads"), why
+        assert sockmap_iter.read_records(fd, 44) == {}
+    else:
+        assert "sockmap iterator" in why, why
+        with pytest.raises(OSError if "rejects" in why else NotRootError):
+            sockmap_iter.read_records(fd, 44)
 
 
 def test_tc_lookup_agrees_with_the_iterator(make_map: MakeMap, tcp_pair: TcpPair) -> None:
