@@ -30,14 +30,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import sockguard
-from sockguard import libbpf
+from sockguard import bpf_object, libbpf
 from sockguard import trace_symbols as kallsyms
 from sockguard.errors import LibbpfMissingError
 from sockguard.libbpf import BpfError
 
-BPF_DIR = Path(sockguard.__file__).parent / "bpf"
-PROBE_OBJECT = BPF_DIR / "probe_caps.bpf.o"
+PROBE_OBJECT = bpf_object.object_path("probe_caps")
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -177,19 +175,8 @@ def _kallsyms() -> Feature:
 
 
 def _load_probe(program: str) -> libbpf.BpfObject:
-
-    if not PROBE_OBJECT.is_file():
-        raise LibbpfMissingError(f"{PROBE_OBJECT} is missing: reinstall sockguard "
-                                 "(pip install .) to build the BPF objects")
-    obj = libbpf.BpfObject(PROBE_OBJECT)
-    try:
-        for other in PROBE_PROGRAMS.values():
-            obj.program(other).set_autoload(other == program)
-        obj.load()
-    except BaseException:
-        obj.close()
-        raise
-    return obj
+    """``program`` of the probe object, loaded alone."""
+    return bpf_object.load(PROBE_OBJECT, programs=(program,))
 
 
 def _kprobe_why_not(exc: BpfError) -> str:

@@ -157,6 +157,13 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "bpf_link__fd": (ctypes.c_int, [ctypes.c_void_p]),
     "bpf_link__destroy": (ctypes.c_int, [ctypes.c_void_p]),
     "libbpf_set_print": (ctypes.c_void_p, [_PRINT_FN]),
+    "bpf_object__next_program": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p]),
+    "bpf_object__btf": (ctypes.c_void_p, [ctypes.c_void_p]),
+    "btf__find_by_name_kind": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]),
+    "btf__type_by_id": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_uint32]),
+    "btf__name_by_offset": (ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_uint32]),
+    "btf__resolve_size": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_uint32]),
+    "btf__resolve_type": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint32]),
 }
 
 
@@ -734,6 +741,98 @@ class Map:
         return _check(lib().bpf_map__fd(self._ptr), f"bpf_map__fd({self.name})")
 
 
+# enum btf_kind (include/uapi/linux/btf.h)
+BTF_KIND_INT = 1
+BTF_KIND_ARRAY = 3
+BTF_KIND_STRUCT = 4
+BTF_KIND_UNION = 5
+BTF_KIND_ENUM = 6
+BTF_KIND_VAR = 14
+BTF_KIND_DATASEC = 15
+BTF_KIND_ENUM64 = 19
+
+
+class _BtfType(ctypes.Structure):
+    """``struct btf_type``: kind-specific records follow it (members, var_secinfo)."""
+
+    _fields_ = (("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32),
+                ("size_or_type", ctypes.c_uint32))
+
+
+class _BtfEntry(ctypes.Structure):
+    """``struct btf_member`` (name_off, type, offset) or ``btf_var_secinfo`` (type, offset,
+    size): three u32 either way."""
+
+    _fields_ = (("a", ctypes.c_uint32), ("b", ctypes.c_uint32), ("c", ctypes.c_uint32))
+
+
+@dataclass(frozen=True)
+class BtfMember:
+    """A struct/union member, or a variable of a DATASEC; ``bit_offset`` from the start."""
+
+    name: str
+    type_id: int
+    bit_offset: int
+
+
+@dataclass(frozen=True)
+class BtfType:
+    """One BTF type: ``ref`` is the size (INT, STRUCT, DATASEC...) or the referenced type id
+    (VAR, PTR, TYPEDEF, CONST...), as in ``struct btf_type``."""
+
+    kind: int
+    name: str
+    ref: int
+    members: tuple[BtfMember, ...] = ()
+
+
+class Btf:
+    """The BTF of an opened :class:`BpfObject` (valid while the object is open).
+
+    Reading it needs no privilege: libbpf parses the ELF at open, and fixes up
+    the DATASEC sizes and offsets that clang leaves 0.
+    """
+
+    def __init__(self, ptr: int, path: str) -> None:
+        self._ptr = ptr
+        self.path = path
+
+    def find(self, name: str, kind: int) -> int | None:
+        """The id of the type ``name`` of ``kind``; None when there is none."""
+        ret = lib().btf__find_by_name_kind(self._ptr, name.encode(), kind)
+        return ret if ret > 0 else None
+
+    def type(self, type_id: int) -> BtfType:
+        """The type ``type_id``, with its members for STRUCT, UNION and DATASEC."""
+        ptr = _check_ptr(lib().btf__type_by_id(self._ptr, type_id),
+                         f"{self.path}: btf__type_by_id({type_id})")
+        raw = _BtfType.from_address(ptr)
+        kind, vlen = (raw.info >> 24) & 0x1F, raw.info & 0xFFFF
+        members: tuple[BtfMember, ...] = ()
+        if kind in (BTF_KIND_STRUCT, BTF_KIND_UNION, BTF_KIND_DATASEC):
+            entries = (_BtfEntry * vlen).from_address(ptr + ctypes.sizeof(_BtfType))
+            if kind == BTF_KIND_DATASEC:  # name of the VAR, offset in bytes
+                members = tuple(BtfMember(self.type(e.a).name, e.a, e.b * 8) for e in entries)
+            else:  # kind_flag: bitfield size in the top 8 bits of the offset
+                mask = 0xFFFFFF if raw.info >> 31 else 0xFFFFFFFF
+                members = tuple(BtfMember(self._name(e.a), e.b, e.c & mask) for e in entries)
+        return BtfType(kind, self._name(raw.name_off), raw.size_or_type, members)
+
+    def resolve_size(self, type_id: int) -> int:
+        """The size in bytes of ``type_id`` (through typedefs, modifiers and arrays)."""
+        return _check(int(lib().btf__resolve_size(self._ptr, type_id)),
+                      f"{self.path}: btf__resolve_size({type_id})")
+
+    def resolve_type(self, type_id: int) -> int:
+        """``type_id`` without its typedefs and const/volatile modifiers."""
+        return _check(lib().btf__resolve_type(self._ptr, type_id),
+                      f"{self.path}: btf__resolve_type({type_id})")
+
+    def _name(self, offset: int) -> str:
+        name = lib().btf__name_by_offset(self._ptr, offset)
+        return name.decode() if name else ""
+
+
 class BpfObject:
     """An opened (then loaded) BPF ELF object; closing it closes its programs and maps.
 
@@ -793,6 +892,20 @@ class BpfObject:
             raise BpfError(-ret, f"bpf_object__load({self.path})", _recent_warnings())
         self.loaded = True
         return self
+
+    def btf(self) -> Btf:
+        """The object's own BTF (its structs and the layout of its data sections)."""
+        ptr = lib().bpf_object__btf(self._obj())
+        return Btf(_check_ptr(ptr, f"{self.path}: no BTF"), self.path)
+
+    def program_names(self) -> list[str]:
+        """Every program of the object, in ELF order."""
+        names: list[str] = []
+        ptr = lib().bpf_object__next_program(self._obj(), None)
+        while ptr:
+            names.append(lib().bpf_program__name(ptr).decode())
+            ptr = lib().bpf_object__next_program(self._obj(), ptr)
+        return names
 
     def program(self, name: str) -> Program:
         ptr = lib().bpf_object__find_program_by_name(self._obj(), name.encode())

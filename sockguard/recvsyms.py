@@ -18,14 +18,17 @@ once per process instead of at every load.
 from __future__ import annotations
 
 import functools
-import struct
 from dataclasses import dataclass
+
+from sockguard.bpf_object import CStruct
 
 KALLSYMS = "/proc/kallsyms"
 RECV_SYMBOLS = ("tcp_recvmsg", "tcp_bpf_recvmsg", "tcp_bpf_recvmsg_parser")
 
-#: ``struct sg_config`` of bpf/sock_state.h, the whole ``.rodata`` of both iterators.
-CONFIG = struct.Struct("=QQQII")
+#: ``struct sg_config`` of bpf/sock_state.h, the whole ``.rodata`` of the iterators and
+#: the tc lookup (set by name, see :func:`config`; this copy is for tests).
+CONFIG = CStruct("sg_config", "=QQQII",
+                 "tcp_recvmsg tcp_bpf_recvmsg tcp_bpf_recvmsg_parser key_size judge")
 
 
 @dataclass(frozen=True)
@@ -86,12 +89,14 @@ def recv_symbols(path: str = KALLSYMS) -> RecvSymbols:
                        found.get("tcp_bpf_recvmsg_parser", 0), tuple(problems))
 
 
-def config(key_size: int = 0, judge: bool = False) -> bytes:
-    """The ``.rodata`` image for an iterator or entry-source object.
+def config(key_size: int = 0, judge: bool = False) -> dict[str, int]:
+    """The load-time settings (``struct sg_config``) of an iterator or entry-source object.
 
     ``judge``: the entry sources count healthy entries instead of reporting
     them (bpf/entry_record.h); only for Cilium's 44-byte layout.
     """
     syms = recv_symbols()
-    return CONFIG.pack(syms.tcp_recvmsg, syms.tcp_bpf_recvmsg, syms.tcp_bpf_recvmsg_parser,
-                       key_size, int(judge))
+    return {"sg_config.tcp_recvmsg": syms.tcp_recvmsg,
+            "sg_config.tcp_bpf_recvmsg": syms.tcp_bpf_recvmsg,
+            "sg_config.tcp_bpf_recvmsg_parser": syms.tcp_bpf_recvmsg_parser,
+            "sg_config.key_size": key_size, "sg_config.judge": int(judge)}

@@ -29,16 +29,14 @@ import errno
 import functools
 import os
 import socket
-from pathlib import Path
 
-import sockguard
-from sockguard import libbpf, recvsyms
+from sockguard import bpf_object, libbpf, recvsyms
 from sockguard.compact import COOKIE_UNKNOWN, Record, gc_paused
-from sockguard.errors import LibbpfMissingError, NotRootError
+from sockguard.errors import LibbpfMissingError
 from sockguard.libbpf import BpfError
 from sockguard.sockmap_iter import KEY_MAX, REC_DEAD, REC_HAS_SOCKET, RECORD
 
-OBJECT_PATH = Path(sockguard.__file__).parent / "bpf" / "sockhash_lookup.bpf.o"
+OBJECT_PATH = bpf_object.object_path("sockhash_lookup")
 BTF_PROGRAM = "lookup_btf"
 TUPLE_PROGRAM = "lookup_tuple"
 TARGET_MAP = "target"
@@ -51,22 +49,12 @@ PACKET_SIZE = RECORD_OFF + RECORD.size
 EXACTNESS = {BTF_PROGRAM: "cookie", TUPLE_PROGRAM: "tuple"}
 
 
-def _load(map_fd: int, key_size: int, program: str, judge: bool = False) -> libbpf.BpfObject:
-    if not OBJECT_PATH.is_file():
-        raise LibbpfMissingError(
-            f"{OBJECT_PATH} is missing: reinstall sockguard (pip install .) to build BPF objects"
-        )
-    obj = libbpf.BpfObject(OBJECT_PATH)
-    try:
-        obj.set_rodata(recvsyms.config(key_size, judge))
-        obj.reuse_map(TARGET_MAP, map_fd)
-        for name in (BTF_PROGRAM, TUPLE_PROGRAM):
-            obj.program(name).set_autoload(name == program)
-        obj.load()
-    except BaseException:
-        obj.close()
-        raise
-    return obj
+def _load(map_fd: int, key_size: int, program: str, judge: bool = False,
+          refused: str | None = None) -> libbpf.BpfObject:
+    """The lookup object with only ``program``, its ``target`` map being ``map_fd``."""
+    return bpf_object.load(OBJECT_PATH, programs=(program,),
+                           settings=recvsyms.config(key_size, judge),
+                           reuse={TARGET_MAP: map_fd}, refused=refused)
 
 
 @functools.cache
@@ -184,12 +172,7 @@ def _load_or_refuse(map_fd: int, key_size: int, program: str,
                     judge: bool = False) -> libbpf.BpfObject:
     if not 0 < key_size <= KEY_MAX:
         raise ValueError(f"key size {key_size} not in 1..{KEY_MAX}")
-    try:
-        return _load(map_fd, key_size, program, judge)
-    except BpfError as exc:
-        if exc.errno == errno.EPERM:
-            raise NotRootError(f"loading the tc lookup program: {exc.strerror}") from None
-        raise
+    return _load(map_fd, key_size, program, judge, refused="the tc lookup program")
 
 
 def read_records(map_fd: int, key_size: int, keys: list[bytes],

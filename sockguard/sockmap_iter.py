@@ -14,28 +14,26 @@ from __future__ import annotations
 import errno
 import functools
 import socket
-import struct
-from pathlib import Path
 
-import sockguard
-from sockguard import libbpf, recvsyms
+from sockguard import bpf_object, libbpf, recvsyms
+from sockguard.bpf_object import CStruct
 from sockguard.compact import Interner, Record, gc_paused, target_socket
-from sockguard.errors import LibbpfMissingError, NotRootError
+from sockguard.errors import LibbpfMissingError
 from sockguard.libbpf import BpfError
 from sockguard.model import TargetSocket
 
 __all__ = ["KeyReader", "Record", "iterator_available", "read_judged", "read_records",
            "read_sockmap", "target_socket"]
 
-OBJECT_PATH = Path(sockguard.__file__).parent / "bpf" / "sockmap_iter.bpf.o"
+OBJECT_PATH = bpf_object.object_path("sockmap_iter")
 PROGRAM = "dump_sockmap"
 #: Reads skc_cookie instead of calling bpf_get_socket_cookie (kernels before 5.12).
 COMPAT_PROGRAM = "dump_sockmap_compat"
 KEY_MAX = 64
 
-# struct record in bpf/sockmap_iter.bpf.c: key[64], cookie, netns_ino, key_len,
-# family, state, flags, saddr[16], daddr[16], sport, dport, recv, pad.
-RECORD = struct.Struct("=64sQQIHBB16s16sHHB3x")
+#: struct record of bpf/entry_record.h (both entry sources write it).
+RECORD = CStruct("record", "=64sQQIHBB16s16sHHB3x",
+                 "key cookie netns_ino key_len family state flags saddr daddr sport dport recv")
 REC_HAS_SOCKET = 0x1
 REC_DEAD = 0x2
 REC_SUMMARY = 0x10  # bpf/entry_record.h: a judged walk's last record; cookie = healthy count
@@ -43,32 +41,15 @@ REC_SUMMARY = 0x10  # bpf/entry_record.h: a judged walk's last record; cookie = 
 RODATA = recvsyms.CONFIG  # .rodata: struct sg_config (bpf/sock_state.h)
 
 
-def _load(key_size: int, program: str | None = None, judge: bool = False) -> libbpf.BpfObject:
+def _load(key_size: int, program: str | None = None, judge: bool = False,
+          refused: str | None = None) -> libbpf.BpfObject:
     """Open and load the iterator object specialised for ``key_size``.
 
     Only ``program`` (default: the variant this kernel takes) is loaded: the
     other one would fail the whole object where its helper is missing.
     """
-    program = program or iterator_variant()
-    if not OBJECT_PATH.is_file():
-        raise LibbpfMissingError(
-            f"{OBJECT_PATH} is missing: reinstall sockguard (pip install .) to build BPF objects"
-        )
-    obj = libbpf.BpfObject(OBJECT_PATH)
-    try:
-        rodata = obj.rodata()
-        if len(rodata) != RODATA.size:
-            raise LibbpfMissingError(
-                f"{OBJECT_PATH}: unexpected .rodata size {len(rodata)}; rebuild sockguard"
-            )
-        obj.set_rodata(recvsyms.config(key_size, judge))
-        for name in (PROGRAM, COMPAT_PROGRAM):
-            obj.program(name).set_autoload(name == program)
-        obj.load()
-    except BaseException:
-        obj.close()
-        raise
-    return obj
+    return bpf_object.load(OBJECT_PATH, programs=(program or iterator_variant(),),
+                           settings=recvsyms.config(key_size, judge), refused=refused)
 
 
 def read_records(map_fd: int, key_size: int) -> dict[bytes, Record]:
@@ -111,13 +92,8 @@ def _walk(map_fd: int, key_size: int,
           judge: bool) -> tuple[dict[bytes, Record], dict[int, int]]:
     if not 0 < key_size <= KEY_MAX:
         raise ValueError(f"key size {key_size} not in 1..{KEY_MAX}")
-    try:
-        obj = _load(key_size, judge=judge)
-    except BpfError as exc:
-        # EACCES here is the verifier refusing the program, not a permission problem
-        if exc.errno == errno.EPERM:
-            raise NotRootError(f"loading the sockmap iterator: {exc.strerror}") from None
-        raise
+    # EACCES here is the verifier refusing the program, not a permission problem
+    obj = _load(key_size, judge=judge, refused="the sockmap iterator")
     by_netns: dict[int, int] = {}
     try:
         with obj.program(iterator_variant()).attach_iter_map(map_fd) as link:
@@ -152,7 +128,7 @@ def _walk(map_fd: int, key_size: int,
     return result, by_netns
 
 
-_FLAGS_AT = struct.calcsize("=64sQQIHB")  # offset of the record's flags byte
+_FLAGS_AT = RECORD.offset("flags")
 
 
 class KeyReader:

@@ -19,12 +19,10 @@ import errno
 import functools
 import logging
 import socket
-import struct
 from collections.abc import Sequence
-from pathlib import Path
 
-import sockguard
-from sockguard import libbpf, recvsyms
+from sockguard import bpf_object, libbpf, recvsyms
+from sockguard.bpf_object import CStruct
 from sockguard.compact import SockRow, gc_paused
 from sockguard.errors import LibbpfMissingError, NotRootError
 from sockguard.libbpf import BpfError
@@ -35,12 +33,12 @@ __all__ = ["RECORD", "TcpRecord", "dump_namespace", "read_tcp", "tcp_iterator_av
 
 log = logging.getLogger(__name__)
 
-OBJECT_PATH = Path(sockguard.__file__).parent / "bpf" / "tcp_iter.bpf.o"
+OBJECT_PATH = bpf_object.object_path("tcp_iter")
 PROGRAM = "dump_tcp"
 
-# struct tcp_record in bpf/tcp_iter.bpf.c: cookie, netns_ino, ino, uid, family,
-# state, flags, saddr[16], daddr[16], sport, dport, recv, pad[11].
-RECORD = struct.Struct("=QQQIHBB16s16sHHB11x")
+#: struct tcp_record of bpf/tcp_iter.bpf.c.
+RECORD = CStruct("tcp_record", "=QQQIHBB16s16sHHB11x",
+                 "cookie netns_ino ino uid family state flags saddr daddr sport dport recv")
 REC_FULL, REC_TIMEWAIT, REC_REQUEST, REC_DEAD = 0x1, 0x2, 0x4, 0x8
 
 #: One decoded record: cookie, netns inode, inode, uid, family, state, flags,
@@ -48,36 +46,12 @@ REC_FULL, REC_TIMEWAIT, REC_REQUEST, REC_DEAD = 0x1, 0x2, 0x4, 0x8
 TcpRecord = tuple[int, int, int, int, int, int, int, bytes, bytes, int, int, int]
 
 
-def _load() -> libbpf.BpfObject:
-    if not OBJECT_PATH.is_file():
-        raise LibbpfMissingError(
-            f"{OBJECT_PATH} is missing: reinstall sockguard (pip install .) to build BPF objects"
-        )
-    obj = libbpf.BpfObject(OBJECT_PATH)
-    try:
-        rodata = obj.rodata()
-        if len(rodata) != recvsyms.CONFIG.size:
-            raise LibbpfMissingError(
-                f"{OBJECT_PATH}: unexpected .rodata size {len(rodata)}; rebuild sockguard"
-            )
-        obj.set_rodata(recvsyms.config())
-        obj.load()
-    except BaseException:
-        obj.close()
-        raise
-    return obj
-
-
 class TcpIterator:
     """The loaded and attached ``iter/tcp`` program; ``dump`` walks one namespace."""
 
     def __init__(self) -> None:
-        try:
-            self._obj = _load()
-        except BpfError as exc:
-            if exc.errno == errno.EPERM:
-                raise NotRootError(f"loading the tcp iterator: {exc.strerror}") from None
-            raise
+        self._obj = bpf_object.load(OBJECT_PATH, settings=recvsyms.config(),
+                                    refused="the tcp iterator")
         try:
             self._link = self._obj.program(PROGRAM).attach_iter()
         except BaseException:

@@ -54,17 +54,16 @@ import errno
 import logging
 import os
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
-import sockguard
-from sockguard import libbpf
+from sockguard import bpf_object, libbpf
 from sockguard import maps as maps_adapter
 from sockguard import trace_symbols as kallsyms
+from sockguard.bpf_object import BpfObjectMissingError, CStruct
 from sockguard.capabilities import Capabilities, Detection, plan, probe
 from sockguard.collision import Candidate, CollisionCheck, Entry, EntryReader
 from sockguard.errors import SockguardError
@@ -77,10 +76,12 @@ from sockguard.tcp_states import TCP_CLOSE, TCP_ESTABLISHED, state_name
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(sockguard.__file__).parent / "bpf"
+BPF_DIR = bpf_object.BPF_DIR
 
 # struct sg_event (bpf/sockguard_trace.h)
-EVENT = struct.Struct("=QQQIIIi16sHHHBB16s16sQII16s64s8QII")
+EVENT = CStruct("sg_event", "=QQQIIIi16sHHHBB16s16sQII16s64s8QII",
+                "ts_ns cookie netns type pid tid ret comm family sport dport state_old state_new "
+                "saddr daddr aux map_id key_size map_name key stack source _pad")
 EV_UPDATE, EV_PSOCK_DROP, EV_RECV, EV_STATE, EV_DESTROY = 1, 2, 3, 4, 5
 EVENT_KINDS = {EV_UPDATE: "update", EV_PSOCK_DROP: "psock_drop", EV_RECV: "recv",
                EV_STATE: "state", EV_DESTROY: "destroy"}
@@ -92,14 +93,16 @@ FILTER_LAYOUTS = {CILIUM.name: 1}
 WATCHED_MAX = 262144
 #: Objects with the ``watched`` and ``watched_bits`` maps (shared) and a ``pending`` map.
 FILTERED_OBJECTS = ("trace_recvpath", "trace_lifecycle")
-#: struct sg_parked: key, type, states, source, ts, cookie, aux, netns, pid, family,
-#: check, ret, comm, epoch; 2**PENDING_BITS slots.
-PARKED = struct.Struct("=44sBBBBQQQIIH2xIi16sI")
+#: struct sg_parked, one per slot of ``pending`` (2**PENDING_BITS slots).
+PARKED = CStruct("sg_parked", "=44sBBBBQQQIIH2xIi16sI",
+                 "key type state_old state_new source ts_ns cookie aux netns pid family check "
+                 "ret comm epoch")
 PARKED_SIZE = PARKED.size
 PENDING_BITS = 13
 #: ``watched_bits``: one bit per key hash, 2**WATCHED_BITS bits (SG_WATCHED_BITS).
 WATCHED_BITS = 17
-_KEY_WORDS = struct.Struct("<8IB3xII")
+#: struct sg_cilium_key as the words ``sg_key_hash`` mixes.
+_KEY_WORDS = CStruct("sg_cilium_key", "<4I4IB3xII", "sip dip family sport dport")
 
 
 def key_hash(key: bytes) -> int:
@@ -740,17 +743,20 @@ class Tracer:
         reader.prepare()
         self.collisions = CollisionCheck(reader)
 
-    def _rodata(self, obj_name: str) -> bytes:
+    def _settings(self, obj_name: str) -> dict[str, int]:
+        """The ``cfg`` fields of ``obj_name`` (bpf/trace_*.bpf.c) for these options."""
         o = self.options
         layout = FILTER_LAYOUTS.get(self.watch.layout.name, 0) if self.watch else 0
-        filtering = self.filtering
+        filtering = int(self.filtering)
         if obj_name == "trace_sockhash":
-            return struct.pack("=B7x", o.failures_only)
+            return {"cfg.failures_only": o.failures_only}
         if obj_name == "trace_recvpath":
             only = self._syms.address("tcp_recvmsg") if o.only_tcp_recvmsg else None
-            return struct.pack("=QBBB5x", only or 0, not o.every_recv, filtering, layout)
-        return struct.pack("=BBBB4x", o.all_states, filtering, layout,
-                           o.established_only and not o.all_states)
+            return {"cfg.only_fn": only or 0, "cfg.dedup": not o.every_recv,
+                    "cfg.filter_watched": filtering, "cfg.key_layout": layout}
+        return {"cfg.states_all": o.all_states, "cfg.filter_watched": filtering,
+                "cfg.key_layout": layout,
+                "cfg.established_only": o.established_only and not o.all_states}
 
     def _start_object(self, obj_name: str, variants: dict[str, tuple[str, ...]],
                       wanted: dict[str, Detection], rb: RingBuffer) -> None:
@@ -762,27 +768,22 @@ class Tracer:
                 chosen[det_name] = tuple(p for p in progs if self._wants_program(p))
         if not chosen:
             return
-        path = self.bpf_dir / f"{obj_name}.bpf.o"
-        if not path.is_file():
-            self._disable(chosen, f"{path} is missing: reinstall sockguard to build it")
-            return
-        obj = BpfObject(path)
-        loaded = _Loaded(obj)
-        self._loaded.append(loaded)
-        enabled = {p for progs in chosen.values() for p in progs}
-        for progs in variants.values():
-            for prog in progs:
-                obj.program(prog).set_autoload(prog in enabled)
-        obj.set_rodata(self._rodata(obj_name))
         shared = self.filtering and obj_name in FILTERED_OBJECTS
+        reuse = {}
+        if shared and self._watched_fd is not None and self._bits_fd is not None:
+            reuse = {"watched": self._watched_fd, "watched_bits": self._bits_fd}  # one set
         try:
-            if shared and self._watched_fd is not None and self._bits_fd is not None:
-                obj.reuse_map("watched", self._watched_fd)  # one set for both objects
-                obj.reuse_map("watched_bits", self._bits_fd)
-            obj.load()
+            obj = bpf_object.load(bpf_object.object_path(obj_name, self.bpf_dir),
+                                  programs={p for progs in chosen.values() for p in progs},
+                                  settings=self._settings(obj_name), reuse=reuse)
+        except BpfObjectMissingError as exc:
+            self._disable(chosen, str(exc))
+            return
         except BpfError as exc:
             self._disable(chosen, f"{obj_name} does not load: {str(exc).splitlines()[0]}")
             return
+        loaded = _Loaded(obj)
+        self._loaded.append(loaded)
         if shared:
             if self._watched_fd is None:
                 self._watched_fd = os.dup(obj.map("watched").fd)
