@@ -229,6 +229,16 @@ struct sg_watched_bits {
 	__u64 word[(1 << SG_WATCHED_BITS) / 64];
 };
 
+/*
+ * Never called, so never loaded: clang writes a struct into the object's BTF
+ * only when a global, a map or a function refers to it, and userspace checks
+ * its copies of these layouts against that BTF (tests/test_bpf_layouts.py).
+ */
+__noinline int sg_trace_layouts(struct sg_event *ev, struct sg_parked *parked)
+{
+	return ev && parked;
+}
+
 #ifdef SG_WATCHED
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
