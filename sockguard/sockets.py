@@ -48,6 +48,11 @@ _DIAG_MIN = _NLMSGHDR.size + _DIAG_MSG.size
 _ALL_BUT_LISTEN = ((1 << 13) - 1) & ~(1 << TCP_LISTEN)
 _NOCOOKIE = 0xFFFFFFFFFFFFFFFF
 _RECV_BUF = 1 << 20
+#: Exact lookups per datagram: their answers (~1-2 KB of receive buffer each, as
+#: skb truesize) must fit _RECV_BUF, or the kernel drops them (netlink_unicast, EAGAIN).
+_BATCH = 128
+_REPLY_TIMEOUT = 10  # seconds
+_ANSWER_BUF = 1 << 16  # one exact lookup's answer is a datagram of its own, < 1 KiB
 
 
 @dataclass
@@ -94,6 +99,13 @@ def _request(family: int, seq: int, flags: int, *, states: int = _ALL_BUT_LISTEN
                            socket.IPPROTO_TCP, 0, states)
             + _REQ_ID.pack(sport, dport, src.ljust(16, b"\0"), dst.ljust(16, b"\0"))
             + _REQ_TAIL.pack(0, cookie))
+
+
+def _exact_request(tup: Tuple4, seq: int) -> bytes:
+    """The exact lookup of ``tup`` (any state) as request ``seq``."""
+    return _request(socket.AF_INET if tup.family == 4 else socket.AF_INET6, seq, NLM_F_REQUEST,
+                    states=0xFFFFFFFF, sport=tup.local.port, dport=tup.remote.port,
+                    src=tup.local.ip.packed, dst=tup.remote.ip.packed)
 
 
 def _messages(sock: socket.socket, seq: int) -> Iterator[memoryview]:
@@ -143,6 +155,10 @@ def open_diag_socket(ref: NetnsRef) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                              NETLINK_SOCK_DIAG)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECV_BUF)
+    # A reply the kernel could not queue is dropped, not retried: wait for it only so
+    # long.  SO_RCVTIMEO, not settimeout(), which would add a poll() to every receive.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("=qq", _REPLY_TIMEOUT, 0))
     sock.bind((0, 0))
     return sock
 
@@ -194,8 +210,8 @@ def lookup_tuples(tuples: Sequence[Tuple4], refs: Sequence[NetnsRef] | None = No
     with OwnerProbe(refs) as probe:
         scan.unreadable.extend(probe.unreadable)
         by_netns: dict[int, list[LiveSocket]] = {}
-        for tup in tuples:
-            for sock in probe.found(tup):
+        for socks in probe.found_all(tuples).values():
+            for sock in socks:
                 by_netns.setdefault(sock.netns.ino, []).append(sock)
         for netns in probe.namespaces:
             for sock in by_netns.get(netns.ino, ()):
@@ -293,6 +309,9 @@ class OwnerProbe:
                 log.warning("re-verification cannot read namespace %s: %s", ref.path, exc)
                 self.unreadable.append(f"{ref.path}: {exc.strerror or exc}")
         self._seq = 100
+        # One receive buffer for every answer: sock.recv(n) would allocate n bytes
+        # per datagram, which cost more than the kernel's lookup itself.
+        self._buffer = memoryview(bytearray(_ANSWER_BUF))
 
     @property
     def complete(self) -> bool:
@@ -301,32 +320,66 @@ class OwnerProbe:
 
     def owner(self, tup: Tuple4) -> LiveSocket | None:
         """The live full socket with exactly ``tup`` in any namespace, if one exists."""
-        return next((s for s in self._exact(tup) if s.state in OWNER_STATES), None)
+        return next((s for s in self.found(tup) if s.state in OWNER_STATES), None)
 
     def found(self, tup: Tuple4) -> list[LiveSocket]:
         """Every socket with exactly ``tup`` (any state) in each namespace: a targeted scan."""
-        return list(self._exact(tup))
+        return self.found_all([tup]).get(normalize(tup), [])
 
-    def _exact(self, tup: Tuple4) -> Iterator[LiveSocket]:
-        """The sockets with exactly ``tup``, namespace by namespace (an exact lookup each)."""
-        want = normalize(tup)
-        family = socket.AF_INET if tup.family == 4 else socket.AF_INET6
-        for netns, sock in self._socks:
-            self._seq += 1
-            sock.send(_request(
-                family, self._seq, NLM_F_REQUEST, states=0xFFFFFFFF,
-                sport=tup.local.port, dport=tup.remote.port,
-                src=tup.local.ip.packed, dst=tup.remote.ip.packed,
-            ))
+    def found_all(self, tuples: Sequence[Tuple4]) -> dict[Tuple4, list[LiveSocket]]:
+        """The sockets with exactly each of ``tuples``, keyed by the normalized tuple.
+
+        Each namespace gets its exact lookups in batches: sock_diag_rcv() hands a
+        whole datagram to netlink_rcv_skb(), which answers every request in it
+        (one reply or one error each), so a batch costs one send instead of a
+        send and a receive per tuple.
+        """
+        found: dict[Tuple4, list[LiveSocket]] = {}
+        for start in range(0, len(tuples), _BATCH):
+            batch = tuples[start:start + _BATCH]
+            first = self._seq + 1
+            self._seq += len(batch)
+            # Each namespace has its own socket, so one datagram serves them all.
+            request = b"".join(_exact_request(tup, first + i) for i, tup in enumerate(batch))
+            for netns, sock in self._socks:
+                for live in self._answers(netns, sock, request, first, batch):
+                    found.setdefault(normalize(live.tuple), []).append(live)
+        return found
+
+    def _answers(self, netns: Netns, sock: socket.socket, request: bytes, first: int,
+                 batch: Sequence[Tuple4]) -> Iterator[LiveSocket]:
+        """One namespace's answers to one batch of exact lookups (seq ``first`` on)."""
+        sock.send(request)
+        answered = [False] * len(batch)
+        pending = len(batch)
+        data = self._buffer
+        while pending:
             try:
-                replies = [_decode(payload, netns) for payload in _messages(sock, self._seq)]
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.EINVAL):
-                    raise
-                continue
-            # inet_diag_find_one_icsk() falls back to a listener on the local port
-            # (inet_lookup), so the reply must be checked.
-            yield from (s for s in replies if normalize(s.tuple) == want)
+                end = sock.recv_into(data)
+            except BlockingIOError as exc:  # SO_RCVTIMEO expired
+                raise TimeoutError(errno.ETIMEDOUT, "sock_diag: no answer") from exc
+            off = 0
+            while off + _NLMSGHDR.size <= end:
+                length, mtype, _flags, mseq, _pid = _NLMSGHDR.unpack_from(data, off)
+                if length < _NLMSGHDR.size:
+                    break
+                payload = data[off + _NLMSGHDR.size : off + length]
+                off += (length + 3) & ~3
+                index = mseq - first
+                if not 0 <= index < len(batch) or answered[index]:
+                    continue  # an answer to an earlier request: not ours
+                answered[index] = True
+                pending -= 1
+                if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code not in (0, errno.ENOENT, errno.EINVAL):
+                        raise OSError(code, f"sock_diag: {errno.errorcode.get(code, code)}")
+                    continue
+                live = _decode(payload, netns)
+                # inet_diag_find_one_icsk() falls back to a listener on the local port
+                # (inet_lookup), so the reply must be checked.
+                if normalize(live.tuple) == normalize(batch[index]):
+                    yield live
 
     @property
     def namespaces(self) -> list[Netns]:
