@@ -8,7 +8,6 @@ printed as one line.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import math
 import os
@@ -21,7 +20,7 @@ from typing import NoReturn
 from . import maps as maps_adapter
 from .cilium import audit_policy
 from .config import MAX_CONFIRM_DELAY, integer_arg, number_arg
-from .errors import ConfigError, NotRootError, SockguardError
+from .errors import FD_ERRNOS, ConfigError, NotRootError, SockguardError
 from .escape import printable
 from .layout import LAYOUTS, KeyLayout
 from .model import IPAddress, MapInfo
@@ -345,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sockguard: permission denied: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # BpfError included: one line, never a traceback
-        if exc.errno in (errno.EMFILE, errno.ENFILE):
+        if exc.errno in FD_ERRNOS:
             print(f"sockguard: out of file descriptors ({exc}); nothing was deleted after it; "
                   "raise the limit (ulimit -n)", file=sys.stderr)
         else:

@@ -55,6 +55,7 @@ from .capabilities import Detection
 from .cilium import audit_policy
 from .config import Config, describe, load_config, overrides_from_args
 from .errors import (
+    FD_ERRNOS,
     BpffsNotMountedError,
     FdExhaustedError,
     LayoutMismatchError,
@@ -64,6 +65,7 @@ from .errors import (
     NotASockMapError,
     NotRootError,
     SockguardError,
+    from_os_error,
 )
 from .layout import LAYOUTS
 from .metrics import Metrics, start_server
@@ -88,10 +90,6 @@ BLOCK_ENV = "SOCKGUARD_TEST_BLOCK_FILE"
 STOP_GRACE = 2.0
 #: Longest sleep of either thread: bounds signal handling and heartbeat latency.
 TICK = 0.25
-
-
-#: errnos that mean "out of file descriptors" (the process's RLIMIT_NOFILE, or the system's).
-FD_ERRNOS = (errno.EMFILE, errno.ENFILE)
 
 
 def _out_of_fds(exc: BaseException) -> bool:
@@ -125,21 +123,21 @@ def failure_reason(exc: BaseException) -> str:
     """
     if _out_of_fds(exc):
         return "fd_exhausted"
+    if isinstance(exc, OSError):  # a kernel error nobody translated: as the adapters would
+        exc = from_os_error(exc, "audit") or exc
     table: tuple[tuple[type[BaseException], str], ...] = (
         (MapNotFoundError, "map_not_found"),
         (MapGoneError, "map_gone"),
         (NotASockMapError, "not_a_sockmap"),
         (LayoutMismatchError, "layout_mismatch"),
         (NotRootError, "permission"),
-        (PermissionError, "permission"),
         (BpffsNotMountedError, "bpffs"),
         (LibbpfMissingError, "libbpf"),
+        (OSError, "os_error"),
     )
     for cls, reason in table:
         if isinstance(exc, cls):
             return reason
-    if isinstance(exc, OSError):
-        return "permission" if exc.errno in (errno.EPERM, errno.EACCES) else "os_error"
     return "internal"
 
 

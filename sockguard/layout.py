@@ -11,12 +11,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .compact import Interner, maker
+from .errors import KeyDecodeError as KeyDecodeError  # raised here; importable from here too
 from .errors import LayoutMismatchError
 from .model import IPAddress, SockKey, Tuple4
-
-
-class KeyDecodeError(ValueError):
-    """The bytes are not a key of this layout (wrong size, unknown family)."""
 
 
 @dataclass(frozen=True)

@@ -21,12 +21,11 @@ from sockguard import libbpf
 from sockguard.compact import Record
 from sockguard.errors import (
     BpffsNotMountedError,
-    FdExhaustedError,
     MapGoneError,
     MapNotFoundError,
     NotASockMapError,
-    NotRootError,
     SockguardError,
+    from_os_error,
 )
 from sockguard.libbpf import BpfError
 from sockguard.model import MapInfo
@@ -92,17 +91,15 @@ def require_bpffs(root: str = "/sys/fs/bpf") -> None:
         raise BpffsNotMountedError(f"{root} is not a bpf filesystem; mount it: {MOUNT_HINT}")
 
 
-#: What the kernel needs here, measured on 6.18: CAP_BPF alone does not open maps by id.
-ROOT_HINT = "sockguard needs root (CAP_SYS_ADMIN; CAP_BPF alone is not enough)"
-
-
 def _raise_for(exc: BpfError, what: str) -> None:
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
-        # Not "map not found": the map may well be there, we could not get an fd for it.
-        raise FdExhaustedError(f"{what}: {exc.strerror}: sockguard is out of file "
-                               f"descriptors") from exc
-    if exc.errno in (errno.EPERM, errno.EACCES):
-        raise NotRootError(f"{what}: {exc.strerror}; {ROOT_HINT}") from None
+    """Raise what ``exc`` means to the operator (out of fds, not root); else return.
+
+    The caller then decides what is left, ENOENT above all: a map freed
+    meanwhile is skipped in a scan but an error for a map asked for by name.
+    """
+    err = from_os_error(exc, what)
+    if err is not None:
+        raise err from exc
 
 
 def _type_name(map_type: int) -> str:
@@ -275,10 +272,9 @@ def _resolve_path(path: str) -> MapInfo:
     try:
         fd = libbpf.obj_get(path, readonly=True)
     except BpfError as exc:
-        _raise_for(exc, path)
-        if exc.errno == errno.ENOENT:
-            raise MapNotFoundError(f"{path}: no such pinned map") from None
-        raise MapNotFoundError(f"{path}: cannot open pinned object ({exc.strerror})") from None
+        raise (from_os_error(exc, path, missing=MapNotFoundError(f"{path}: no such pinned map"))
+               or MapNotFoundError(f"{path}: cannot open pinned object ({exc.strerror})")) \
+            from exc
     try:
         kind = libbpf.fd_kind(fd)
         if kind != "map":
@@ -299,8 +295,8 @@ def _resolve_id(text: str) -> MapInfo:
     try:
         fd = libbpf.map_fd_by_id(map_id)
     except BpfError as exc:
-        _raise_for(exc, f"map id {map_id}")
-        raise MapNotFoundError(f"no map with id {map_id}") from None
+        raise (from_os_error(exc, f"map id {map_id}")
+               or MapNotFoundError(f"no map with id {map_id}")) from exc
     try:
         raw = libbpf.map_info(fd)
         if raw.type not in SOCK_MAP_TYPES:
@@ -536,8 +532,8 @@ def open_map(info: MapInfo) -> MapHandle:
     try:
         fd = libbpf.map_fd_by_id(info.id)
     except BpfError as exc:
-        _raise_for(exc, f"map id {info.id}")
-        raise MapGoneError(f"map {info.name} (id {info.id}) no longer exists") from None
+        raise (from_os_error(exc, f"map id {info.id}")
+               or MapGoneError(f"map {info.name} (id {info.id}) no longer exists")) from exc
     try:
         raw = libbpf.map_info(fd)
     except BpfError:

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .errors import NamespaceGone as NamespaceGone  # raised here; importable from here too
 from .model import Netns
 
 CLONE_NEWNET = 0x40000000
@@ -25,10 +26,6 @@ RUN_NETNS = "/run/netns"
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.setns.restype = ctypes.c_int
-
-
-class NamespaceGone(Exception):
-    """The namespace disappeared between enumeration and use."""
 
 
 @dataclass(frozen=True)
