@@ -325,9 +325,10 @@ def _look(
             suspicious = _suspicious_tuples(reads, layout) if judging else None
             if judging and not any(isinstance(r, MapRead) or r[1] for r in reads):
                 scan, sock_source = Scan(), "none"  # nothing left to look up
-            elif (suspicious is not None and len(suspicious) <= TARGETED_MAX
+            elif (suspicious is not None and suspicious.count <= TARGETED_MAX
                   and socket_source != "iterator"):  # iter/tcp asked for: its receive paths
-                scan, sock_source = lookup_tuples(suspicious), "sock_diag lookups"
+                scan = lookup_tuples(suspicious.everywhere, placed=suspicious.placed)
+                sock_source = "sock_diag lookups"
             else:
                 scan, sock_source = scan_sockets(socket_source)
             if judging and source.scan_first and sock_source != "none":
@@ -356,29 +357,46 @@ def _look(
 TARGETED_MAX = 256
 
 
+@dataclass(frozen=True)
+class Suspicious:
+    """The tuples a targeted look asks for: in every namespace, or in one (by inode)."""
+
+    everywhere: list[Tuple4]
+    placed: dict[Tuple4, int]
+
+    @property
+    def count(self) -> int:
+        return len(self.everywhere) + len(self.placed)
+
+
 def _suspicious_tuples(reads: Sequence[MapRead | tuple[MapInfo, dict[bytes, Record]]],
-                       layout: KeyLayout) -> list[Tuple4] | None:
+                       layout: KeyLayout) -> Suspicious | None:
     """What a targeted scan must look up for the not-healthy entries; None: scan everything.
 
-    The tuple each key describes (its owner, if any), and the entry socket's
-    own tuple where it is connected: an L7-proxy entry is judged by that
-    socket (its client), and a lookup generates the socket's cookie, which
-    sources reading the cookie field then see on their second read.
+    The tuple each key describes (its owner, if any), in every namespace; and
+    the entry socket's own tuple where it is connected: an L7-proxy entry is
+    judged by that socket (its client), and a lookup generates the socket's
+    cookie, which sources reading the cookie field then see on their second
+    read.  That one is asked only in the socket's namespace where the record
+    names it (the iterator does), unless it is some key's owner tuple too.
     """
-    tuples: dict[Tuple4, None] = {}
+    owners: dict[Tuple4, None] = {}
+    targets: dict[Tuple4, int] = {}
     interner = Interner()
     for r in reads:
         if isinstance(r, MapRead):
             return None
         for raw, rec in r[1].items():
             try:
-                tuples[decode(layout, raw, interner).owner] = None
+                owners[decode(layout, raw, interner).owner] = None
             except KeyDecodeError:
                 continue
             target = target_socket(rec, interner)
             if target.tuple is not None and target.state in OWNER_STATES:
-                tuples[target.tuple] = None
-    return list(tuples)
+                targets[target.tuple] = target.netns_ino
+    unplaced = [t for t, ino in targets.items() if not ino and t not in owners]
+    placed = {t: ino for t, ino in targets.items() if ino and t not in owners}
+    return Suspicious([*owners, *unplaced], placed)
 
 
 def _reread(r: MapRead | tuple[MapInfo, dict[bytes, Record]], source: EntrySource,

@@ -19,7 +19,7 @@ import errno
 import logging
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
@@ -198,19 +198,21 @@ def _dump_rows(sock: socket.socket, family: int, seq: int, rows: list[SockRow]) 
             off += (length + 3) & ~3
 
 
-def lookup_tuples(tuples: Sequence[Tuple4], refs: Sequence[NetnsRef] | None = None) -> Scan:
+def lookup_tuples(tuples: Sequence[Tuple4], refs: Sequence[NetnsRef] | None = None,
+                  placed: Mapping[Tuple4, int] | None = None) -> Scan:
     """The sockets with exactly these tuples, in every namespace: a scan of just those.
 
     For an audit whose entries the kernel judged healthy but for a few: one
     exact sock_diag lookup per tuple and namespace instead of dumping every
-    socket of every namespace.  Namespaces that cannot be opened are
+    socket of every namespace (``placed`` ones only in their namespace, see
+    ``OwnerProbe.found_all``).  Namespaces that cannot be opened are
     ``unreadable``, as in ``scan_all``.
     """
     scan = Scan()
     with OwnerProbe(refs) as probe:
         scan.unreadable.extend(probe.unreadable)
         by_netns: dict[int, list[LiveSocket]] = {}
-        for socks in probe.found_all(tuples).values():
+        for socks in probe.found_all(tuples, placed).values():
             for sock in socks:
                 by_netns.setdefault(sock.netns.ino, []).append(sock)
         for netns in probe.namespaces:
@@ -326,25 +328,46 @@ class OwnerProbe:
         """Every socket with exactly ``tup`` (any state) in each namespace: a targeted scan."""
         return self.found_all([tup]).get(normalize(tup), [])
 
-    def found_all(self, tuples: Sequence[Tuple4]) -> dict[Tuple4, list[LiveSocket]]:
+    def found_all(self, tuples: Sequence[Tuple4],
+                  placed: Mapping[Tuple4, int] | None = None) -> dict[Tuple4, list[LiveSocket]]:
         """The sockets with exactly each of ``tuples``, keyed by the normalized tuple.
+
+        ``placed`` tuples are looked up only in the namespace (inode) given,
+        where the caller knows the one socket it asks about lives; one whose
+        namespace is not among those probed is looked up everywhere.
 
         Each namespace gets its exact lookups in batches: sock_diag_rcv() hands a
         whole datagram to netlink_rcv_skb(), which answers every request in it
         (one reply or one error each), so a batch costs one send instead of a
         send and a receive per tuple.
         """
+        everywhere = list(tuples)
+        here: dict[int, list[Tuple4]] = {}
+        probed = {netns.ino for netns, _sock in self._socks}
+        for tup, ino in (placed or {}).items():
+            if ino in probed:
+                here.setdefault(ino, []).append(tup)
+            else:
+                everywhere.append(tup)
         found: dict[Tuple4, list[LiveSocket]] = {}
-        for start in range(0, len(tuples), _BATCH):
-            batch = tuples[start:start + _BATCH]
-            first = self._seq + 1
-            self._seq += len(batch)
+        for start in range(0, len(everywhere), _BATCH):
             # Each namespace has its own socket, so one datagram serves them all.
-            request = b"".join(_exact_request(tup, first + i) for i, tup in enumerate(batch))
-            for netns, sock in self._socks:
-                for live in self._answers(netns, sock, request, first, batch):
-                    found.setdefault(normalize(live.tuple), []).append(live)
+            batch = everywhere[start:start + _BATCH]
+            self._ask(self._socks, batch, found)
+        for netns, sock in self._socks:
+            for start in range(0, len(here.get(netns.ino, ())), _BATCH):
+                self._ask([(netns, sock)], here[netns.ino][start:start + _BATCH], found)
         return found
+
+    def _ask(self, socks: Sequence[tuple[Netns, socket.socket]], batch: Sequence[Tuple4],
+             found: dict[Tuple4, list[LiveSocket]]) -> None:
+        """Send one batch to each of ``socks`` and add the sockets found to ``found``."""
+        first = self._seq + 1
+        self._seq += len(batch)
+        request = b"".join(_exact_request(tup, first + i) for i, tup in enumerate(batch))
+        for netns, sock in socks:
+            for live in self._answers(netns, sock, request, first, batch):
+                found.setdefault(normalize(live.tuple), []).append(live)
 
     def _answers(self, netns: Netns, sock: socket.socket, request: bytes, first: int,
                  batch: Sequence[Tuple4]) -> Iterator[LiveSocket]:

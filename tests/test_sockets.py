@@ -72,3 +72,14 @@ def test_lookup_tuples_is_a_scan_of_just_those(tcp_pair: Pair) -> None:
     assert scan.complete
     assert len(scan.namespaces) == 1
     assert {normalize(s.tuple) for s in scan.table.sockets()} == {normalize(t) for t in wanted}
+
+
+def test_placed_tuples_are_asked_in_their_namespace_or_everywhere(tcp_pair: Pair) -> None:
+    """A tuple placed in a namespace the probe cannot see is asked everywhere: never lost."""
+    client, server = tcp_pair()
+    host = _host_refs()
+    here, unknown = _tuple(client), _tuple(server)
+    with OwnerProbe(host) as probe:
+        found = probe.found_all([], {here: host[0].netns.ino, unknown: 1})
+    assert set(found) == {normalize(here), normalize(unknown)}
+    assert {s.netns.ino for socks in found.values() for s in socks} == {host[0].netns.ino}
