@@ -43,6 +43,7 @@ from audit_scale import (
     MAX_ENTRIES,
     World,
     check_audit_doc,
+    exact_source_missing,
     measure_cmd,
     measure_e2e,
     sockguard_argv,
@@ -50,7 +51,6 @@ from audit_scale import (
 )
 
 from sockguard import libbpf
-from sockguard.sockmap_iter import iterator_available
 
 
 def ints(text: str) -> list[int]:
@@ -102,6 +102,7 @@ def measure_world(world: World, netns: int, levels: list[int], stale_n: int, rep
             "netns": netns, "sockets": world.sockets, "entries": ok,
             "clean": clean.as_dict(), "stale": bad.as_dict(), "bpftool_json": bt.as_dict(),
             "socket_source": {"clean": src_clean, "stale": src_stale},
+            "entry_source": (doc.get("entry_source") or {}).get("name"),
             "ratio_clean_to_bpftool": round(clean.median / bt.median, 2),
         })
     return points, problems
@@ -110,7 +111,7 @@ def measure_world(world: World, netns: int, levels: list[int], stale_n: int, rep
 def fmt_table(points: list[dict[str, Any]], stale_n: int) -> str:
     head = (f"{'netns':>5} {'sockets':>8} {'entries':>8}  {'clean':>8} {'RSS':>5}  "
             f"{f'{stale_n} stale':>9} {'RSS':>5}  {'bpftool -j':>10}  {'clean/bpftool':>13}  "
-            "sockets read (stale)")
+            "sockets read (stale), entry source")
     lines = [head, "-" * len(head)]
     for p in points:
         c, s, b = p["clean"], p["stale"], p["bpftool_json"]
@@ -119,7 +120,7 @@ def fmt_table(points: list[dict[str, Any]], stale_n: int) -> str:
             f"{c['median_s'] * 1e3:>6.0f}ms {c.get('peak_rss_mib', 0):>4.0f}M  "
             f"{s['median_s'] * 1e3:>7.0f}ms {s.get('peak_rss_mib', 0):>4.0f}M  "
             f"{b['median_s'] * 1e3:>8.0f}ms  {p['ratio_clean_to_bpftool']:>12.2f}x  "
-            f"{p['socket_source']['stale']}")
+            f"{p['socket_source']['stale']}, {p['entry_source']}")
     return "\n".join(lines)
 
 
@@ -152,9 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"{tool} is not installed", file=sys.stderr)
             return 2
-    ok, why = iterator_available()
-    if not ok:
-        print(f"the sockmap iterator cannot run: {why}", file=sys.stderr)
+    why_not = exact_source_missing()
+    if why_not:
+        print(why_not, file=sys.stderr)
         return 2
     log: Callable[..., None] = (
         (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json

@@ -50,9 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from audit_scale import MAX_ENTRIES, World, _die_with_parent, sockguard_argv
-
-from sockguard.sockmap_iter import iterator_available
+from audit_scale import MAX_ENTRIES, World, _die_with_parent, exact_source_missing, sockguard_argv
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -494,9 +492,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"{tool} is not installed", file=sys.stderr)
             return 2
-    ok, why = iterator_available()
-    if not ok:
-        print(f"the sockmap iterator cannot run: {why}", file=sys.stderr)
+    why_not = exact_source_missing()
+    if why_not:
+        print(why_not, file=sys.stderr)
         return 2
     log: Callable[..., None] = (
         (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json
