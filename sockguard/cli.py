@@ -27,7 +27,7 @@ from .model import IPAddress, MapInfo
 from .node_audit import ENTRY_SOURCES, SOCKET_SOURCES, NodeAudit, run_audit, with_owners
 from .notify import EscapingFormatter
 from .output import audit_json, audit_text, clean_json, clean_text, maps_json, maps_text
-from .remediation import DEFAULT_MAX_DELETES, clean_maps
+from .remediation import DEFAULT_MAX_DELETES, clean_each_map, deletions
 from .sockmap_iter import iterator_available, read_sockmap
 
 log = logging.getLogger("sockguard")
@@ -206,15 +206,16 @@ def _status(bad_left: bool, audit: NodeAudit) -> int:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     audit, _ = _audit(args)
-    deletions = clean_maps(audit.results, args.apply, args.max_deletes,
-                           delete_unproven=args.delete_unproven)
+    cleaned = clean_each_map(audit.results, args.apply, args.max_deletes,
+                             delete_unproven=args.delete_unproven)
+    done = deletions(cleaned)
     if args.json:
-        print(clean_json(deletions, args.apply, audit))
+        print(clean_json(done, args.apply, audit))
     else:
-        print(clean_text(deletions, args.apply))
-    if any(d.outcome == "error" for d in deletions):
+        print(clean_text(done, args.apply))
+    if any(c.error is not None for c in cleaned):
         return 2  # a map failed mid-way: the reason is in each deletion and on stderr
-    left = [d for d in deletions if d.outcome not in ("deleted", "gone")]
+    left = [d for d in done if d.outcome not in ("deleted", "gone")]
     return _status(bool(left), audit)
 
 

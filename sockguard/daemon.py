@@ -73,7 +73,7 @@ from .model import Finding, MapInfo
 from .node_audit import NodeAudit, run_audit
 from .notify import Notifier, make_log_handler, monotonic_usec
 from .policy import SHOWN_KINDS
-from .remediation import Deletion, clean_maps
+from .remediation import Deletion, clean_each_map, deletions
 from .tracer import (
     MapWatch,
     TraceEvent,
@@ -428,10 +428,14 @@ class Daemon:
                          name, map_id, extra={"SOCKGUARD_MAP_ID": map_id})
 
     def _remediate(self, cfg: Config, audit: NodeAudit) -> list[Deletion]:
-        """``remediation.clean`` per map, exactly as ``sockguard clean --apply`` drives it."""
-        out = clean_maps(audit.results, True, cfg.max_deletes,
-                         delete_unproven=cfg.delete_unproven, stop=self._stop.is_set,
-                         progress=self._beat)
+        """``remediation.clean_each_map``, exactly as ``sockguard clean --apply`` drives it.
+
+        A map that fails is logged there and counted (``reason="error"``) here;
+        the other maps are cleaned, and the cycle itself succeeds.
+        """
+        out = deletions(clean_each_map(audit.results, True, cfg.max_deletes,
+                                       delete_unproven=cfg.delete_unproven,
+                                       stop=self._stop.is_set, progress=self._beat))
         for d in out:
             if d.refusal is not None:
                 log.info("not deleted (%s): %s entry %s of map %s: %s", d.outcome,

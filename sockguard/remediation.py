@@ -41,7 +41,7 @@ from .audit import AuditResult, normalize
 from .compact import Interner, entry_cookie, target_socket
 from .errors import SockguardError
 from .maps import MapHandle, open_map
-from .model import Finding, Kind, LiveSocket
+from .model import Finding, Kind, LiveSocket, MapInfo
 from .policy import BAD_KINDS, UNPROVEN_DELETABLE_KINDS, deletable_kinds, unproven
 from .sockets import OwnerProbe
 from .tcp_states import OWNER_STATES, TCP_STATE_NAMES
@@ -81,6 +81,8 @@ class Refusal(Enum):
 
 _OUTCOMES = {Refusal.GONE: "gone", Refusal.CAP_REACHED: "skipped-cap",
              Refusal.STOPPING: "skipped-stop", Refusal.ERROR: "error"}
+#: Outcomes that spend the delete budget (``--max-deletes``): the ones without a refusal.
+DONE_OUTCOMES = ("deleted", "would-delete")
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,40 @@ def clean(
     A bad finding of a kind that may not be deleted is listed as refused, so
     that the caller sees (and ``clean`` exits 1 on) every bad entry left.
     """
+    return list(_clean(handle, findings, probe, apply, max_deletes,
+                       delete_unproven=delete_unproven, stop=stop).deletions)
+
+
+@dataclass(frozen=True)
+class MapCleaning:
+    """One map's remediation: each bad finding's fate, and the error that ended it, if any.
+
+    ``error`` is set where the failure is caught (the map could not be
+    opened, or a re-check or delete failed and nothing more was tried in it),
+    so callers need not read it back out of the deletions.
+    """
+
+    map: MapInfo
+    deletions: tuple[Deletion, ...]
+    error: str | None = None
+
+    @property
+    def spent(self) -> int:
+        """Deletes done (or, in a dry run, that would be): what this map took of the budget."""
+        return sum(1 for d in self.deletions if d.outcome in DONE_OUTCOMES)
+
+
+def _clean(
+    handle: MapHandle,
+    findings: Sequence[Finding],
+    probe: OwnerProbe,
+    apply: bool,
+    max_deletes: int,
+    *,
+    delete_unproven: bool,
+    stop: Callable[[], bool] | None,
+) -> MapCleaning:
+    """``clean``, also saying which error (if any) stopped the deletes in this map."""
     out: list[Deletion] = []
     done = 0
     allowed = deletable_kinds(delete_unproven)
@@ -304,11 +340,7 @@ def clean(
         if d.outcome in DONE_OUTCOMES:
             done += 1
         out.append(d)
-    return out
-
-
-#: Outcomes that spend the delete budget (``--max-deletes``).
-DONE_OUTCOMES = ("deleted", "would-delete")
+    return MapCleaning(handle.info, tuple(out), failed)
 
 
 def _not_allowed(f: Finding) -> Deletion:
@@ -333,7 +365,7 @@ def _delete_one(handle: MapHandle, f: Finding, probe: OwnerProbe, apply: bool) -
     return Deletion(f, "deleted", f.reason)
 
 
-def clean_maps(
+def clean_each_map(
     results: Sequence[AuditResult],
     apply: bool,
     max_deletes: int = DEFAULT_MAX_DELETES,
@@ -341,32 +373,48 @@ def clean_maps(
     delete_unproven: bool = False,
     stop: Callable[[], bool] | None = None,
     progress: Callable[[], None] | None = None,
-) -> list[Deletion]:
-    """``clean`` over every map of an audit: one budget, one owner probe.
+) -> list[MapCleaning]:
+    """``clean`` over every map of an audit with bad findings: one budget, one owner probe.
 
     The one loop that both ``sockguard clean`` and the daemon's remediation
-    drive.  A map that cannot be opened any more (unloaded, out of fds) gets
-    outcome ``error`` for its bad findings; the other maps go on.
-    ``progress`` is called after each map (the daemon's heartbeat).
+    drive, so that they cannot differ in what they delete or how they fail.
+    A map that cannot be opened any more (unloaded, out of fds) gets outcome
+    ``error`` for its bad findings and its ``error`` set; the other maps go
+    on.  ``stop`` (SIGTERM) ends the deletes in every map; ``progress`` is
+    called after each map (the daemon's heartbeat).
     """
-    out: list[Deletion] = []
+    out: list[MapCleaning] = []
     budget = max_deletes
     todo = [r for r in results if r.bad]
     if not todo:
         return out
     with OwnerProbe() as probe:
         for result in todo:
-            try:
-                with open_map(result.map) as handle:
-                    done = clean(handle, result.findings, probe, apply, budget,
+            cleaned = _clean_map(result, probe, apply, budget,
                                  delete_unproven=delete_unproven, stop=stop)
-            except (SockguardError, OSError) as exc:
-                log.error("remediation of map %s id %d failed: %s", result.map.name,
-                          result.map.id, exc, extra={"SOCKGUARD_MAP_ID": result.map.id})
-                done = [Deletion.refused(f, Refusal.ERROR, f"not deleted: {exc}")
-                        for f in result.bad]
-            budget -= sum(1 for d in done if d.outcome in DONE_OUTCOMES)
-            out.extend(done)
+            budget -= cleaned.spent
+            out.append(cleaned)
             if progress is not None:
                 progress()
     return out
+
+
+def _clean_map(result: AuditResult, probe: OwnerProbe, apply: bool, budget: int, *,
+               delete_unproven: bool, stop: Callable[[], bool] | None) -> MapCleaning:
+    """One map of ``clean_each_map``: open it by id (checking it is still that map), clean it."""
+    try:
+        with open_map(result.map) as handle:
+            return _clean(handle, result.findings, probe, apply, budget,
+                          delete_unproven=delete_unproven, stop=stop)
+    except (SockguardError, OSError) as exc:
+        log.error("remediation of map %s id %d failed: %s", result.map.name,
+                  result.map.id, exc, extra={"SOCKGUARD_MAP_ID": result.map.id})
+        return MapCleaning(result.map, tuple(Deletion.refused(f, Refusal.ERROR,
+                                                              f"not deleted: {exc}")
+                                             for f in result.bad), str(exc))
+
+
+def deletions(cleaned: Sequence[MapCleaning]) -> list[Deletion]:
+    """Every deletion of ``clean_each_map``'s maps, in map order."""
+    return [d for c in cleaned for d in c.deletions]
+

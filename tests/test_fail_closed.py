@@ -301,7 +301,7 @@ def test_daemon_reports_unseen_namespaces_and_deletes_nothing(
 def test_a_map_gone_mid_remediation_fails_alone(bpffs_dir: Path, tcp_pair: TcpPair) -> None:
     """One loop for `clean` and the daemon: a map unloaded between the audit and its
     deletes gets outcome `error`; the other maps are still cleaned."""
-    from sockguard.remediation import clean_maps
+    from sockguard.remediation import clean_each_map, deletions
 
     dummy, _peer = tcp_pair()  # closed by the fixture: closing unlinks it from every map
     fds, pins = [], []
@@ -332,7 +332,10 @@ def test_a_map_gone_mid_remediation_fails_alone(bpffs_dir: Path, tcp_pair: TcpPa
             time.sleep(0.05)
         else:
             pytest.fail(f"map id {gone} still opens 10 s after its last fd was closed")
-        out = clean_maps(audit.results, apply=True)
+        cleaned = clean_each_map(audit.results, apply=True)
+        assert [(c.map.id == gone, c.error is not None) for c in cleaned] \
+            == [(True, True), (False, False)]
+        out = deletions(cleaned)
         outcomes = sorted((d.finding.map.id == gone, d.outcome) for d in out)
         assert outcomes == [(False, "deleted")] * 3 + [(True, "error")] * 3
         assert all("not deleted" in d.reason for d in out if d.outcome == "error")
