@@ -18,7 +18,7 @@ sockets of every namespace; this module decides what each entry is.  The rules
   hangs.  The owner is reported as the endangered connection.
 - ``stale``: no live socket owns the tuple; or the entry points to the very
   socket that owns it, but that socket's process has closed it (SOCK_DEAD):
-  the entry outlived ``close()``, which is the seed's leak caught before the
+  the entry outlived ``close()``, which is the incident's leak caught before the
   tuple is reused.
 - ``recvpath``: a live socket owns the tuple but reads with plain
   ``tcp_recvmsg`` (a socket in a sockhash reads with ``tcp_bpf_recvmsg``), and

@@ -1,6 +1,6 @@
 """``sockguard doctor``: one screen about this node's kernel, BPF setup and what sockguard sees.
 
-Why a command of its own: whether sockguard can catch the seed's failure as
+Why a command of its own: whether sockguard can catch the incident's failure as
 it happens depends on the kernel (kprobes, trampolines, tp_btf, iterators),
 and an operator must not have to guess which detections are live.  Doctor
 gathers the capability probe's answers (each with its reason), the kernel's
@@ -48,7 +48,7 @@ def parse_release(release: str) -> tuple[int, int, int] | None:
 
 
 def leak_verdict(release: str) -> LeakVerdict:
-    """The seed's range: 5.10 from 5.10.58 on (where "Remove unhash handler for BPF
+    """The incident's range: 5.10 from 5.10.58 on (where "Remove unhash handler for BPF
     sockmap usage" was backported); its fix reached only 6.x, so no fixed 5.10 release
     is known.  Other versions are neither known to leak nor known to be safe.
     """
@@ -59,7 +59,7 @@ def leak_verdict(release: str) -> LeakVerdict:
     if (major, minor) == (5, 10) and patch >= 58:
         return LeakVerdict("known-affected",
                            f"{major}.{minor}.{patch} is in the range known to leak sockhash "
-                           "entries: 5.10 from 5.10.58 on (the seed's incident; the fix was "
+                           "entries: 5.10 from 5.10.58 on (the incident's kernels; the fix was "
                            "backported only to 6.x, so no fixed 5.10 release is known)")
     if (major, minor) == (5, 10):
         return LeakVerdict("before-known-range",

@@ -135,7 +135,7 @@ def test_injected_keys_without_a_live_socket_are_stale(lab: Lab, entry_source: s
     assert f"{b.addr()}:50000 -> {a.addr()}:{SERVER_PORT}" in text.stdout
 
 
-def test_seed_hang_is_reported_as_shadowing_and_cleaned(lab: Lab, entry_source: str) -> None:
+def test_incident_hang_is_reported_as_shadowing_and_cleaned(lab: Lab, entry_source: str) -> None:
     server_pod, client_pod = lab.pods
     s_ip, c_ip = server_pod.addr(), client_pod.addr()
     listener = lab.listen(server_pod, port=SERVER_PORT)
@@ -151,7 +151,7 @@ def test_seed_hang_is_reported_as_shadowing_and_cleaned(lab: Lab, entry_source: 
     cli.sendall(b"GET /healthz")
     srv.settimeout(1.0)
     with pytest.raises(TimeoutError):
-        srv.recv(64)  # the seed's hang: the payload went elsewhere
+        srv.recv(64)  # the incident's hang: the payload went elsewhere
     assert recv_exact(dummy, 12) == b"GET /healthz"
 
     code, doc = audit_json(lab, "--entry-source", entry_source)
@@ -264,10 +264,10 @@ def _churn_clean(lab3: Lab, entry_source: str) -> None:
 
 
 def test_audit_and_clean_refuse_a_key_owned_by_a_live_socket_found_late(lab: Lab) -> None:
-    """The seed's raw key bytes, decoded in the human table."""
+    """The incident's raw key bytes, decoded in the human table."""
     dummy, _ = lab.dummy_pair()
-    seed = raw_key("10.10.134.48", 8080, "10.10.101.249", 56184)
-    lab.inject(seed, dummy)
+    incident_key = raw_key("10.10.134.48", 8080, "10.10.101.249", 56184)
+    lab.inject(incident_key, dummy)
     proc = sockguard("audit", "--map", str(lab.pin_path))
     assert proc.returncode == 1
     assert "10.10.134.48:8080 -> 10.10.101.249:56184" in proc.stdout

@@ -62,7 +62,7 @@ def _world(seed: int) -> tuple[SocketTable, list[Record]]:
         cookie = rnd.choice([rnd.randint(1, 300), *(r[2] for r in table.rows[:5]),
                              *[own_cookie] * 6])
         af = socket.AF_INET if len(lip) == 4 else socket.AF_INET6
-        if rnd.random() < 0.2:  # an entry whose socket has another tuple (seed's dummy)
+        if rnd.random() < 0.2:  # an entry whose socket has another tuple (incident's dummy)
             lip, lport = rnd.choice(V4 if af == socket.AF_INET else V6), rnd.randint(1, 12)
         records.append((key, cookie, 1, af, rnd.choice([1, 1, 7]), lip, rip, lport, rport,
                         rnd.random() < 0.1, rnd.choice([0, 1, 2, 2, 2, 3])))

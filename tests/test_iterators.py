@@ -171,7 +171,7 @@ def test_accelerated_connection_has_the_bpf_receive_path_a_plain_one_not(lab: La
     assert recv_exact(srv, 4) == b"ping"
 
 
-def test_seed_shadowing_is_flagged_by_the_receive_path_before_any_payload(lab: Lab) -> None:
+def test_incident_shadowing_is_flagged_by_the_receive_path_before_any_payload(lab: Lab) -> None:
     server_pod, client_pod = lab.pods
     s_ip, c_ip = server_pod.addr(), client_pod.addr()
     listener = lab.listen(server_pod, port=SERVER_PORT)

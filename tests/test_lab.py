@@ -3,7 +3,7 @@
 Every other kernel test builds on the lab, so these tests pin down what it
 does: which keys the sockops program stores (and their byte layout), that
 sk_msg really redirects, that the kernel drops entries on close, and that the
-seed incident (a stale key shadowing a new connection's server side)
+incident (a stale key shadowing a new connection's server side)
 reproduces end to end and is cured by deleting that one key.
 """
 
@@ -61,12 +61,12 @@ def test_oracle_matches_design_worked_example() -> None:
 
     sip 10.10.134.48:8080, dip 10.10.101.249:56184.
     """
-    seed = bytes.fromhex(
+    incident_key = bytes.fromhex(
         "0a0a8630" + "00" * 12 + "0a0a65f9" + "00" * 12 + "01000000" + "1f900000" + "db780000"
     )
-    assert raw_key("10.10.134.48", 8080, "10.10.101.249", 56184) == seed
+    assert raw_key("10.10.134.48", 8080, "10.10.101.249", 56184) == incident_key
     # That entry belongs to the socket whose local side is dip:dport.
-    assert cilium_key("10.10.101.249", 56184, "10.10.134.48", 8080) == seed
+    assert cilium_key("10.10.101.249", 56184, "10.10.134.48", 8080) == incident_key
 
 
 def test_oracle_ipv6_and_mapped() -> None:
@@ -195,11 +195,11 @@ def test_closing_sockets_removes_their_keys(lab: Lab, how: str) -> None:
     assert _wait_until(lambda: lab.keys() == []), _show(lab.keys())
 
 
-# -- the seed's hang, end to end ------------------------------------------------------------
+# -- the incident's hang, end to end ------------------------------------------------------------
 
 
 @pytest.mark.kernel
-def test_seed_hang_stale_server_key_then_recovery(lab: Lab) -> None:
+def test_incident_hang_stale_server_key_then_recovery(lab: Lab) -> None:
     """A stale key shadows the next connection's server side; deleting it heals.
 
     Client pod-b 10.200.1.2:40000 -> server pod-a 10.200.0.2:8080.

@@ -72,7 +72,7 @@ def test_an_accelerated_owner_is_ok_and_says_its_path() -> None:
 
 
 def test_entry_pointing_to_its_owner_after_close_is_stale() -> None:
-    """The seed's leak before reuse: the socket is closed (SOCK_DEAD) and still in the map."""
+    """The incident's leak before reuse: the socket is closed (SOCK_DEAD) and still in the map."""
     index = SocketIndex.build([live(SERVER, 1, RECV_BPF, state=4)])  # FIN_WAIT1, orphaned
     v = judge(entry(SERVER, 1, state=4, dead=True), index, NO_POLICY)
     assert v.kind is Kind.STALE and v.socket is None
@@ -80,7 +80,7 @@ def test_entry_pointing_to_its_owner_after_close_is_stale() -> None:
     assert "outlived close()" in v.reason
 
 
-def test_the_seed_before_any_payload_is_shadowing_with_the_plain_receive_path() -> None:
+def test_the_incident_before_any_payload_is_shadowing_with_the_plain_receive_path() -> None:
     """Entry under the server's key points to a dummy; the server reads with tcp_recvmsg."""
     index = SocketIndex.build([live(SERVER, 1, RECV_TCP), live(DUMMY, 9, RECV_BPF)])
     v = judge(entry(SERVER, 9, DUMMY), index, NO_POLICY)

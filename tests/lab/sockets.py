@@ -37,7 +37,7 @@ def close_rst(sock: socket.socket) -> None:
     """Close with an RST (SO_LINGER {1, 0}) so the 4-tuple is reusable at once.
 
     A normal close leaves the active closer in TIME_WAIT for 60 s, and the
-    seed's scenario needs the *same* client port again right away.
+    incident's scenario needs the *same* client port again right away.
     """
     if sock.fileno() < 0:
         return

@@ -240,7 +240,7 @@ class Lab:
         """A lab socket in ``ns`` connected to ``dst_ip:dst_port``.
 
         With ``src_port`` the socket binds explicitly (SO_REUSEADDR), which is
-        how tests reproduce a 5-tuple: the seed's collision needs the client
+        how tests reproduce a 5-tuple: the incident's collision needs the client
         to come back from the same port.
         """
         sock = self.socket(ns, family)

@@ -1,4 +1,4 @@
-"""Hunt for sockhash entries left behind at close (the seed's 5.10 leak), with the lab.
+"""Hunt for sockhash entries left behind at close (the incident's 5.10 leak), with the lab.
 
 Run inside a VM (``tests/vm/run --kernel 5.10 --script tests/vm/leak_hunt.py``)
 or on the host as root (``.venv/bin/python tests/vm/leak_hunt.py OUT_DIR``).
@@ -9,7 +9,7 @@ way, closes every fd it holds, waits for the kernel to settle, and then looks
 for keys left in the map: every lab socket is closed by then, so any key
 still there is a leaked entry.  ``sockguard audit --json`` is run on the map
 so its verdict (``stale``) is recorded next to the raw key list.  A second
-connection that reuses a tuple (same client port) checks the seed's symptom:
+connection that reuses a tuple (same client port) checks the incident's symptom:
 an insert that fails with EEXIST (lab_stats ``insert_eexist``) or a payload
 that never arrives.
 
@@ -235,7 +235,7 @@ def s_user_timeout(lab: Lab) -> None:
 
 
 def s_reuse_tuple(lab: Lab) -> None:
-    """The seed's sequence: connect from a fixed port, close, reconnect from that port."""
+    """The incident's sequence: connect from a fixed port, close, reconnect from that port."""
     a, b = lab.pods
     lst = lab.listen(b, port=PORT)
     for i in range(20):
