@@ -10,10 +10,13 @@
  * `struct bpf_sock *` (net/core/sock_map.c, sock_map_lookup /
  * sock_hash_lookup, reachable from tc since "bpf, sockmap: Allow
  * sockmap/sockhash lookups from BPF").  Userspace runs the program with
- * BPF_PROG_TEST_RUN, one key per run: the test packet carries an Ethernet
- * header, 2 bytes of padding and then one `struct record` (the same layout as sockmap_iter's)
- * whose key the program reads and whose other fields it fills; the packet
- * comes back as the run's data_out.
+ * BPF_PROG_TEST_RUN, up to BATCH keys per run: the test packet carries an
+ * Ethernet header, 2 bytes of padding and then `struct record`s (the same
+ * layout as sockmap_iter's) whose keys the program reads and whose other
+ * fields it fills, as many as the packet holds; the packet comes back as the
+ * run's data_out.  A record the program did not reach keeps key_len 0, which
+ * userspace checks.  (A test packet is at most a page minus the skb's head-
+ * and tailroom, bpf_prog_test_run_skb(): 24 records of 128 bytes fit.)
  *
  * Two programs, the loader takes the first that the kernel accepts:
  * - lookup_btf also casts the socket to its kernel type with
@@ -31,9 +34,10 @@
 #include "sock_state.h"
 #include "entry_record.h"
 
-/* The record starts 16 bytes in: an Ethernet header (14, the least a test run
- * takes) and 2 bytes that align the record for 8-byte loads. */
+/* The records start 16 bytes in: an Ethernet header (14, the least a test run
+ * takes) and 2 bytes that align them for 8-byte loads. */
 #define RECORD_OFF 16
+#define BATCH 24
 
 char _license[] SEC("license") = "GPL";
 
@@ -45,12 +49,15 @@ struct {
 	__type(value, __u32);
 } target SEC(".maps");
 
-static __always_inline struct record *packet_record(struct __sk_buff *skb)
+static __always_inline struct record *packet_record(struct __sk_buff *skb, __u32 i)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct record *rec = data + RECORD_OFF;
+	struct record *rec;
 
+	if (i >= BATCH) /* bounds the packet offset for the verifier */
+		return NULL;
+	rec = data + RECORD_OFF + i * sizeof(struct record);
 	if ((void *)(rec + 1) > data_end)
 		return NULL;
 	return rec;
@@ -85,10 +92,10 @@ static __always_inline void copy_tuple(struct record *rec, struct bpf_sock *sk)
 	}
 }
 
-static __always_inline int lookup(struct __sk_buff *skb, bool btf)
+static __always_inline int lookup(struct __sk_buff *skb, __u32 i, bool btf)
 {
 	__u8 key[KEY_MAX];
-	struct record *rec = packet_record(skb);
+	struct record *rec = packet_record(skb, i);
 	struct bpf_sock *sk;
 
 	if (!rec)
@@ -122,14 +129,41 @@ static __always_inline int lookup(struct __sk_buff *skb, bool btf)
 	return 0;
 }
 
+/*
+ * One record each, as global functions: the verifier checks a global function
+ * once, on its own (btf_check_func_arg_match, since 5.6), instead of once per
+ * record along every path of the batch.
+ */
+__noinline int lookup_one_btf(struct __sk_buff *skb, __u32 i)
+{
+	return lookup(skb, i, true);
+}
+
+__noinline int lookup_one_tuple(struct __sk_buff *skb, __u32 i)
+{
+	return lookup(skb, i, false);
+}
+
 SEC("tc")
 int lookup_btf(struct __sk_buff *skb)
 {
-	return lookup(skb, true);
+	__u32 i;
+
+#pragma unroll
+	for (i = 0; i < BATCH; i++)
+		if (lookup_one_btf(skb, i))
+			break;
+	return 0;
 }
 
 SEC("tc")
 int lookup_tuple(struct __sk_buff *skb)
 {
-	return lookup(skb, false);
+	__u32 i;
+
+#pragma unroll
+	for (i = 0; i < BATCH; i++)
+		if (lookup_one_tuple(skb, i))
+			break;
+	return 0;
 }

@@ -29,6 +29,8 @@ import errno
 import functools
 import os
 import socket
+import struct
+from collections.abc import Sequence
 
 from sockguard import bpf_object, libbpf, recvsyms
 from sockguard.compact import COOKIE_UNKNOWN, Record, gc_paused
@@ -42,9 +44,18 @@ TUPLE_PROGRAM = "lookup_tuple"
 TARGET_MAP = "target"
 REC_TUPLE_ONLY = 0x4
 REC_HEALTHY = 0x8  # bpf/entry_record.h: judged healthy in the kernel (judge mode)
-#: Where the record starts in the test packet (bpf/sockhash_lookup.bpf.c RECORD_OFF).
+#: Where the records start in the test packet (bpf/sockhash_lookup.bpf.c RECORD_OFF).
 RECORD_OFF = 16
+#: Records per test run (bpf/sockhash_lookup.bpf.c BATCH): one syscall answers this
+#: many keys.  A record the program did not reach keeps key_len 0, so a mismatch
+#: with the object is an error, never a silent gap.
+BATCH = 24
 PACKET_SIZE = RECORD_OFF + RECORD.size
+_FLAGS = RECORD.offset("flags")
+_NETNS = struct.Struct("=Q")
+_NETNS_OFF = RECORD.offset("netns_ino")
+_KEY_LEN = struct.Struct("=I")
+_KEY_LEN_OFF = RECORD.offset("key_len")
 #: Exactness of each program's records (the JSON's ``entry_exactness``).
 EXACTNESS = {BTF_PROGRAM: "cookie", TUPLE_PROGRAM: "tuple"}
 
@@ -110,30 +121,60 @@ def lookup_exactness() -> str | None:
 
 
 class Reader:
-    """The tc lookup program loaded for one map; :meth:`lookup` runs it for one key."""
+    """The tc lookup program loaded for one map; it answers up to BATCH keys per run."""
 
     def __init__(self, obj: libbpf.BpfObject, program: str, key_size: int) -> None:
         self._obj = obj
         self.key_size = key_size
         self.program = program
-        self._run = libbpf.TestRun(obj.program(program).fd, PACKET_SIZE)
+        self._fd = obj.program(program).fd
+        self._runs: dict[int, libbpf.TestRun] = {}
         self._prefix = bytes(RECORD_OFF)
         self._pad = bytes(RECORD.size - key_size)
 
     def lookup(self, key: bytes) -> Record | None:
         """The socket ``key`` points to, as a record; None when the key holds none."""
-        rec = self.lookup_judged(key)
+        rec = self._decode(key, self.run([key]), RECORD_OFF)
         return rec if isinstance(rec, tuple) else None
 
-    def lookup_judged(self, key: bytes) -> Record | int | None:
-        """As ``lookup``, but for an entry the kernel judged healthy (judge mode) the netns
-        inode of its socket instead of a record."""
-        retval, out = self._run.run(self._prefix + key + self._pad)
-        if retval != 0 or len(out) < PACKET_SIZE:
-            raise BpfError(errno.EIO, f"tc lookup: program returned {retval}, "
-                                      f"{len(out)} bytes")
+    def run(self, keys: Sequence[bytes]) -> bytes:
+        """One test run over ``keys`` (at most BATCH): the packet as the program left it."""
+        runner = self._runs.get(len(keys))
+        if runner is None:
+            runner = self._runs[len(keys)] = libbpf.TestRun(
+                self._fd, RECORD_OFF + len(keys) * RECORD.size)
+        pad = self._pad
+        retval, out = runner.run(self._prefix + b"".join(k + pad for k in keys))
+        last = RECORD_OFF + (len(keys) - 1) * RECORD.size
+        if (retval != 0 or len(out) < runner.size
+                or _KEY_LEN.unpack_from(out, last + _KEY_LEN_OFF)[0] == 0):
+            raise BpfError(errno.EIO, f"tc lookup: program returned {retval}, {len(out)} "
+                                      f"bytes, {len(keys)} keys asked: rebuild sockguard")
+        return out
+
+    def read(self, keys: Sequence[bytes], records: dict[bytes, Record],
+             healthy: dict[int, int]) -> None:
+        """Add the records of ``keys`` the kernel did not judge healthy to ``records`` and
+        count the healthy ones (judge mode only) by their socket's netns inode in
+        ``healthy``; keys without a socket are left out."""
+        for start in range(0, len(keys), BATCH):
+            chunk = keys[start:start + BATCH]
+            out = self.run(chunk)
+            for i, key in enumerate(chunk):
+                off = RECORD_OFF + i * RECORD.size
+                if out[off + _FLAGS] & REC_HEALTHY:
+                    netns = _NETNS.unpack_from(out, off + _NETNS_OFF)[0]
+                    healthy[netns] = healthy.get(netns, 0) + 1
+                    continue
+                rec = self._decode(key, out, off)
+                if isinstance(rec, tuple):
+                    records[key] = rec
+
+    @staticmethod
+    def _decode(key: bytes, out: bytes, off: int) -> Record | int | None:
+        """The record at ``off``: None without a socket, the netns inode when healthy."""
         (_key, cookie, netns, _klen, family, state, flags, saddr, daddr, sport, dport,
-         recv) = RECORD.unpack_from(out, RECORD_OFF)
+         recv) = RECORD.unpack_from(out, off)
         if not flags & REC_HAS_SOCKET:
             return None
         if flags & REC_HEALTHY:
@@ -155,14 +196,8 @@ def read_judged(map_fd: int, key_size: int,
     result: dict[bytes, Record] = {}
     healthy: dict[int, int] = {}
     try:
-        lookup = Reader(obj, program, key_size).lookup_judged
         with gc_paused():
-            for key in keys:
-                rec = lookup(key)
-                if isinstance(rec, int):
-                    healthy[rec] = healthy.get(rec, 0) + 1
-                elif rec is not None:
-                    result[key] = rec
+            Reader(obj, program, key_size).read(keys, result, healthy)
     finally:
         obj.close()
     return result, healthy
@@ -189,12 +224,8 @@ def read_records(map_fd: int, key_size: int, keys: list[bytes],
     result: dict[bytes, Record] = {}
     try:
         reader = Reader(obj, program, key_size)
-        lookup = reader.lookup
         with gc_paused():
-            for key in keys:
-                rec = lookup(key)
-                if rec is not None:
-                    result[key] = rec
+            reader.read(keys, result, {})  # not in judge mode: nothing is counted healthy
     finally:
         obj.close()
     return result

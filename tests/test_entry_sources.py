@@ -127,6 +127,45 @@ def test_tc_lookup_agrees_with_the_iterator(make_map: MakeMap, tcp_pair: TcpPair
     assert {r[1] for r in by_tc.values()} == {cookie(s) for s in socks}
 
 
+def test_batched_runs_answer_each_key_as_a_run_of_its_own(make_map: MakeMap,
+                                                         tcp_pair: TcpPair) -> None:
+    """More keys than one run holds, absent ones among them, in judge mode and not:
+    each record equals what a one-key run says, healthy entries are counted."""
+    _need("tc_lookup")
+    fd = make_map(SOCKHASH, KEY, 4, 256)
+    socks = [s for _ in range(sockhash_lookup.BATCH) for s in tcp_pair()]
+    keys = []
+    for s in socks:
+        cookie(s)
+        libbpf.map_update(fd, _key(s), struct.pack("=i", s.fileno()))
+        keys.append(_key(s))
+    dummy = socks[0]  # one entry whose socket has another tuple: not healthy
+    stray = cilium_key("127.0.0.9", 1, "127.0.0.9", 2)
+    libbpf.map_update(fd, stray, struct.pack("=i", dummy.fileno()))
+    asked = [k for i, k in enumerate(keys) for k in (k, bytes([i]) * KEY)] + [stray]
+
+    batched = sockhash_lookup.read_records(fd, KEY, asked)
+    program = sockhash_lookup._probe()[0]
+    assert program is not None
+    obj = sockhash_lookup._load(fd, KEY, program)
+    try:
+        reader = sockhash_lookup.Reader(obj, program, KEY)
+        one_by_one = {k: r for k in asked if (r := reader.lookup(k)) is not None}
+        with pytest.raises(libbpf.BpfError, match="rebuild"):
+            reader.run(asked[: sockhash_lookup.BATCH + 1])  # more than the program reads
+    finally:
+        obj.close()
+    assert batched == one_by_one
+    assert set(batched) == {*keys, stray}
+
+    records, healthy = sockhash_lookup.read_judged(fd, KEY, asked)
+    if program == sockhash_lookup.BTF_PROGRAM:
+        assert set(records) == {stray}
+        assert healthy == {os.stat("/proc/self/ns/net").st_ino: len(keys)}
+    else:  # tuple-only records are never judged healthy in the kernel
+        assert set(records) == {*keys, stray} and healthy == {}
+
+
 def test_tuple_only_records_carry_tuple_and_state(make_map: MakeMap, tcp_pair: TcpPair) -> None:
     _tuple_program_loads()
     fd = make_map(SOCKHASH, KEY, 4, 16)
