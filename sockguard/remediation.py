@@ -104,7 +104,7 @@ class Deletion:
 
 @dataclass(frozen=True)
 class Verdict:
-    """``reverify``'s answer: deletable, or the refusal and why, decided together."""
+    """``recheck``'s answer: deletable (no refusal), or the refusal and why, decided together."""
 
     refusal: Refusal | None
     why: str
