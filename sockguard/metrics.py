@@ -270,7 +270,7 @@ class TracerMetrics:
             "connection)", ["errno"], registry=r)
         self.psock_drops = Counter(
             "sockguard_psock_drops", "psock drops by caller (update_failed: the insert of a "
-            "socket failed and its psock was dropped, the seed's smoking gun)", ["caller"],
+            "socket failed and its psock was dropped, the incident's smoking gun)", ["caller"],
             registry=r)
         self.recvmsg_mismatches = Counter(
             "sockguard_recvmsg_mismatches",
