@@ -34,6 +34,7 @@ from .sockets import Scan, lookup_tuples, scan_all
 from .sockhash_lookup import TUPLE_PROGRAM, lookup_available, lookup_exactness
 from .sockhash_lookup import read_judged as lookup_judged
 from .sockhash_lookup import read_records as lookup_records
+from .sockhash_lookup import session as lookup_session
 from .sockmap_iter import (
     cookies_need_scan_first,
     iterator_available,
@@ -477,13 +478,21 @@ def run_audit(
     kernel does not judge healthy entries (the slow path).
     """
     start = time.monotonic()
-    skipped: list[str] = []
     if not maps:  # nothing to audit: no program to load, no namespace to scan
         return NodeAudit([], [], 0, duration=time.monotonic() - start, socket_source="none")
     if isinstance(entry_source_name, EntrySource):
         source = entry_source_name
     else:
         source = entry_source(entry_source_name if use_iterator else "syscall")
+    with lookup_session():  # the tc lookup programs stay loaded for both looks
+        return _run_audit(maps, layout, policy, source, start, confirm_delay, tolerate_skips,
+                          socket_source, include_ok)
+
+
+def _run_audit(maps: Sequence[MapInfo], layout: KeyLayout, policy: AuditPolicy,
+               source: EntrySource, start: float, confirm_delay: float, tolerate_skips: bool,
+               socket_source: str, include_ok: bool) -> NodeAudit:
+    skipped: list[str] = []
     first = _look(maps, layout, policy, source, skipped if tolerate_skips else None,
                   socket_source, include_ok)
     results = first.results

@@ -166,6 +166,40 @@ def test_batched_runs_answer_each_key_as_a_run_of_its_own(make_map: MakeMap,
         assert set(records) == {*keys, stray} and healthy == {}
 
 
+def test_a_session_loads_each_lookup_program_once(make_map: MakeMap, tcp_pair: TcpPair,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both looks of an audit reuse the loaded program; it is unloaded when the session ends."""
+    _need("tc_lookup")
+    fd = make_map(SOCKHASH, KEY, 4, 16)
+    a, b = tcp_pair()
+    for s in (a, b):
+        cookie(s)
+        libbpf.map_update(fd, _key(s), struct.pack("=i", s.fileno()))
+    loads: list[libbpf.BpfObject] = []
+    real = sockhash_lookup._load_or_refuse
+
+    def counted(*args: object, **kwargs: object) -> libbpf.BpfObject:
+        obj = real(*args, **kwargs)  # type: ignore[arg-type]
+        loads.append(obj)
+        return obj
+
+    monkeypatch.setattr(sockhash_lookup, "_load_or_refuse", counted)
+    keys = [_key(a), _key(b)]
+    with sockhash_lookup.session():
+        first = sockhash_lookup.read_judged(fd, KEY, keys)
+        again = sockhash_lookup.read_judged(fd, KEY, keys)
+        records = sockhash_lookup.read_records(fd, KEY, keys)
+        assert len(loads) == 2  # one judging, one not
+        prog_fd = loads[0].program(sockhash_lookup._probe()[0] or "").fd
+        assert libbpf.prog_info(prog_fd).id > 0  # still loaded inside the session
+    assert first == again
+    assert set(records) == set(keys)
+    with pytest.raises(libbpf.BpfError):
+        loads[0].program(sockhash_lookup._probe()[0] or "")  # closed at the end
+    sockhash_lookup.read_records(fd, KEY, keys)
+    assert len(loads) == 3  # outside a session every read loads its own
+
+
 def test_tuple_only_records_carry_tuple_and_state(make_map: MakeMap, tcp_pair: TcpPair) -> None:
     _tuple_program_loads()
     fd = make_map(SOCKHASH, KEY, 4, 16)
