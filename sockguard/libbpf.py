@@ -482,6 +482,26 @@ def map_get_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
     return out.raw
 
 
+class KeyCursor:
+    """``map_get_next_key`` for one walk: one reused output buffer and a bound function,
+    since a walk of a full map makes 65,535 calls and the per-call buffer cost a third."""
+
+    def __init__(self, fd: int, key_size: int) -> None:
+        self._fd = fd
+        self._out = ctypes.create_string_buffer(key_size)
+        self._next = lib().bpf_map_get_next_key
+
+    def next(self, key: bytes | None) -> bytes | None:
+        """The key after ``key`` (the first when None); None at the end (see map_get_next_key)."""
+        ret = self._next(self._fd, key, self._out)
+        if ret == 0:
+            return self._out.raw
+        if ret == -errno.ENOENT:
+            return None
+        _check(ret, "bpf_map_get_next_key")
+        return None  # not reached: libbpf returns 0 or -errno, and _check raised
+
+
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     """The value stored under ``key``, or None when the key is absent (ENOENT)."""
     out = ctypes.create_string_buffer(value_size)

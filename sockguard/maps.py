@@ -367,10 +367,12 @@ class MapHandle:
         recent: collections.deque[bytes] = collections.deque(maxlen=8)
         calls = 0
 
+        cursor_of = libbpf.KeyCursor(self.fd, size).next
+
         def next_key(key: bytes | None) -> bytes | None:
             nonlocal calls
             calls += 1
-            return libbpf.map_get_next_key(self.fd, key, size)
+            return cursor_of(key)
 
         cursor = next_key(None)
         rewalking = False
