@@ -43,6 +43,9 @@ venv:
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip >/dev/null
 	$(PY) -m pip install -q -e '.[test,systemd]'
+	@# Bytecode now, so that no command compiles the package at start-up (where
+	@# PYTHONDONTWRITEBYTECODE is set, nothing would ever write it: ~60 ms a run).
+	$(PY) -m compileall -q sockguard
 
 audit:
 	$(VENV)/bin/sockguard audit
