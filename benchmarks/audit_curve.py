@@ -50,7 +50,7 @@ from audit_scale import (
     stale_keys,
 )
 
-from sockguard import libbpf
+from sockguard.kernel import libbpf
 
 
 def ints(text: str) -> list[int]:

@@ -62,19 +62,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sockguard import libbpf  # noqa: E402
-from sockguard.audit import AuditPolicy, AuditResult, SocketIndex, audit_records  # noqa: E402
-from sockguard.compact import Record  # noqa: E402
-from sockguard.layout import CILIUM, key_for_socket  # noqa: E402
-from sockguard.maps import open_map, resolve_map  # noqa: E402
-from sockguard.model import Endpoint, Kind, Tuple4  # noqa: E402
-from sockguard.netns import entered  # noqa: E402
-from sockguard.node_audit import _look, entry_source, read_map  # noqa: E402
-from sockguard.sockets import scan_all  # noqa: E402
-from sockguard.sockhash_lookup import lookup_available  # noqa: E402
-from sockguard.sockhash_lookup import read_judged as lookup_judged  # noqa: E402
-from sockguard.sockhash_lookup import read_records as lookup_records  # noqa: E402
-from sockguard.sockmap_iter import iterator_available, read_judged, read_records  # noqa: E402
+from sockguard.core.audit import AuditPolicy, AuditResult, SocketIndex, audit_records  # noqa: E402
+from sockguard.core.compact import Record  # noqa: E402
+from sockguard.core.layout import CILIUM, key_for_socket  # noqa: E402
+from sockguard.core.model import Endpoint, Kind, Tuple4  # noqa: E402
+from sockguard.kernel import libbpf  # noqa: E402
+from sockguard.kernel.maps import open_map, resolve_map  # noqa: E402
+from sockguard.kernel.netns import entered  # noqa: E402
+from sockguard.kernel.node_audit import _look, entry_source, read_map  # noqa: E402
+from sockguard.kernel.sockets import scan_all  # noqa: E402
+from sockguard.kernel.sockhash_lookup import lookup_available  # noqa: E402
+from sockguard.kernel.sockhash_lookup import read_judged as lookup_judged  # noqa: E402
+from sockguard.kernel.sockhash_lookup import read_records as lookup_records  # noqa: E402
+from sockguard.kernel.sockmap_iter import iterator_available, read_judged, read_records  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 MAP_NAME = "sg_bench"
@@ -488,7 +488,7 @@ def bench(world: World, args: argparse.Namespace, log: Callable[..., None]) -> i
         path = [str(Path(args.compare_tree).resolve()), *site.getsitepackages()]
         compare_env = dict(os.environ)
     py_m = [sys.executable, "-S", "-c",
-            f"import sys; sys.path[:0] = {path!r}; from sockguard.cli import main; "
+            f"import sys; sys.path[:0] = {path!r}; from sockguard.cli.commands import main; "
             "sys.exit(main())" if args.compare_tree else "",
             "audit", "--map", world.pin, "--json"]
 
@@ -502,8 +502,8 @@ def bench(world: World, args: argparse.Namespace, log: Callable[..., None]) -> i
         argv=[*sg, "--all"])
     if compare_env:
         e2e("  same, --compare-tree code", "e2e_clean_compare", set(), compare_env, py_m)
-    results["startup"] = Measure("python start + import sockguard.cli", timed(
-        lambda: subprocess.run([sys.executable, "-c", "import sockguard.cli"], check=True),
+    results["startup"] = Measure("python start + import sockguard.cli.commands", timed(
+        lambda: subprocess.run([sys.executable, "-c", "import sockguard.cli.commands"], check=True),
         rep)[0])
 
     info = resolve_map(world.pin)

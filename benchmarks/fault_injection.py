@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sockguard import libbpf  # noqa: E402
+from sockguard.kernel import libbpf  # noqa: E402
 from tests.lab import Lab, cilium_key, key_for, recv_exact  # noqa: E402
 from tests.lab.topology import ip  # noqa: E402
 from tests.lab.world import build_lab_object  # noqa: E402

@@ -140,7 +140,7 @@ def _set_attached(tracer: object, attached: bool, names: list[tuple[object, str]
 
 def _loaded_programs(tracer: object) -> list[tuple[object, str]]:
     """(loaded object, program name) of every program the tracer loaded (and attached)."""
-    from sockguard.tracer import PROGRAMS
+    from sockguard.trace.tracer import PROGRAMS
 
     out: list[tuple[object, str]] = []
     for loaded in getattr(tracer, "_loaded", []):
@@ -163,8 +163,8 @@ def _consumer(map_id: int, filtered: bool) -> int:
     """
     from dataclasses import replace
 
-    from sockguard.maps import resolve_map
-    from sockguard.tracer import MapWatch, Tracer, attached_detections, daemon_options
+    from sockguard.kernel.maps import resolve_map
+    from sockguard.trace.tracer import MapWatch, Tracer, attached_detections, daemon_options
 
     stop = False
     want: bool | None = None
@@ -221,7 +221,7 @@ def _cpu_self() -> float:
 
 def _bpf_runs(tracer: object) -> dict[str, tuple[int, int]]:
     """(runs, run time in ns) per tracer program (kernel.bpf_stats_enabled = 1 during the run)."""
-    from sockguard import libbpf
+    from sockguard.kernel import libbpf
 
     runs: dict[str, tuple[int, int]] = {}
     for loaded, name in _loaded_programs(tracer):
@@ -241,8 +241,8 @@ class Maps:
     """The audited maps of the ``daemon`` and ``worst`` modes, and the socket they hold."""
 
     def __init__(self, other_keys: int, server_port: int) -> None:
-        from sockguard import libbpf
-        from sockguard.layout import CILIUM, encode
+        from sockguard.core.layout import CILIUM, encode
+        from sockguard.kernel import libbpf
 
         self.lst = socket.socket()
         self.lst.bind(("127.0.0.1", 0))

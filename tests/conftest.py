@@ -49,7 +49,7 @@ def bpf_skip_reason() -> str | None:
         return f"{BPFFS_ROOT} is missing"
     if not _is_bpffs(BPFFS_ROOT):
         return f"{BPFFS_ROOT} is not a bpffs: mount -t bpf bpf {BPFFS_ROOT}"
-    from sockguard import libbpf
+    from sockguard.kernel import libbpf
 
     ok, why = libbpf.available()
     return None if ok else why
@@ -64,7 +64,7 @@ def entry_source_skip_reason(name: str) -> str | None:
     reason = bpf_skip_reason()
     if reason is not None:
         return reason
-    from sockguard import sockhash_lookup, sockmap_iter
+    from sockguard.kernel import sockhash_lookup, sockmap_iter
 
     probe = {"iterator": sockmap_iter.iterator_available,
              "tc_lookup": sockhash_lookup.lookup_available}[name]
@@ -115,7 +115,7 @@ def bpffs_dir(bpf_kernel: None) -> Iterator[Path]:
 @pytest.fixture
 def make_map(bpf_kernel: None) -> Iterator[Callable[..., int]]:
     """Factory: ``make_map(type, key_size, value_size, max_entries, name=...)`` -> fd."""
-    from sockguard import libbpf
+    from sockguard.kernel import libbpf
 
     fds: list[int] = []
 

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockguard.audit import AuditPolicy, SocketIndex, audit_map, confirm, judge
-from sockguard.layout import CILIUM, decode, key_for_socket
-from sockguard.model import Endpoint, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
-from sockguard.tcp_states import (
+from sockguard.core.audit import AuditPolicy, SocketIndex, audit_map, confirm, judge
+from sockguard.core.layout import CILIUM, decode, key_for_socket
+from sockguard.core.model import Endpoint, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
+from sockguard.core.tcp_states import (
     TCP_ESTABLISHED,
     TCP_FIN_WAIT1,
     TCP_SYN_RECV,
@@ -120,7 +120,7 @@ GATEWAY_ONLY = AuditPolicy(proxy_ips=frozenset({GATEWAY}), host_listen_ports=fro
 def proxy_entry(client: Tuple4, proxy_port: int = 15001) -> MapEntry:
     # Cilium's L7 redirect: sip = host gateway, sport = proxy port,
     # dip/dport = the client's own local side.
-    from sockguard.layout import encode
+    from sockguard.core.layout import encode
 
     raw = encode(CILIUM, 4, GATEWAY, proxy_port, client.local.ip, client.local.port)
     return MapEntry(raw.hex(), decode(CILIUM, raw))
@@ -274,7 +274,7 @@ def test_confirm_never_invents_findings(world: tuple[list[LiveSocket], list[MapE
 
 
 def test_entry_of_a_reset_socket_still_held_open_is_stale_and_says_so() -> None:
-    from sockguard.model import TargetSocket
+    from sockguard.core.model import TargetSocket
 
     raw = key_for_socket(CILIUM, SERVER)
     entry = MapEntry(raw.hex(), decode(CILIUM, raw), 5, TargetSocket(5, 4, 7, 1, SERVER))
@@ -286,7 +286,7 @@ def test_entry_of_a_reset_socket_still_held_open_is_stale_and_says_so() -> None:
 
 def test_ipv4_mapped_endpoints_print_as_ipv4() -> None:
     """A dual-stack socket's IPv4 connection prints as the kernel shows an IPv4 one."""
-    from sockguard.compact import Interner
+    from sockguard.core.compact import Interner
 
     mapped = IPv6Address("::ffff:127.0.0.1")
     assert str(Endpoint(mapped, 8080)) == "127.0.0.1:8080"

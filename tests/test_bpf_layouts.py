@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from sockguard import bpf_object, libbpf, recvsyms, sockmap_iter, tcp_iter, tracer
-from sockguard.bpf_object import BpfObjectMissingError, CStruct
-from sockguard.errors import LibbpfMissingError
-from sockguard.libbpf import BpfObject
+from sockguard.core.errors import LibbpfMissingError
+from sockguard.kernel import bpf_object, libbpf, recvsyms, sockmap_iter, tcp_iter
+from sockguard.kernel.bpf_object import BpfObjectMissingError, CStruct
+from sockguard.kernel.libbpf import BpfObject
+from sockguard.trace import tracer
 
 TRACE_OBJECTS = ("trace_sockhash", "trace_recvpath", "trace_lifecycle")
 

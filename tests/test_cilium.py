@@ -9,7 +9,7 @@ from ipaddress import ip_address
 
 import pytest
 
-from sockguard.cilium import gateway_ips
+from sockguard.kernel.cilium import gateway_ips
 
 pytestmark = pytest.mark.kernel
 

@@ -16,12 +16,12 @@ from types import TracebackType
 
 import pytest
 
-from sockguard import remediation
-from sockguard.audit import AuditResult
-from sockguard.errors import MapGoneError
-from sockguard.layout import CILIUM, decode, key_for_socket
-from sockguard.model import Endpoint, Finding, Kind, LiveSocket, MapEntry, MapInfo, Tuple4
-from sockguard.remediation import Refusal, clean_each_map, deletions
+from sockguard.core.audit import AuditResult
+from sockguard.core.errors import MapGoneError
+from sockguard.core.layout import CILIUM, decode, key_for_socket
+from sockguard.core.model import Endpoint, Finding, Kind, LiveSocket, MapEntry, MapInfo, Tuple4
+from sockguard.kernel import remediation
+from sockguard.kernel.remediation import Refusal, clean_each_map, deletions
 
 MAPS = [MapInfo(i, f"sg_loop{i}", "sockhash", 44, 4, 64) for i in (1, 2, 3)]
 

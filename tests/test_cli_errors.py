@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from sockguard import libbpf
-from sockguard.netns import enumerate_netns
-from sockguard.sockets import scan_all
+from sockguard.kernel import libbpf
+from sockguard.kernel.netns import enumerate_netns
+from sockguard.kernel.sockets import scan_all
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_kernel")]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from sockguard.netns import entered
+from sockguard.kernel.netns import entered
 from tests.lab import (
     Lab,
     cilium_key,

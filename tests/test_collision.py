@@ -31,9 +31,10 @@ from pathlib import Path
 
 import pytest
 
-from sockguard import libbpf
-from sockguard.capabilities import Capabilities, Feature, plan
-from sockguard.collision import (
+from sockguard.core.model import Endpoint, Tuple4
+from sockguard.kernel import libbpf
+from sockguard.kernel.capabilities import Capabilities, Feature, plan
+from sockguard.trace.collision import (
     Candidate,
     CollisionCheck,
     Entry,
@@ -41,8 +42,7 @@ from sockguard.collision import (
     record_tuple,
     same_socket,
 )
-from sockguard.model import Endpoint, Tuple4
-from sockguard.tracer import MapWatch, TraceEvent, Tracer, TracerOptions, daemon_options
+from sockguard.trace.tracer import MapWatch, TraceEvent, Tracer, TracerOptions, daemon_options
 from tests.lab import Lab, cilium_key, close_rst, recv_exact
 from tests.test_daemon import RunningDaemon, start_daemon, wait_for
 
@@ -157,7 +157,7 @@ def test_no_collision_when_the_second_look_finds_the_socket_or_nothing() -> None
 
 
 def _caps(**available: bool) -> Capabilities:
-    from sockguard.capabilities import FEATURE_ORDER
+    from sockguard.kernel.capabilities import FEATURE_ORDER
 
     return Capabilities({n: Feature(n, available.get(n, True), f"{n} said so")
                          for n in FEATURE_ORDER})
@@ -205,7 +205,7 @@ def _caps_for(variant: str) -> Capabilities:
     """The probe's answers, with the tp_btf lifecycle variant taken away for ``raw_tp``."""
     if os.geteuid() != 0:
         pytest.skip("loading BPF programs needs root")
-    from sockguard.capabilities import probe
+    from sockguard.kernel.capabilities import probe
 
     caps = probe()
     if variant == "raw_tp":
@@ -223,7 +223,7 @@ class Traced:
     """A started tracer on the lab's map (daemon or trace configuration)."""
 
     def __init__(self, lab: Lab, mode: str, variant: str) -> None:
-        from sockguard.maps import resolve_map
+        from sockguard.kernel.maps import resolve_map
 
         self.events: list[TraceEvent] = []
         options = daemon_options() if mode == "daemon" else TracerOptions()

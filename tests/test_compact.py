@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from sockguard.audit import (
+from sockguard.core.audit import (
     AuditPolicy,
     AuditResult,
     SocketIndex,
@@ -17,10 +17,10 @@ from sockguard.audit import (
     confirm,
     normalize,
 )
-from sockguard.compact import Interner, Record, SocketTable, maker, target_socket
-from sockguard.layout import CILIUM, decode, key_for_socket
-from sockguard.model import Endpoint, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
-from sockguard.sockets import _request
+from sockguard.core.compact import Interner, Record, SocketTable, maker, target_socket
+from sockguard.core.layout import CILIUM, decode, key_for_socket
+from sockguard.core.model import Endpoint, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
+from sockguard.kernel.sockets import _request
 
 MAP = MapInfo(1, "cilium_sock_ops", "sockhash", 44, 4, 65535)
 NETNS = [Netns(4026531840, "host"), Netns(4026532000, "pod-a")]

@@ -20,11 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from sockguard.cli import build_parser
-from sockguard.config import OPTIONS, Config, load_config, overrides_from_args, parse_toml
-from sockguard.errors import ConfigError
-from sockguard.metrics import Metrics, start_server
-from sockguard.notify import JournaldHandler, NativeJournalSender, Notifier, encode_journal_fields
+from sockguard.cli.commands import build_parser
+from sockguard.core.errors import ConfigError
+from sockguard.service.config import OPTIONS, Config, load_config, overrides_from_args, parse_toml
+from sockguard.service.metrics import Metrics, start_server
+from sockguard.service.notify import (
+    JournaldHandler,
+    NativeJournalSender,
+    Notifier,
+    encode_journal_fields,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "packaging" / "sockguard.toml"
@@ -90,7 +95,7 @@ def test_table_covers_every_config_field() -> None:
 
 @pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: o.name)
 def test_every_key_parses(opt: object, tmp_path: Path) -> None:
-    from sockguard.config import Option
+    from sockguard.service.config import Option
 
     assert isinstance(opt, Option)
     text, expected = NON_DEFAULT[opt.name]
@@ -355,10 +360,10 @@ def test_unknown_failure_reason_is_bounded() -> None:
 def test_refusal_reasons_are_bounded_labels_of_remediations_refusals() -> None:
     """The ``reason`` label of sockguard_deletions_refused_total, from remediation's refusal
     (decided with its outcome; tests/test_refusals.py drives each decision)."""
-    from sockguard.layout import CILIUM, decode
-    from sockguard.metrics import REFUSAL_REASONS, refusal_reason
-    from sockguard.model import Finding, Kind, MapEntry, MapInfo
-    from sockguard.remediation import Deletion, Refusal
+    from sockguard.core.layout import CILIUM, decode
+    from sockguard.core.model import Finding, Kind, MapEntry, MapInfo
+    from sockguard.kernel.remediation import Deletion, Refusal
+    from sockguard.service.metrics import REFUSAL_REASONS, refusal_reason
 
     raw = bytes.fromhex("0a0a8630" + "00" * 12 + "0a0a65f9" + "00" * 12
                         + "01000000" + "1f900000" + "db780000")  # the README's worked key example

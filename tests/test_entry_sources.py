@@ -19,16 +19,16 @@ from collections.abc import Callable
 
 import pytest
 
-from sockguard import libbpf, sockhash_lookup, sockmap_iter
-from sockguard.audit import AuditPolicy
-from sockguard.compact import COOKIE_UNKNOWN
-from sockguard.errors import NotRootError
-from sockguard.layout import CILIUM
-from sockguard.maps import open_map, select_maps
-from sockguard.model import Kind
-from sockguard.node_audit import EntrySource, entry_source, run_audit
-from sockguard.remediation import reverify
-from sockguard.sockets import OwnerProbe
+from sockguard.core.audit import AuditPolicy
+from sockguard.core.compact import COOKIE_UNKNOWN
+from sockguard.core.errors import NotRootError
+from sockguard.core.layout import CILIUM
+from sockguard.core.model import Kind
+from sockguard.kernel import libbpf, sockhash_lookup, sockmap_iter
+from sockguard.kernel.maps import open_map, select_maps
+from sockguard.kernel.node_audit import EntrySource, entry_source, run_audit
+from sockguard.kernel.remediation import reverify
+from sockguard.kernel.sockets import OwnerProbe
 from tests.conftest import entry_source_skip_reason
 from tests.lab import Lab, cilium_key, close_rst, key_for, recv_exact
 

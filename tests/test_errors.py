@@ -14,9 +14,8 @@ import os
 
 import pytest
 
-from sockguard import layout, netns
-from sockguard.daemon import failure_reason
-from sockguard.errors import (
+from sockguard.core import layout
+from sockguard.core.errors import (
     ROOT_HINT,
     FdExhaustedError,
     KeyDecodeError,
@@ -26,7 +25,9 @@ from sockguard.errors import (
     SockguardError,
     from_os_error,
 )
-from sockguard.libbpf import BpfError
+from sockguard.kernel import netns
+from sockguard.kernel.libbpf import BpfError
+from sockguard.service.daemon import failure_reason
 
 
 @pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE])

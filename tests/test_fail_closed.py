@@ -25,14 +25,14 @@ from typing import Any
 
 import pytest
 
-from sockguard import libbpf
-from sockguard.audit import AuditPolicy
-from sockguard.layout import CILIUM
-from sockguard.maps import open_map, select_maps
-from sockguard.model import Kind
-from sockguard.node_audit import run_audit
-from sockguard.remediation import clean
-from sockguard.sockets import OwnerProbe
+from sockguard.core.audit import AuditPolicy
+from sockguard.core.layout import CILIUM
+from sockguard.core.model import Kind
+from sockguard.kernel import libbpf
+from sockguard.kernel.maps import open_map, select_maps
+from sockguard.kernel.node_audit import run_audit
+from sockguard.kernel.remediation import clean
+from sockguard.kernel.sockets import OwnerProbe
 from tests.lab import Lab, cilium_key, key_for, recv_exact
 from tests.lab.topology import ip
 
@@ -130,7 +130,7 @@ def test_cookie_less_audit_of_unreachable_namespaces_deletes_nothing(
         lab: Lab, hidden_pods: list[int]) -> None:
     """Without an entry source the audit cannot see where the sockets live; the
     re-check before a delete still reads the entry's own socket where it can."""
-    from sockguard import sockhash_lookup, sockmap_iter
+    from sockguard.kernel import sockhash_lookup, sockmap_iter
 
     if not (sockhash_lookup.lookup_available()[0] or sockmap_iter.iterator_available()[0]):
         pytest.skip("no entry source here: the re-check cannot read an entry's socket")
@@ -159,8 +159,8 @@ def test_stale_needs_proof_when_a_namespace_cannot_be_read(lab: Lab) -> None:
     leaked = cilium_key(a.addr(), SERVER_PORT, b.addr(), 50000)
     lab.inject(leaked, dummy)
     maps, _ = select_maps([str(lab.pin_path)])
-    from sockguard import node_audit
-    from sockguard.sockets import Scan
+    from sockguard.kernel import node_audit
+    from sockguard.kernel.sockets import Scan
 
     real = node_audit.scan_sockets
 
@@ -301,7 +301,7 @@ def test_daemon_reports_unseen_namespaces_and_deletes_nothing(
 def test_a_map_gone_mid_remediation_fails_alone(bpffs_dir: Path, tcp_pair: TcpPair) -> None:
     """One loop for `clean` and the daemon: a map unloaded between the audit and its
     deletes gets outcome `error`; the other maps are still cleaned."""
-    from sockguard.remediation import clean_each_map, deletions
+    from sockguard.kernel.remediation import clean_each_map, deletions
 
     dummy, _peer = tcp_pair()  # closed by the fixture: closing unlinks it from every map
     fds, pins = [], []

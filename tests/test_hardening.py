@@ -20,19 +20,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from sockguard import metrics as metrics_mod
-from sockguard.audit import AuditResult
-from sockguard.daemon import failure_reason, metrics_url
-from sockguard.errors import FdExhaustedError, MapNotFoundError
-from sockguard.escape import printable
-from sockguard.layout import CILIUM, decode
-from sockguard.libbpf import BpfError
-from sockguard.metrics import Metrics, MetricsServer, Snapshot, start_server
-from sockguard.model import Finding, Kind, MapEntry, MapInfo, Owner
-from sockguard.node_audit import NodeAudit
-from sockguard.notify import EscapingFormatter, JournaldHandler, StderrFormatter
-from sockguard.output import audit_json, audit_text, clean_text
-from sockguard.remediation import Deletion
+from sockguard.cli.output import audit_json, audit_text, clean_text
+from sockguard.core.audit import AuditResult
+from sockguard.core.errors import FdExhaustedError, MapNotFoundError
+from sockguard.core.escape import printable
+from sockguard.core.layout import CILIUM, decode
+from sockguard.core.model import Finding, Kind, MapEntry, MapInfo, Owner
+from sockguard.kernel.libbpf import BpfError
+from sockguard.kernel.node_audit import NodeAudit
+from sockguard.kernel.remediation import Deletion
+from sockguard.service import metrics as metrics_mod
+from sockguard.service.daemon import failure_reason, metrics_url
+from sockguard.service.metrics import Metrics, MetricsServer, Snapshot, start_server
+from sockguard.service.notify import EscapingFormatter, JournaldHandler, StderrFormatter
 from tests.lab import Lab
 
 EVIL = "evil\n2026-12-01 ERROR forged\x1b[31m"
@@ -77,7 +77,7 @@ def _record(logger: str, msg: str, *args: object, **extra: object) -> logging.Lo
 
 
 def test_stderr_log_lines_escape_comm_and_fields_journal_stays_raw() -> None:
-    rec = _record("sockguard.daemon", "socket %s (pid %d %s) receives via %s", "1 -> 2",
+    rec = _record("sockguard.service.daemon", "socket %s (pid %d %s) receives via %s", "1 -> 2",
                   42, EVIL, "tcp_recvmsg", SOCKGUARD_COMM=EVIL, SOCKGUARD_PID=42)
     line = StderrFormatter().format(rec)
     assert "\n" not in line and "\x1b" not in line
@@ -97,7 +97,7 @@ def test_a_traceback_keeps_its_lines_after_the_escaped_message() -> None:
         raise ValueError("boom")
     except ValueError:
         import sys
-        rec = logging.LogRecord("sockguard.daemon", logging.ERROR, __file__, 1,
+        rec = logging.LogRecord("sockguard.service.daemon", logging.ERROR, __file__, 1,
                                 "cycle crashed for %s", (EVIL,), sys.exc_info())
     out = StderrFormatter().format(rec)
     first, *rest = out.splitlines()
@@ -234,7 +234,7 @@ def test_a_pinned_map_unopenable_for_want_of_fds_is_not_called_missing(lab: Lab)
     Before, ``_resolve_path`` turned every bpf_obj_get error into MapNotFoundError and
     the daemon counted an fd-starved audit as ``map_not_found``.
     """
-    from sockguard import maps
+    from sockguard.kernel import maps
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     held: list[int] = []

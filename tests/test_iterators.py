@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from sockguard import sockhash_lookup, sockmap_iter, tcp_iter
-from sockguard.compact import COOKIE_UNKNOWN, RECV_CODE_BPF, RECV_CODE_TCP, Record
-from sockguard.model import RECV_BPF, RECV_TCP, Netns
-from sockguard.netns import NetnsRef, entered
-from sockguard.sockets import scan_all
+from sockguard.core.compact import COOKIE_UNKNOWN, RECV_CODE_BPF, RECV_CODE_TCP, Record
+from sockguard.core.model import RECV_BPF, RECV_TCP, Netns
+from sockguard.kernel import sockhash_lookup, sockmap_iter, tcp_iter
+from sockguard.kernel.netns import NetnsRef, entered
+from sockguard.kernel.sockets import scan_all
 from tests.conftest import entry_source_skip_reason
 from tests.lab import Lab, Namespace, cilium_key, close_rst, key_for, recv_exact
 
@@ -38,7 +38,7 @@ def iterators() -> None:
     ok, why = tcp_iter.tcp_iterator_available()
     if not ok:
         pytest.skip(f"iter/tcp unavailable: {why}")
-    from sockguard.recvsyms import recv_symbols
+    from sockguard.kernel.recvsyms import recv_symbols
 
     syms = recv_symbols()
     if not syms.usable:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sockguard import libbpf
+from sockguard.kernel import libbpf
 from tests.lab import (
     Lab,
     Namespace,

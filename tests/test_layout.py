@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockguard.errors import LayoutMismatchError
-from sockguard.layout import CILIUM, KeyDecodeError, decode, encode, key_for_socket
-from sockguard.model import Endpoint, Tuple4
+from sockguard.core.errors import LayoutMismatchError
+from sockguard.core.layout import CILIUM, KeyDecodeError, decode, encode, key_for_socket
+from sockguard.core.model import Endpoint, Tuple4
 
 # The README's worked key example ("Cilium's key layout"), from the incident.
 SEED_KEY = bytes.fromhex(

@@ -1,4 +1,4 @@
-"""sockguard.libbpf against the real kernel: the syscall wrappers, objects, links."""
+"""sockguard.kernel.libbpf against the real kernel: the syscall wrappers, objects, links."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sockguard import libbpf
-from sockguard.libbpf import BpfError
-from sockguard.sockmap_iter import OBJECT_PATH, RODATA
+from sockguard.kernel import libbpf
+from sockguard.kernel.libbpf import BpfError
+from sockguard.kernel.sockmap_iter import OBJECT_PATH, RODATA
 from tests.lab import link_attach_unsupported, sockmap_prog_query_supported
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_kernel")]
@@ -146,7 +146,7 @@ def test_pin_and_obj_get(make_map: MakeMap, bpffs_dir: Path) -> None:
 
 def _only_this_kernels_variant(obj: libbpf.BpfObject) -> str:
     """Leave out the iterator variant this kernel refuses (the helper one before 5.12)."""
-    from sockguard import sockmap_iter
+    from sockguard.kernel import sockmap_iter
 
     ok, why = sockmap_iter.iterator_available()
     if not ok:  # the object's other paths are tested in tests/test_entry_sources.py
@@ -202,7 +202,7 @@ def test_libbpf_messages_go_to_logging_not_stderr(
 ) -> None:
     junk = tmp_path / "junk.bpf.o"
     junk.write_bytes(b"not an ELF file at all" * 8)
-    with caplog.at_level(logging.DEBUG, logger="sockguard.libbpf"), pytest.raises(BpfError):
+    with caplog.at_level(logging.DEBUG, logger="sockguard.kernel.libbpf"), pytest.raises(BpfError):
         libbpf.BpfObject(junk)
     assert capfd.readouterr().err == ""
     assert any(r.getMessage().startswith("libbpf: ") for r in caplog.records)

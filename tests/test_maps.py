@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from sockguard import libbpf, maps, sockmap_iter
-from sockguard.errors import (
+from sockguard.core.errors import (
     BpffsNotMountedError,
     MapGoneError,
     MapNotFoundError,
     NotASockMapError,
     NotRootError,
 )
-from sockguard.model import MapInfo
+from sockguard.core.model import MapInfo
+from sockguard.kernel import libbpf, maps, sockmap_iter
 from tests.lab import sk_msg_attached, sockmap_prog_query_supported
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_kernel")]

@@ -12,7 +12,7 @@ import logging
 
 import pytest
 
-from sockguard import notify
+from sockguard.service import notify
 
 
 def test_library_sender_writes_every_field(monkeypatch: pytest.MonkeyPatch) -> None:

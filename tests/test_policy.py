@@ -1,4 +1,4 @@
-"""The finding-kind policy table (sockguard/policy.py) and everything that derives from it.
+"""The finding-kind policy table (sockguard/core/policy.py) and everything that derives from it.
 
 Why these tests exist: which kinds are bad, deleted, exported, shown and
 alerted on used to be decided in five places that disagreed.  The table is
@@ -23,12 +23,14 @@ from typing import Any
 import pytest
 import yaml
 
-from sockguard import audit, metrics, policy, remediation
-from sockguard.errors import SockguardError
-from sockguard.layout import CILIUM, decode
-from sockguard.model import Finding, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
-from sockguard.node_audit import NodeAudit
-from sockguard.policy import ALERTED, BAD_KINDS, EXPORTED_KINDS, POLICY, SHOWN_KINDS
+from sockguard.core import audit, policy
+from sockguard.core.errors import SockguardError
+from sockguard.core.layout import CILIUM, decode
+from sockguard.core.model import Finding, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
+from sockguard.core.policy import ALERTED, BAD_KINDS, EXPORTED_KINDS, POLICY, SHOWN_KINDS
+from sockguard.kernel import remediation
+from sockguard.kernel.node_audit import NodeAudit
+from sockguard.service import metrics
 from tests.lab import Lab, cilium_key, recv_exact
 from tests.lab.keys import raw_key
 

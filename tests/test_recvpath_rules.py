@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockguard.audit import AuditPolicy, SocketIndex, audit_map, audit_records, judge
-from sockguard.compact import Record, SocketTable
-from sockguard.errors import SockguardError
-from sockguard.layout import CILIUM, decode, key_for_socket
-from sockguard.model import (
+from sockguard.core.audit import AuditPolicy, SocketIndex, audit_map, audit_records, judge
+from sockguard.core.compact import Record, SocketTable
+from sockguard.core.errors import SockguardError
+from sockguard.core.layout import CILIUM, decode, key_for_socket
+from sockguard.core.model import (
     RECV_BPF,
     RECV_OTHER,
     RECV_TCP,
@@ -29,8 +29,8 @@ from sockguard.model import (
     TargetSocket,
     Tuple4,
 )
-from sockguard.remediation import reverify
-from sockguard.tcp_states import TCP_CLOSE, TCP_ESTABLISHED
+from sockguard.core.tcp_states import TCP_CLOSE, TCP_ESTABLISHED
+from sockguard.kernel.remediation import reverify
 
 MAP = MapInfo(7, "cilium_sock_ops", "sockhash", 44, 4, 65535, "/sys/fs/bpf/x")
 POD = Netns(4026532000, "pod-a")
@@ -178,7 +178,7 @@ class _Probe:
 def _reverify(finding_kind: Kind, details: dict[str, object], owner: LiveSocket | None,
               cookie: int = 1, handle: _Handle | None = None,
               probe: _Probe | None = None) -> bool:
-    from sockguard.model import Finding
+    from sockguard.core.model import Finding
 
     f = Finding(finding_kind, MAP, entry(SERVER, cookie, dead=True), "why", None, None, True,
                 details)
@@ -226,8 +226,8 @@ def test_clean_does_not_delete_recvpath_findings_unasked() -> None:
     Opting in (``delete_unproven``) is tested in test_policy.py; a finding whose
     entry socket is not unknown stays refused even then.
     """
-    from sockguard.model import Finding
-    from sockguard.remediation import clean
+    from sockguard.core.model import Finding
+    from sockguard.kernel.remediation import clean
 
     f = Finding(Kind.RECVPATH, MAP, entry(SERVER, None), "why", live(SERVER, 1), None, True, {})
     for opt_in in (False, True):
@@ -327,7 +327,7 @@ def test_fast_path_equals_plain_path_with_paths_and_dead_sockets(
 
 
 def test_kallsyms_symbols_fail_soft_one_by_one() -> None:
-    from sockguard.recvsyms import find_symbols
+    from sockguard.kernel.recvsyms import find_symbols
 
     data = (b"ffffffff82010b40 T tcp_recvmsg\n"
             b"ffffffff8209d120 t tcp_bpf_recvmsg\n"

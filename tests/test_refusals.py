@@ -15,13 +15,23 @@ from typing import Any, cast
 
 import pytest
 
-from sockguard import metrics, remediation
-from sockguard.compact import COOKIE_UNKNOWN, Record
-from sockguard.errors import MapGoneError, SockguardError
-from sockguard.layout import CILIUM, decode, key_for_socket
-from sockguard.model import Endpoint, Finding, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
-from sockguard.remediation import Deletion, Refusal
-from sockguard.tcp_states import TCP_ESTABLISHED
+from sockguard.core.compact import COOKIE_UNKNOWN, Record
+from sockguard.core.errors import MapGoneError, SockguardError
+from sockguard.core.layout import CILIUM, decode, key_for_socket
+from sockguard.core.model import (
+    Endpoint,
+    Finding,
+    Kind,
+    LiveSocket,
+    MapEntry,
+    MapInfo,
+    Netns,
+    Tuple4,
+)
+from sockguard.core.tcp_states import TCP_ESTABLISHED
+from sockguard.kernel import remediation
+from sockguard.kernel.remediation import Deletion, Refusal
+from sockguard.service import metrics
 
 MAP_4 = MapInfo(7, "cilium_sock_ops", "sockhash", 44, 4, 65535)
 MAP_8 = MapInfo(7, "cilium_sock_ops", "sockhash", 44, 8, 65535)

@@ -9,12 +9,12 @@ from ipaddress import ip_address
 
 import pytest
 
-from sockguard import sockets
-from sockguard.audit import normalize
-from sockguard.model import Endpoint, Tuple4
-from sockguard.netns import enumerate_netns, host_netns_path
-from sockguard.sockets import OwnerProbe, lookup_tuples
-from sockguard.tcp_states import TCP_ESTABLISHED
+from sockguard.core.audit import normalize
+from sockguard.core.model import Endpoint, Tuple4
+from sockguard.core.tcp_states import TCP_ESTABLISHED
+from sockguard.kernel import sockets
+from sockguard.kernel.netns import enumerate_netns, host_netns_path
+from sockguard.kernel.sockets import OwnerProbe, lookup_tuples
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="sock_diag in every namespace needs root")
 

@@ -13,8 +13,8 @@ from ipaddress import ip_address
 
 import pytest
 
-from sockguard import libbpf, sockmap_iter
-from sockguard.model import RECV_BPF, Endpoint, TargetSocket, Tuple4
+from sockguard.core.model import RECV_BPF, Endpoint, TargetSocket, Tuple4
+from sockguard.kernel import libbpf, sockmap_iter
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_kernel", "iterator_object")]
 
@@ -187,7 +187,7 @@ def test_compat_program_reads_the_cookie_field_once_sock_diag_gave_one(
     """Kernels before 5.12 (the incident's 5.10) refuse bpf_get_socket_cookie in
     iterators; the compat program reads skc_cookie, which is 0 until something
     generates it — sock_diag does for every socket it lists."""
-    from sockguard.sockets import scan_all
+    from sockguard.kernel.sockets import scan_all
 
     fd = make_map(SOCKHASH, KEY, 4, 16, name="sg_compat")
     cli, srv = tcp_pair()

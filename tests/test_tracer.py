@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from sockguard import libbpf
-from sockguard.doctor import leak_verdict, parse_release
-from sockguard.layout import CILIUM, key_for_socket
-from sockguard.model import Endpoint, Tuple4
-from sockguard.trace_symbols import Kallsyms
-from sockguard.tracer import (
+from sockguard.cli.doctor import leak_verdict, parse_release
+from sockguard.core.layout import CILIUM, key_for_socket
+from sockguard.core.model import Endpoint, Tuple4
+from sockguard.kernel import libbpf
+from sockguard.kernel.trace_symbols import Kallsyms
+from sockguard.trace.tracer import (
     EVENT,
     FILTERED_OBJECTS,
     PARKED_SIZE,
@@ -84,7 +84,7 @@ def test_kallsyms_parse_and_lookups() -> None:
 
 def test_kallsyms_rejects_an_ambiguous_name_as_recvsyms_does() -> None:
     """Two static functions of one name: no address, rather than maybe the wrong one."""
-    from sockguard.recvsyms import find_symbols
+    from sockguard.kernel.recvsyms import find_symbols
 
     text = ("ffffffff81000900 t tcp_bpf_recvmsg\n"
             "ffffffff81000d00 t tcp_bpf_recvmsg\n"
@@ -146,7 +146,7 @@ def _raw_event(etype: int, *, ret: int = 0, aux: int = 0, key: bytes = b"",
 
 
 def _caps(**available: bool) -> object:
-    from sockguard.capabilities import FEATURE_ORDER, Capabilities, Feature
+    from sockguard.kernel.capabilities import FEATURE_ORDER, Capabilities, Feature
 
     return Capabilities({n: Feature(n, available.get(n, True), f"{n} said so")
                          for n in FEATURE_ORDER})
@@ -159,7 +159,7 @@ def _caps(**available: bool) -> object:
 ])
 def test_each_detection_picks_its_program_type_by_its_own_probe(
         tp_btf: bool, tp_btf_sock: bool, recv_via: str, life_via: str) -> None:
-    from sockguard.capabilities import Capabilities, plan, variant_feature
+    from sockguard.kernel.capabilities import Capabilities, plan, variant_feature
 
     caps = _caps(tp_btf=tp_btf, tp_btf_sock=tp_btf_sock, fentry=False)
     assert isinstance(caps, Capabilities)
@@ -230,7 +230,7 @@ def _ep(ip: str, port: int) -> tuple[object, int]:
 def _caps_or_skip() -> object:
     if os.geteuid() != 0:
         pytest.skip("loading BPF programs needs root")
-    from sockguard.capabilities import probe
+    from sockguard.kernel.capabilities import probe
 
     return probe()
 
@@ -249,7 +249,7 @@ FILTERED_RODATA = {"trace_recvpath": struct.pack("=QBBB5x", 0xFFFFFFFF81000800, 
 def test_every_tracer_program_passes_the_verifier(obj_name: str, program: str,
                                                   variant: str, filtered: bool) -> None:
     """Each program alone: kprobe-type programs load even where kprobes cannot attach."""
-    from sockguard.capabilities import Capabilities, variant_feature
+    from sockguard.kernel.capabilities import Capabilities, variant_feature
 
     caps = _caps_or_skip()
     assert isinstance(caps, Capabilities)
@@ -291,7 +291,7 @@ class Collector:
     """A started tracer on the lab's map, collecting events."""
 
     def __init__(self, lab: Lab, options: TracerOptions | None = None) -> None:
-        from sockguard.maps import resolve_map
+        from sockguard.kernel.maps import resolve_map
 
         self.events: list[TraceEvent] = []
         watch = MapWatch(lambda: [resolve_map(str(lab.pin_path))], refresh=0.0)
@@ -568,7 +568,7 @@ def test_filtered_tracer_reports_watched_sockets_and_nothing_else(
 def test_filter_off_for_a_layout_the_kernel_side_does_not_know(lab: Lab) -> None:
     from dataclasses import replace as dc_replace
 
-    from sockguard.maps import resolve_map
+    from sockguard.kernel.maps import resolve_map
 
     other = dc_replace(CILIUM, name="other")
     watch = MapWatch(lambda: [resolve_map(str(lab.pin_path))], layout=other)
@@ -649,7 +649,7 @@ def test_trace_json_subprocess_sees_the_tests_traffic(lab: Lab) -> None:
 @pytest.mark.kernel
 def test_doctor_json_reports_this_kernel() -> None:
     _cli_or_skip()
-    from sockguard.capabilities import kernel_config
+    from sockguard.kernel.capabilities import kernel_config
 
     proc = subprocess.run([str(SOCKGUARD), "doctor", "--json"], capture_output=True, text=True,
                           timeout=120, check=False)
@@ -666,7 +666,7 @@ def test_doctor_json_reports_this_kernel() -> None:
         assert "CONFIG_KPROBES" in doc["detections"]["update_failures"]["reason"]
     # The entry sources: whatever this machine allows today, doctor says the same as
     # the probe in this process, and the shadowing detection follows them.
-    from sockguard import sockhash_lookup, sockmap_iter
+    from sockguard.kernel import sockhash_lookup, sockmap_iter
 
     it_ok, it_why = sockmap_iter.iterator_available()
     tc_ok, tc_why = sockhash_lookup.lookup_available()

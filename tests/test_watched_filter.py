@@ -14,8 +14,8 @@ from ipaddress import IPv4Address, IPv6Address
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockguard.layout import CILIUM, encode
-from sockguard.tracer import (
+from sockguard.core.layout import CILIUM, encode
+from sockguard.trace.tracer import (
     EV_RECV,
     EV_STATE,
     EVENT,

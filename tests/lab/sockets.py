@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from sockguard.netns import entered
+from sockguard.kernel.netns import entered
 
 #: Every lab socket gets this timeout unless told otherwise: no test may hang.
 DEFAULT_TIMEOUT = 2.0

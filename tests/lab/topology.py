@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
-from sockguard.netns import entered
+from sockguard.kernel.netns import entered
 
 RUN_NETNS = Path("/run/netns")
 IP_TIMEOUT = 10.0
@@ -73,7 +73,7 @@ class Namespace:
 
     @property
     def path(self) -> str:
-        """The nsfs path ``sockguard.netns.entered`` takes."""
+        """The nsfs path ``sockguard.kernel.netns.entered`` takes."""
         return str(RUN_NETNS / self.name)
 
     def addr(self, family: int = socket.AF_INET) -> str:

@@ -37,8 +37,8 @@ from socket import AF_INET, AF_INET6
 from socket import socket as Socket  # Lab.socket() shadows the module in the class
 from types import ModuleType, TracebackType
 
-from sockguard import libbpf
-from sockguard.netns import entered
+from sockguard.kernel import libbpf
+from sockguard.kernel.netns import entered
 
 from .cgroup import CGROUP2_ROOT, LabCgroup
 from .keys import KEY_SIZE

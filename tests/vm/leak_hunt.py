@@ -35,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sockguard.netns import entered  # noqa: E402
+from sockguard.kernel.netns import entered  # noqa: E402
 from tests.lab import Lab, build_lab_object, close_rst, describe, recv_exact  # noqa: E402
 
 PORT = 8080

@@ -18,7 +18,7 @@ takes seconds, not minutes.  Then it asserts, with systemctl and journalctl only
 5. clean_stop: ``systemctl stop`` ends in ``inactive``, Result=success, exit 0.
 
 The stale entry: a sockhash (Cilium's key layout, named cilium_sock_ops)
-created with ``sockguard.libbpf``, pinned where the config's ``audit.maps``
+created with ``sockguard.kernel.libbpf``, pinned where the config's ``audit.maps``
 points, holding one socket of a loopback pair under the key of a tuple no
 socket owns.  Results: ``systemd.json`` (and ``journal.txt``) in the results
 directory given as argv[1]; ``rc`` is 0 when every check passed.
@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sockguard import libbpf  # noqa: E402
+from sockguard.kernel import libbpf  # noqa: E402
 from tests.lab.keys import cilium_key  # noqa: E402
 
 UNIT = "sockguard.service"
