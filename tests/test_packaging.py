@@ -7,12 +7,17 @@ shipped text.  ``promtool test rules`` runs the unit tests of every alert.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import entry_source_skip_reason
+from tests.lab import Lab
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "sockguard.service"
@@ -113,3 +118,52 @@ def test_documented_exposure_is_the_measured_one() -> None:
     readme = (ROOT / "packaging" / "README.md").read_text()
     assert f"rates the\nunit **{found.group(1)} " in readme, \
         f"packaging/README.md does not state the measured exposure {found.group(1)}"
+
+
+def _built_wheel(out: Path) -> Path:
+    """This tree as a wheel, built the way `pip wheel .` builds it (clang compiles bpf/)."""
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "pip", "wheel", str(ROOT),
+                           "--no-deps", "-q", "-w", str(out)], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = out.glob("sockguard-*.whl")
+    return wheel
+
+
+@pytest.mark.kernel
+def test_wheel_carries_the_bpf_objects_and_runs_where_clang_is_absent(
+        tmp_path: Path, lab: Lab) -> None:
+    """`pip install sockguard-*.whl` on a node without clang: nothing is compiled there,
+    the prebuilt objects load, and the audit reads the lab's map through them."""
+    wheel = _built_wheel(tmp_path / "dist")
+    shipped = {n.rsplit("/", 1)[1] for n in zipfile.ZipFile(wheel).namelist()
+               if n.startswith("sockguard/bpf/") and n.endswith(".bpf.o")}
+    sources = {p.name.replace(".bpf.c", ".bpf.o") for p in (ROOT / "bpf").glob("*.bpf.c")}
+    assert shipped == sources
+
+    venv = tmp_path / "node"
+    subprocess.run(["python3", "-m", "venv", str(venv)], check=True, timeout=120)
+    # A PATH with the node's tools but no compiler: only ip, ss and bpftool.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("ip", "ss", "bpftool"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    env = {"PATH": f"{venv / 'bin'}:{bin_dir}", "HOME": str(tmp_path)}
+    assert shutil.which("clang", path=env["PATH"]) is None
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)],
+                             capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert install.returncode == 0, install.stderr[-2000:]
+    installed = list((venv / "lib").glob("python3*/site-packages/sockguard/bpf/*.bpf.o"))
+    assert {p.name for p in installed} == sources
+
+    audit = subprocess.run([str(venv / "bin" / "sockguard"), "audit", "--map", str(lab.pin_path),
+                            "--json"], capture_output=True, text=True, timeout=120, env=env,
+                           check=False)
+    assert audit.returncode in (0, 1), audit.stderr
+    doc = json.loads(audit.stdout)
+    exact = [s for s in ("iterator", "tc_lookup") if entry_source_skip_reason(s) is None]
+    if exact:  # a BPF object from the wheel read the map
+        assert doc["maps"][0]["source"] == exact[0], doc["maps"][0]
+    assert doc["entry_source"]["name"] == doc["maps"][0]["source"]
