@@ -171,15 +171,22 @@ class LiveSocket:
 
 @dataclass(frozen=True)
 class Owner:
-    """Who holds a socket: a process and, when it runs in one, its container."""
+    """Who holds a socket: a process and, when it runs in them, its container and pod.
+
+    ``pod_uid`` is the Kubernetes pod's UID as kubelet names its cgroup; the
+    pod's name and namespace would need the CRI or the API server.
+    """
 
     pid: int
     comm: str
     container: str | None = None
+    pod_uid: str | None = None
 
     def __str__(self) -> str:
         base = f"{self.comm}[{self.pid}]"
-        return f"{base} ({self.container[:12]})" if self.container else base
+        where = [f"pod {self.pod_uid}"] if self.pod_uid else []
+        where += [self.container[:12]] if self.container else []
+        return f"{base} ({', '.join(where)})" if where else base
 
 
 @dataclass(frozen=True)

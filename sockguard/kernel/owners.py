@@ -1,4 +1,4 @@
-"""Which process (and container) holds a socket, from /proc.
+"""Which process (and container, and Kubernetes pod) holds a socket, from /proc.
 
 Only asked for the few sockets that findings name: walking every process's
 fd table is the expensive part of ``ss -p`` and is not needed for a clean map.
@@ -16,16 +16,31 @@ from sockguard.core.model import Owner
 # Container runtimes put the 64-hex container id in the cgroup path:
 # docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope, /docker/<id>, ...
 _CONTAINER_ID = re.compile(r"(?:docker|containerd|crio|libpod)[-/]([0-9a-f]{64})|/([0-9a-f]{64})")
+# kubelet names a pod's cgroup after its UID: with the systemd driver
+# kubepods[-<qos>]-pod<uid with _ for ->.slice, with the cgroupfs driver
+# /kubepods[/<qos>]/pod<uid>.
+_POD_UID = re.compile(
+    r"kubepods[-.a-z]*?-pod([0-9a-f]{8}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{4}_[0-9a-f]{12})\.slice"
+    r"|/kubepods(?:/[a-z]+)?/pod([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?:/|$)")
 
 
-def _container_of(pid: int, proc: str) -> str | None:
+def kubelet_identity(cgroup: str) -> tuple[str | None, str | None]:
+    """(pod UID, container id) from a process's /proc/<pid>/cgroup text, where named.
+
+    Outside Kubernetes the pod UID is None; outside any container both are.
+    """
+    pod = _POD_UID.search(cgroup)
+    uid = (pod.group(1).replace("_", "-") if pod.group(1) else pod.group(2)) if pod else None
+    cid = _CONTAINER_ID.search(cgroup)
+    return uid, (cid.group(1) or cid.group(2)) if cid else None
+
+
+def _identity_of(pid: int, proc: str) -> tuple[str | None, str | None]:
     try:
         with open(f"{proc}/{pid}/cgroup") as fh:
-            text = fh.read()
+            return kubelet_identity(fh.read())
     except OSError:
-        return None
-    m = _CONTAINER_ID.search(text)
-    return (m.group(1) or m.group(2)) if m else None
+        return None, None
 
 
 def _comm(pid: int, proc: str) -> str:
@@ -58,7 +73,8 @@ def find_owners(inodes: Iterable[int], proc: str = "/proc") -> dict[int, Owner]:
                 continue
             ino = wanted.get(target)
             if ino is not None and ino not in found:
-                found[ino] = Owner(pid, _comm(pid, proc), _container_of(pid, proc))
+                pod_uid, container = _identity_of(pid, proc)
+                found[ino] = Owner(pid, _comm(pid, proc), container, pod_uid)
         if len(found) == len(wanted):
             break
     return found

@@ -187,6 +187,10 @@ def finding_fields(f: Finding) -> dict[str, object]:
     if f.owner is not None:
         fields["SOCKGUARD_PID"] = f.owner.pid
         fields["SOCKGUARD_COMM"] = f.owner.comm
+        if f.owner.container:
+            fields["SOCKGUARD_CONTAINER"] = f.owner.container
+        if f.owner.pod_uid:
+            fields["SOCKGUARD_POD_UID"] = f.owner.pod_uid
     return fields
 
 

@@ -1,0 +1,131 @@
+"""Findings name the process, container and Kubernetes pod that hold a socket.
+
+kubelet names a pod's cgroup after the pod's UID (systemd driver:
+``kubepods-<qos>-pod<uid, _ for ->.slice``; cgroupfs driver:
+``/kubepods/<qos>/pod<uid>``) and the runtime names the container's scope after
+its id.  The parsing is pure and tested without root; the lab test puts the
+process that holds the hung connection's server socket into a cgroup named the
+way kubelet and containerd name them, and the CLI's finding must name that pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sockguard.kernel.owners import kubelet_identity
+from tests.lab import Lab, cilium_key
+
+POD = "1f2e3d4c-5b6a-4789-8abc-def012345678"
+CID = "ab" * 32
+
+
+@pytest.mark.parametrize(("cgroup", "expected"), [
+    # cgroup v2, systemd driver, containerd, burstable QoS
+    (f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+     f"{POD.replace('-', '_')}.slice/cri-containerd-{CID}.scope\n", (POD, CID)),
+    # systemd driver, guaranteed QoS (no QoS slice), CRI-O
+    (f"0::/kubepods.slice/kubepods-pod{POD.replace('-', '_')}.slice/crio-{CID}.scope\n",
+     (POD, CID)),
+    # cgroupfs driver, besteffort and guaranteed
+    (f"0::/kubepods/besteffort/pod{POD}/{CID}\n", (POD, CID)),
+    (f"0::/kubepods/pod{POD}/{CID}\n", (POD, CID)),
+    # cgroup v1 lines, cgroupfs driver
+    (f"12:pids:/kubepods/burstable/pod{POD}/{CID}\n"
+     f"1:name=systemd:/kubepods/burstable/pod{POD}/{CID}\n", (POD, CID)),
+    # a pod's cgroup itself (the pause process's parent), no container yet
+    (f"0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod"
+     f"{POD.replace('-', '_')}.slice\n", (POD, None)),
+    # docker without Kubernetes: a container, no pod
+    (f"0::/system.slice/docker-{CID}.scope\n", (None, CID)),
+    # a plain host process
+    ("0::/user.slice/user-0.slice/session-1.scope\n", (None, None)),
+    # a pod-like word that is not kubelet's naming
+    ("0::/system.slice/kubepods-notapod.slice\n", (None, None)),
+])
+def test_kubelet_identity(cgroup: str, expected: tuple[str | None, str | None]) -> None:
+    assert kubelet_identity(cgroup) == expected
+
+
+@given(st.uuids(), st.binary(min_size=32, max_size=32),
+       st.sampled_from(["", "burstable", "besteffort"]), st.booleans(),
+       st.sampled_from(["cri-containerd", "crio", "docker"]))
+def test_kubelet_identity_round_trips(pod: uuid.UUID, raw: bytes, qos: str, systemd: bool,
+                                      runtime: str) -> None:
+    uid, cid = str(pod), raw.hex()
+    if systemd:
+        slices = "/kubepods.slice" + (f"/kubepods-{qos}.slice" if qos else "")
+        leaf = f"kubepods{'-' + qos if qos else ''}-pod{uid.replace('-', '_')}.slice"
+        path = f"{slices}/{leaf}/{runtime}-{cid}.scope"
+    else:
+        path = f"/kubepods{'/' + qos if qos else ''}/pod{uid}/{cid}"
+    assert kubelet_identity(f"0::{path}\n") == (uid, cid)
+
+
+SERVER_PORT, CLIENT_PORT = 8080, 40000
+
+
+@pytest.mark.kernel
+def test_a_finding_names_the_kubelet_style_pod_of_its_socket(lab: Lab) -> None:
+    """The incident's hang, its server socket held by a 'pod' process: the finding names
+    the pod UID and container id, in the JSON and in the human table."""
+    server_pod, client_pod = lab.pods
+    s_ip, c_ip = server_pod.addr(), client_pod.addr()
+    listener = lab.listen(server_pod, port=SERVER_PORT)
+    dummy, _ = lab.dummy_pair()
+    future = cilium_key(s_ip, SERVER_PORT, c_ip, CLIENT_PORT)
+    lab.inject(future, dummy)
+    cli = lab.connect(client_pod, s_ip, SERVER_PORT, src_port=CLIENT_PORT)
+    srv = lab.accept(listener)
+
+    pod_uid, container = str(uuid.uuid4()), os.urandom(32).hex()
+    levels = ["kubepods.slice", "kubepods-besteffort.slice",
+              f"kubepods-besteffort-pod{pod_uid.replace('-', '_')}.slice",
+              f"cri-containerd-{container}.scope"]
+    made: list[Path] = []
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                              pass_fds=[srv.fileno()])
+    try:
+        path = lab.cgroup.path
+        for level in levels:
+            path = path / level
+            path.mkdir()
+            made.append(path)
+        (path / "cgroup.procs").write_text(str(holder.pid))
+        srv.close()  # the pod's process alone holds the server socket now
+        proc = subprocess.run([sys.executable, "-m", "sockguard", "audit", "--map",
+                               str(lab.pin_path), "--json"], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert proc.returncode == 1, proc.stderr
+        [f] = [f for f in json.loads(proc.stdout)["findings"] if f["key_hex"] == future.hex()]
+        assert f["kind"] == "shadowing"
+        owner = f["owner"]
+        assert (owner["pid"], owner["container"], owner["pod_uid"]) == (
+            holder.pid, container, pod_uid)
+        table = subprocess.run([sys.executable, "-m", "sockguard", "audit", "--map",
+                                str(lab.pin_path)], capture_output=True, text=True, timeout=60,
+                               check=False)
+        assert f"pod {pod_uid}, {container[:12]}" in table.stdout, table.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+        cli.close()
+        for path in reversed(made):
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    path.rmdir()
+                    break
+                except OSError:  # the killed process leaves the cgroup a moment later
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
