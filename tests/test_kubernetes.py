@@ -19,7 +19,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import shutil
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +35,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "packaging" / "kubernetes"
+DASHBOARD = ROOT / "packaging" / "grafana" / "sockguard-dashboard.json"
 CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1",
              "PrometheusRule": "monitoring.coreos.com/v1"}
 #: Oldest Kubernetes the manifests are for (appArmorProfile is a field since 1.30), newest
@@ -290,3 +294,75 @@ def test_generator_follows_its_source(tmp_path: Path) -> None:
     changed.write_text(source.read_text().replace("for: 15m", "for: 16m", 1))
     assert gen.render(changed) != gen.render(source)
     assert "for: 16m" in gen.render(changed)
+
+
+# -- the Grafana dashboard -------------------------------------------------------------------
+
+
+def _exported_names() -> set[str]:
+    """Every sample name a daemon's registry exports (a snapshot taken, so all gauges show)."""
+    from sockguard.service.metrics import MapSample, Metrics, Snapshot
+
+    m = Metrics()
+    m._snapshot.snapshot = Snapshot(maps=(MapSample(1, "cilium_sock_ops", 1, {}, 0, 0),),
+                                    taken=True)
+    return {s.name for fam in m.registry.collect() for s in fam.samples}
+
+
+def test_dashboard_parses_with_the_fields_grafana_needs() -> None:
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert dash["title"] and dash["uid"] and isinstance(dash["schemaVersion"], int)
+    variables = {v["name"] for v in dash["templating"]["list"]}
+    assert {"datasource", "instance"} <= variables
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for p in dash["panels"]:
+        assert p["type"] in {"timeseries", "stat", "table", "gauge"}, p["title"]
+        assert p["title"]
+        gp = p["gridPos"]
+        assert all(isinstance(gp[k], int) for k in ("h", "w", "x", "y"))
+        assert gp["w"] > 0 and gp["x"] + gp["w"] <= 24
+        assert p["datasource"]["uid"] == "${datasource}"
+        assert p["targets"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs))
+        assert all(t["expr"] for t in p["targets"])
+
+
+def test_dashboard_queries_only_metrics_the_daemon_exports() -> None:
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
+    queried = {n for e in exprs for n in re.findall(r"\bsockguard_[a-z0-9_]+", e)}
+    exported = _exported_names()
+    assert queried, "no sockguard metric queried"
+    missing = queried - exported
+    assert not missing, f"not exported by sockguard/service/metrics.py: {missing}"
+    # the panels: findings by kind, deletions, audit duration, tracer detections
+    for needed in ("sockguard_findings", "sockguard_map_entries", "sockguard_deletions_total",
+                   "sockguard_audit_duration_seconds_bucket", "sockguard_detection_active"):
+        assert needed in queried, needed
+    for kind in ("stale", "shadowing", "recvpath"):
+        assert any(f'kind="{kind}"' in e for e in exprs), kind
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each query (Grafana's variables replaced) as a recording rule."""
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus; make test-deps)")
+    dash = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    grafana_vars = {"$__rate_interval": "1m", "$instance": ".*"}
+    rules = []
+    for p in dash["panels"]:
+        for t in p["targets"]:
+            expr = t["expr"]
+            for var, value in grafana_vars.items():
+                expr = expr.replace(var, value)
+            assert "$" not in expr, f"unknown variable in {t['expr']}"
+            rules.append({"record": f"dashboard:panel{p['id']}:{t['refId']}", "expr": expr})
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    run = subprocess.run([tool, "check", "rules", str(path)], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
