@@ -3,7 +3,7 @@
  * trace_lifecycle: TCP sockets becoming established, closing and dying.
  *
  * A sockhash entry is removed when its socket closes (sock_map_close).  On
- * the seed's kernels that removal sometimes did not happen; the daemon
+ * the kernels of the incident that removal sometimes did not happen; the daemon
  * therefore checks, right after a socket dies, whether the key of its tuple
  * is still in a map and then runs an audit at once instead of waiting up to
  * audit.interval seconds.  For deaths the daemon uses only the destroy

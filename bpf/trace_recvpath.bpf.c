@@ -4,7 +4,7 @@
  *
  * A socket inside a sockhash/sockmap has its sk_prot replaced by tcp_bpf's
  * (recvmsg = tcp_bpf_recvmsg, or tcp_bpf_recvmsg_parser with an sk_skb
- * verdict); any other TCP socket receives with tcp_recvmsg.  The seed's
+ * verdict); any other TCP socket receives with tcp_recvmsg.  The incident's
  * shadowed server socket failed its insert (EEXIST), so it kept tcp_recvmsg
  * while its peer redirected every payload into the stale entry's socket:
  * "receives via tcp_recvmsg although its key is in the map" is the symptom.

@@ -3,7 +3,7 @@
  * trace_sockhash: sockhash inserts and their result, and psock drops with
  * their caller.
  *
- * The seed's collision, as the kernel lives it: the sockops program calls
+ * The incident's collision, as the kernel lives it: the sockops program calls
  * bpf_sock_hash_update(..., BPF_NOEXIST) for the server side of a new
  * connection, sock_hash_update_common finds the stale key and returns
  * -EEXIST, and on its way out drops the psock it had just attached

@@ -199,7 +199,7 @@ def _make_stale(lab: Lab) -> bytes:
 
 
 def _make_shadowing(lab: Lab) -> tuple[bytes, bytes, socket.socket, socket.socket]:
-    """The seed incident: a dummy under the server key of a connection, then the connection.
+    """The incident: a dummy under the server key of a connection, then the connection.
 
     Returns (server key, client key, client socket, server socket).
     """

@@ -1,4 +1,4 @@
-"""The key codec, without root: the seed's bytes, round trips, bad input."""
+"""The key codec, without root: the incident's bytes, round trips, bad input."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from sockguard.core.layout import CILIUM, KeyDecodeError, decode, encode, key_fo
 from sockguard.core.model import Endpoint, Tuple4
 
 # The README's worked key example ("Cilium's key layout"), from the incident.
-SEED_KEY = bytes.fromhex(
+INCIDENT_KEY = bytes.fromhex(
     "0a0a8630" + "00" * 12 + "0a0a65f9" + "00" * 12 + "01000000" + "1f900000" + "db780000"
 )
 
 
-def test_seed_key_decodes_to_the_incident_tuple() -> None:
-    key = decode(CILIUM, SEED_KEY)
+def test_incident_key_decodes_to_the_incident_tuple() -> None:
+    key = decode(CILIUM, INCIDENT_KEY)
     assert key.family == 4
     assert key.sip == ip_address("10.10.134.48") and key.sport == 8080
     assert key.dip == ip_address("10.10.101.249") and key.dport == 56184
@@ -31,10 +31,10 @@ def test_seed_key_decodes_to_the_incident_tuple() -> None:
                              "dip": "10.10.101.249", "dport": 56184}
 
 
-def test_seed_key_encodes_back_to_the_same_bytes() -> None:
-    key = decode(CILIUM, SEED_KEY)
-    assert encode(CILIUM, 4, key.sip, key.sport, key.dip, key.dport) == SEED_KEY
-    assert key_for_socket(CILIUM, key.owner) == SEED_KEY
+def test_incident_key_encodes_back_to_the_same_bytes() -> None:
+    key = decode(CILIUM, INCIDENT_KEY)
+    assert encode(CILIUM, 4, key.sip, key.sport, key.dip, key.dport) == INCIDENT_KEY
+    assert key_for_socket(CILIUM, key.owner) == INCIDENT_KEY
 
 
 def test_ipv6_key() -> None:
@@ -49,11 +49,11 @@ def test_ipv6_key() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        (SEED_KEY[:43], "43 bytes"),
-        (SEED_KEY + b"\0", "45 bytes"),
-        (SEED_KEY[:32] + b"\x07" + SEED_KEY[33:], "unknown family code 7"),
-        (SEED_KEY[:4] + b"\x01" + SEED_KEY[5:], "non-zero padding"),
-        (SEED_KEY[:38] + b"\x01" + SEED_KEY[39:], "non-zero high bytes"),
+        (INCIDENT_KEY[:43], "43 bytes"),
+        (INCIDENT_KEY + b"\0", "45 bytes"),
+        (INCIDENT_KEY[:32] + b"\x07" + INCIDENT_KEY[33:], "unknown family code 7"),
+        (INCIDENT_KEY[:4] + b"\x01" + INCIDENT_KEY[5:], "non-zero padding"),
+        (INCIDENT_KEY[:38] + b"\x01" + INCIDENT_KEY[39:], "non-zero high bytes"),
     ],
 )
 def test_bad_keys_are_refused_with_a_reason(raw: bytes, message: str) -> None:

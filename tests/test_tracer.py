@@ -4,8 +4,8 @@ Unit tests (no root): event decoding, caller classification, receive-path
 names, the leak-range verdict.  Kernel tests (root, the lab): every tracer
 program goes through the verifier; what cannot attach on this kernel is
 skipped with the capability probe's reason; the receive path, lifecycle and
-map-membership annotations are checked against real sockets, including the
-seed's shadowed server socket; the CLI commands and the daemon's consumption
+map-membership annotations are checked against real sockets, including
+the incident's shadowed server socket; the CLI commands and the daemon's consumption
 of events run as subprocesses.
 """
 
@@ -101,7 +101,7 @@ def test_kallsyms_rejects_an_ambiguous_name_as_recvsyms_does() -> None:
     # kprobe: the probed function first, then the inlined sk_psock_put's caller
     ([0xFFFFFFFF81000001, 0xFFFFFFFF81000150, 0xFFFFFFFF81000410], "sock_hash_update_common",
      "update_failed"),
-    # the seed's normal close: sk_psock_drop+1 sock_map_remove_links+161 sock_map_close+50
+    # the incident's normal close: sk_psock_drop+1 sock_map_remove_links+161 sock_map_close+50
     ([0xFFFFFFFF81000001, 0xFFFFFFFF810006A1, 0xFFFFFFFF81000432], "sock_map_remove_links",
      "delete"),
     # fentry: the BPF program frame comes first
@@ -122,9 +122,9 @@ def test_recv_path_names() -> None:
 
 
 @pytest.mark.parametrize(("release", "verdict"), [
-    ("5.10.134-16.al8.x86_64", "known-affected"),  # the seed's node
+    ("5.10.134-16.al8.x86_64", "known-affected"),  # the incident's node
     ("5.10.58", "known-affected"),
-    ("5.10.56-1", "before-known-range"),  # the seed's working nodes
+    ("5.10.56-1", "before-known-range"),  # the incident's working nodes
     ("6.18.44-fc-v595", "not-known"),
     ("garbage", "not-known"),
 ])
@@ -339,7 +339,7 @@ def _need(c: Collector, detection: str) -> None:
 def test_recv_path_bpf_for_accelerated_and_tcp_for_the_shadowed_server(
         lab: Lab, collector: Callable[..., Collector]) -> None:
     """What it proves: the same check that says "bpf" for a healthy lab connection says
-    "tcp_recvmsg + key in map" for the seed's server socket, at the moment it waits for a
+    "tcp_recvmsg + key in map" for the incident's server socket, at the moment it waits for a
     request that went elsewhere — the hang is flagged without any audit.
     """
     c = collector()
@@ -360,7 +360,7 @@ def test_recv_path_bpf_for_accelerated_and_tcp_for_the_shadowed_server(
     ev = c.wait(lambda e: _is(e, "recv", c_loc, s_loc))
     assert ev.recv_path == "bpf" and ev.netns == _netns_ino(client_pod.path)
 
-    # 2. The seed: a stale socket under the server key of the next connection.
+    # 2. The incident: a stale socket under the server key of the next connection.
     listener = lab.listen(server_pod, port=SERVER_PORT)
     stale, _peer = lab.dummy_pair()
     lab.inject(cilium_key(s_ip, SERVER_PORT, c_ip, CLIENT_PORT), stale)
@@ -422,7 +422,7 @@ def test_lifecycle_events_for_close_and_a_key_left_behind(
         assert ev.key_in_maps == () and not ev.left_behind  # sock_map_close removed it
         c.wait(lambda e, lo=local, re=remote: _is(e, "destroy", lo, re))
 
-    # A socket whose key points elsewhere (the seed's state) closes: the key stays.
+    # A socket whose key points elsewhere (the incident's state) closes: the key stays.
     a, b = lab.dummy_pair()
     a_tuple = Tuple4(4, Endpoint(*_ep(*a.getsockname()[:2])),  # type: ignore[arg-type]
                      Endpoint(*_ep(*a.getpeername()[:2])))  # type: ignore[arg-type]
@@ -492,7 +492,7 @@ def test_filtered_tracer_reports_watched_sockets_and_nothing_else(
         ev = c.wait(lambda e, lo=local, re=remote: _is(e, "destroy", lo, re))
         assert ev.key_in_maps == () and not ev.left_behind and not ev.late
 
-    # 2. The seed's shadowed server: key watched, receives via tcp_recvmsg -> mismatch;
+    # 2. The incident's shadowed server: key watched, receives via tcp_recvmsg -> mismatch;
     #    it closes while its key stays in the map -> left behind.
     listener = lab.listen(server_pod, port=SERVER_PORT)
     stale, _peer = lab.dummy_pair()
@@ -583,7 +583,7 @@ def test_filter_off_for_a_layout_the_kernel_side_does_not_know(lab: Lab) -> None
 @pytest.mark.kernel
 def test_update_failure_seen_when_update_tracing_attaches(
         lab: Lab, collector: Callable[..., Collector]) -> None:
-    """The EEXIST of the seed's server insert, and the psock drop it causes."""
+    """The EEXIST of the incident's server insert, and the psock drop it causes."""
     c = collector()
     _need(c, "update_failures")
     server_pod, client_pod = lab.pods
@@ -756,7 +756,7 @@ def test_daemon_audits_within_a_second_or_two_when_a_key_is_left_behind(
     log = _tracer_started(d)
     if "lifecycle (" not in log:
         pytest.skip("lifecycle detection inactive here: " + log)
-    # The seed's leftover: the key of a's tuple points to another socket (c), and the
+    # The incident's leftover: the key of a's tuple points to another socket (c), and the
     # connection a-b closes on both ends; nothing removes that key.
     a, b = lab.dummy_pair()
     c, _d = lab.dummy_pair()

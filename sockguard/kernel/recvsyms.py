@@ -4,7 +4,7 @@ A socket in a sockmap/sockhash reads through its psock's proto, whose
 ``recvmsg`` is ``tcp_bpf_recvmsg`` (``tcp_bpf_recvmsg_parser`` when the map has
 an sk_skb verdict program, net/ipv4/tcp_bpf.c ``tcp_bpf_rebuild_protos``); any
 other TCP socket, IPv4 or IPv6, has ``tcp_recvmsg`` (tcp_prot and tcpv6_prot
-share it).  The seed's hang is a socket whose key is in the map while its
+share it).  The incident's hang is a socket whose key is in the map while its
 receive path is still ``tcp_recvmsg``.
 
 Why /proc/kallsyms read here and handed to the programs in ``.rodata``, not

@@ -2,7 +2,7 @@
 
 ==========================  ===============================================
 ``trace_sockhash.bpf.o``    sockhash inserts and their result (EEXIST: the
-                            seed's collision); ``sk_psock_drop`` with a short
+                            incident's collision); ``sk_psock_drop`` with a short
                             kernel stack naming its caller.  kprobe+kretprobe
                             or fentry/fexit — neither attaches on every kernel.
 ``trace_recvpath.bpf.o``    ``sk->sk_prot->recvmsg`` of each TCP socket that
@@ -29,7 +29,7 @@ Userspace adds what the kernel side leaves out on purpose: names for the
 addresses (``/proc/kallsyms``), the decoded key (layout), and — for a socket
 that receives via ``tcp_recvmsg`` or a socket that just closed — whether the
 key of its tuple is in one of the audited maps.  A socket receiving via
-``tcp_recvmsg`` while its key is in a map is the seed's shadowed connection:
+``tcp_recvmsg`` while its key is in a map is the incident's shadowed connection:
 its peer redirects every payload into whatever socket that entry holds.
 
 In the daemon (``filter_watched``) the kernel side asks first: the receive
