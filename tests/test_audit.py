@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockguard.core.audit import AuditPolicy, SocketIndex, audit_map, confirm, judge
+from sockguard.core.audit import AuditPolicy, SocketIndex, confirm
 from sockguard.core.layout import CILIUM, decode, key_for_socket
 from sockguard.core.model import Endpoint, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
 from sockguard.core.tcp_states import (
@@ -18,6 +18,7 @@ from sockguard.core.tcp_states import (
     TCP_SYN_SENT,
     TCP_TIME_WAIT,
 )
+from tests.audit_oracle import audit_map, judge
 
 MAP = MapInfo(7, "cilium_sock_ops", "sockhash", 44, 4, 65535, "/sys/fs/bpf/x")
 POD_NS = Netns(4026532000, "pod-a")

@@ -12,7 +12,6 @@ from sockguard.core.audit import (
     AuditPolicy,
     AuditResult,
     SocketIndex,
-    audit_map,
     audit_records,
     confirm,
     normalize,
@@ -21,6 +20,7 @@ from sockguard.core.compact import Interner, Record, SocketTable, maker, target_
 from sockguard.core.layout import CILIUM, decode, key_for_socket
 from sockguard.core.model import Endpoint, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
 from sockguard.kernel.sockets import _request
+from tests.audit_oracle import audit_map
 
 MAP = MapInfo(1, "cilium_sock_ops", "sockhash", 44, 4, 65535)
 NETNS = [Netns(4026531840, "host"), Netns(4026532000, "pod-a")]

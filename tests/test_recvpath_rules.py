@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sockguard.core.audit import AuditPolicy, SocketIndex, audit_map, audit_records, judge
+from sockguard.core.audit import AuditPolicy, SocketIndex, audit_records
 from sockguard.core.compact import Record, SocketTable
 from sockguard.core.errors import SockguardError
 from sockguard.core.layout import CILIUM, decode, key_for_socket
@@ -31,6 +31,7 @@ from sockguard.core.model import (
 )
 from sockguard.core.tcp_states import TCP_CLOSE, TCP_ESTABLISHED
 from sockguard.kernel.remediation import reverify
+from tests.audit_oracle import audit_map, judge
 
 MAP = MapInfo(7, "cilium_sock_ops", "sockhash", 44, 4, 65535, "/sys/fs/bpf/x")
 POD = Netns(4026532000, "pod-a")

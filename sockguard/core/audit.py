@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import cast
 
@@ -55,10 +55,10 @@ from sockguard.core.compact import (
     SocketTable,
     ckey,
     entry_cookie,
+    entry_target,
     fold,
     gc_paused,
     maker,
-    target_socket,
 )
 from sockguard.core.layout import KeyDecodeError, KeyLayout, decode, decode_fields
 from sockguard.core.model import (
@@ -269,16 +269,6 @@ class AuditPolicy:
 
     proxy_ips: frozenset[IPAddress] = frozenset()
     host_listen_ports: frozenset[int] | None = frozenset()
-
-
-@dataclass
-class Verdict:
-    """What the rules say about one entry before any confirmation."""
-
-    kind: Kind | None  # None: in handshake, no verdict yet
-    reason: str
-    socket: LiveSocket | None = None
-    details: dict[str, object] = field(default_factory=dict)
 
 
 def _describe(sock: LiveSocket) -> str:
@@ -537,11 +527,6 @@ def _judge_by_tuple(entry: MapEntry, index: SocketIndex, k: CKey, first: int) ->
     return Kind.SHADOWING, reason, victim, details
 
 
-def judge(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> Verdict:
-    """Apply the classification rules to one decoded entry."""
-    return Verdict(*_classify(entry, index, policy))
-
-
 #: An ``ok`` entry whose finding is not built yet: its key, iterator record, owner row.
 _LazyOk = tuple[bytes, Record, int]
 
@@ -633,31 +618,6 @@ class AuditResult:
                 f"undecodable={self.undecodable!r})")
 
 
-def audit_map(
-    info: MapInfo,
-    entries: Sequence[MapEntry],
-    index: SocketIndex,
-    policy: AuditPolicy,
-    undecodable: Sequence[str] = (),
-) -> AuditResult:
-    """Classify every entry of one map against the live sockets."""
-    findings: list[Finding] = []
-    pending = unverified = 0
-    append = findings.append
-    with gc_paused():
-        for entry in entries:
-            kind, reason, sock, details = _classify(entry, index, policy)
-            if kind is None:
-                if details.get(UNVERIFIED):
-                    unverified += 1
-                else:
-                    pending += 1
-                continue
-            append(_new_finding(kind, info, entry, reason, sock, None, False, details))
-    return AuditResult(info, len(entries) + len(undecodable), findings, pending,
-                       list(undecodable), unverified=unverified)
-
-
 def audit_records(
     info: MapInfo,
     layout: KeyLayout,
@@ -666,16 +626,20 @@ def audit_records(
     policy: AuditPolicy,
     healthy: int = 0,
 ) -> AuditResult:
-    """``audit_map`` over sockmap-iterator records, building little for ``ok`` entries.
+    """Classify every entry of one map against the live sockets, building little for ``ok``.
 
-    ``healthy``: entries the kernel judged healthy and did not report
-    (bpf/entry_record.h); they count as ``ok`` but have no finding.
+    ``records`` come from the entry sources (sockmap iterator, tc lookup), or
+    for a map read with syscalls alone from ``compact.syscall_record`` (no
+    entry socket: its target is None).  ``healthy``: entries the kernel judged
+    healthy and did not report (bpf/entry_record.h); they count as ``ok`` but
+    have no finding.
 
-    The same verdicts as decoding each record into a ``MapEntry`` (key with
-    ``decode``, target with ``target_socket``) and calling ``audit_map``;
-    the common case — one live owner, the entry points to it, and that socket
-    is neither dead nor on the plain receive path — is recognised on compact
-    keys, and its finding is built only when read.
+    Each record is decoded into a ``MapEntry`` (key with ``decode``, target
+    with ``entry_target``) and judged by ``_classify``.  The common case — one
+    live owner, the entry points to it by cookie, and that socket is neither
+    dead nor on the plain receive path — is recognised on compact keys first
+    (the ``ok`` of ``_owner_verdict``, without building anything), and its
+    finding is built only when read.
     """
     interner = index.interner
     parts: list[Finding | _LazyOk] = []
@@ -703,9 +667,8 @@ def audit_records(
                 append((raw, rec, first))
                 lazy += 1
                 continue
-            target = target_socket(rec, interner)
             entry = _new_entry(raw.hex(), decode(layout, raw, interner), entry_cookie(rec),
-                               target)
+                               entry_target(rec, interner))
             kind, reason, sock, details = _classify(entry, index, policy)
             if kind is None:
                 if details.get(UNVERIFIED):
@@ -717,8 +680,8 @@ def audit_records(
 
     def make(part: _LazyOk) -> Finding:
         raw, rec, row = part
-        target = target_socket(rec, interner)
-        entry = _new_entry(raw.hex(), decode(layout, raw, interner), target.cookie, target)
+        entry = _new_entry(raw.hex(), decode(layout, raw, interner), entry_cookie(rec),
+                           entry_target(rec, interner))
         details: dict[str, object] = {"verified_by_cookie": True}
         path = RECV_NAMES.get(rec[10]) or index.table.recv_path(rec[1])
         if path is not None:

@@ -53,6 +53,10 @@ Record = tuple[bytes, int, int, int, int, bytes, bytes, int, int, bool, int]
 #: (the tc lookup on kernels that refuse bpf_skc_to_tcp_sock there).
 COOKIE_UNKNOWN = -1
 
+#: A record's family when no source told anything of the entry's socket (a map read
+#: with syscalls alone): the entry has no ``TargetSocket``.
+FAMILY_UNKNOWN = -1
+
 #: Receive path codes the iterators write (bpf/sock_state.h RECV_*), and their names.
 RECV_CODE_UNKNOWN, RECV_CODE_TCP, RECV_CODE_BPF, RECV_CODE_OTHER = 0, 1, 2, 3
 RECV_NAMES: dict[int, str] = {RECV_CODE_TCP: RECV_TCP, RECV_CODE_BPF: RECV_BPF,
@@ -230,6 +234,22 @@ def entry_cookie(rec: Record) -> int | None:
     """The cookie of the socket a record's entry points to; None when the source cannot tell."""
     cookie = rec[1]
     return None if cookie == COOKIE_UNKNOWN else cookie
+
+
+def syscall_record(key: bytes, cookie: int | None) -> Record:
+    """The record of an entry read with syscalls alone: its key and what its value says.
+
+    ``cookie``: the socket cookie an 8-byte value holds, None for a 4-byte
+    value (the kernel refuses that lookup).  Nothing else is known of the
+    socket, so the audit judges it as it would a ``MapEntry`` without a target.
+    """
+    return (key, COOKIE_UNKNOWN if cookie is None else cookie, 0, FAMILY_UNKNOWN, 0, b"", b"",
+            0, 0, False, RECV_CODE_UNKNOWN)
+
+
+def entry_target(rec: Record, interner: Interner) -> TargetSocket | None:
+    """The entry's socket as its record describes it; None where no source told of it."""
+    return None if rec[3] == FAMILY_UNKNOWN else target_socket(rec, interner)
 
 
 def target_socket(rec: Record, interner: Interner) -> TargetSocket:

@@ -21,8 +21,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from sockguard.core.audit import AuditPolicy, AuditResult, SocketIndex, audit_map, audit_records
-from sockguard.core.compact import Interner, Record, entry_cookie, gc_paused, maker
+from sockguard.core.audit import AuditPolicy, AuditResult, SocketIndex, audit_records
+from sockguard.core.compact import Interner, Record, gc_paused, syscall_record
 from sockguard.core.errors import (
     LayoutMismatchError,
     LibbpfMissingError,
@@ -30,7 +30,7 @@ from sockguard.core.errors import (
     SockguardError,
 )
 from sockguard.core.layout import CILIUM, KeyDecodeError, KeyLayout, decode
-from sockguard.core.model import Finding, MapEntry, MapInfo, Netns, Tuple4
+from sockguard.core.model import Finding, MapInfo, Netns, Tuple4
 from sockguard.core.tcp_states import OWNER_STATES
 from sockguard.kernel import maps as maps_adapter
 from sockguard.kernel.libbpf import BpfError
@@ -52,8 +52,6 @@ from sockguard.kernel.tcp_iter import read_tcp, tcp_iterator_available
 
 log = logging.getLogger(__name__)
 
-_new_entry = maker(MapEntry)
-
 #: ``--socket-source`` choices: where a look reads the live sockets from.
 SOCKET_SOURCES = ("auto", "iterator", "sock_diag")
 #: ``--entry-source`` choices: where a look learns which socket each entry points to.
@@ -62,12 +60,14 @@ ENTRY_SOURCES = ("auto", "iterator", "tc_lookup", "syscall")
 
 @dataclass
 class MapRead:
-    """The decoded entries of one map, read at one moment."""
+    """The entries of one map read with syscalls alone, at one moment.
+
+    ``records``: one ``compact.syscall_record`` per key, in map order (keys
+    are decoded by ``audit_records``, which reports those it cannot decode).
+    """
 
     info: MapInfo
-    entries: list[MapEntry]
-    undecodable: list[str]
-    source: str  # "iterator" or "syscall" (see EntrySource)
+    records: list[Record]
 
 
 @dataclass
@@ -157,43 +157,19 @@ def entry_source(requested: str = "auto") -> EntrySource:
     return EntrySource("syscall", "none", False, reason)
 
 
-def read_map(info: MapInfo, layout: KeyLayout, use_iterator: bool = True,
-             interner: Interner | None = None) -> MapRead:
-    """Every key of a map, decoded, with the socket cookie behind it where knowable.
+def read_map(info: MapInfo, layout: KeyLayout) -> MapRead:
+    """Every key of a map, with the socket cookie behind it where the syscalls tell it.
 
     An 8-byte value is the socket cookie (sock_map_lookup_sys); a Cilium map
     has 4-byte values, whose lookup fails with ENOSPC, so there only a BPF
-    program (the sockmap iterator, or the tc lookup) can tell which socket an
-    entry points to.  ``interner`` shares address and tuple objects with the
-    rest of a look.
+    program (``read_entry_records``: the sockmap iterator, or the tc lookup)
+    can tell which socket an entry points to.  This is the read for maps no
+    such program reads (8-byte values, ``--entry-source syscall``).
     """
     layout.check_map(info.key_size, info.name)
-    entries: list[MapEntry] = []
-    undecodable: list[str] = []
-    interner = interner if interner is not None else Interner()
-    append = entries.append
     with maps_adapter.open_map(info) as handle, gc_paused():
-        if info.value_size != 8 and use_iterator and iterator_available()[0]:
-            records = read_records(handle.fd, info.key_size)
-            keys: list[bytes] = list(records)
-            source = "iterator"
-        else:
-            records = {}
-            keys = list(handle.keys())
-            source = "syscall"
-        for raw in keys:
-            try:
-                key = decode(layout, raw, interner)
-            except KeyDecodeError as exc:
-                undecodable.append(f"{raw.hex()}: {exc}")
-                continue
-            rec = records.get(raw)
-            if rec is not None:
-                target = target_socket(rec, interner)
-                append(_new_entry(raw.hex(), key, entry_cookie(rec), target))
-            else:
-                append(_new_entry(raw.hex(), key, handle.lookup_cookie(raw), None))
-    return MapRead(info, entries, undecodable, source)
+        return MapRead(info, [syscall_record(raw, handle.lookup_cookie(raw))
+                              for raw in handle.keys()])
 
 
 def read_entry_records(info: MapInfo, source: EntrySource, judge: bool = False,
@@ -278,10 +254,9 @@ def _unseen_namespaces(reads: Sequence[MapRead | tuple[MapInfo, dict[bytes, Reco
     unseen: dict[int, int] = {}
     for r in reads:
         if isinstance(r, MapRead):
-            inos = (e.target.netns_ino for e in r.entries if e.target is not None)
-        else:
-            inos = (rec[2] for rec in r[1].values())
-        for ino in inos:
+            continue  # read with syscalls: nothing is known of its entries' sockets
+        for rec in r[1].values():
+            ino = rec[2]
             if ino and ino not in seen:
                 unseen[ino] = unseen.get(ino, 0) + 1
     return unseen
@@ -320,7 +295,7 @@ def _look(
                     reads.append((info, records))
                     sources[info.id], exactness[info.id] = source.name, source.exactness
                 else:
-                    reads.append(read_map(info, layout, False, interner))
+                    reads.append(read_map(info, layout))
                     sources[info.id] = "syscall"
                     exactness[info.id] = "cookie" if info.value_size == 8 else "none"
             except (LayoutMismatchError, MapGoneError) as exc:
@@ -346,7 +321,7 @@ def _look(
         results: list[AuditResult] = []
         for r in reads:
             if isinstance(r, MapRead):
-                results.append(audit_map(r.info, r.entries, index, policy, r.undecodable))
+                results.append(audit_records(r.info, layout, r.records, index, policy))
             else:
                 info, records = r
                 results.append(audit_records(info, layout, records.values(), index, policy,
