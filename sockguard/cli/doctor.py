@@ -195,6 +195,8 @@ def sock_maps() -> list[dict[str, object]]:
             continue
         try:
             info = maps_adapter.resolve_map(f"id:{map_id}")
+            if info.name.startswith(maps_adapter.PROBE_MAP_PREFIX):
+                continue  # our own probe's, not yet freed
         except (SockguardError, OSError):
             continue
         out.append({"id": info.id, "name": info.name, "type": info.map_type,

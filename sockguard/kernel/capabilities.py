@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sockguard.core.errors import LibbpfMissingError
-from sockguard.kernel import bpf_object, libbpf
+from sockguard.kernel import bpf_object, libbpf, maps
 from sockguard.kernel import trace_symbols as kallsyms
 from sockguard.kernel.libbpf import BpfError
 
@@ -154,7 +154,8 @@ def _tracefs() -> Feature:
 
 def _ringbuf() -> Feature:
     try:
-        fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_RINGBUF, "sg_probe_rb", 0, 0, 4096)
+        fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_RINGBUF, f"{maps.PROBE_MAP_PREFIX}rb",
+                               0, 0, 4096)
     except BpfError as exc:
         return Feature("ringbuf", False, f"creating a BPF ring buffer fails ({_errname(exc.errno)}"
                                          ": kernel < 5.8?); the tracer cannot report events")

@@ -33,6 +33,10 @@ from sockguard.kernel.libbpf import BpfError
 log = logging.getLogger(__name__)
 
 SOCK_MAP_TYPES = {libbpf.BPF_MAP_TYPE_SOCKMAP: "sockmap", libbpf.BPF_MAP_TYPE_SOCKHASH: "sockhash"}
+#: Name prefix of the maps sockguard creates only to probe the kernel.  A closed map
+#: stays listed until the kernel frees it (bpf_map_put defers that to a work queue),
+#: so listings of the node's maps skip these by name.
+PROBE_MAP_PREFIX = "sg_probe_"
 
 BPF_FS_MAGIC = 0xCAFE4A11
 MOUNT_HINT = "mount -t bpf bpf /sys/fs/bpf"

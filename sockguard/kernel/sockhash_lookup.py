@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 
 from sockguard.core.compact import COOKIE_UNKNOWN, Record, gc_paused
 from sockguard.core.errors import LibbpfMissingError
-from sockguard.kernel import bpf_object, libbpf, recvsyms
+from sockguard.kernel import bpf_object, libbpf, maps, recvsyms
 from sockguard.kernel.libbpf import BpfError
 from sockguard.kernel.sockmap_iter import KEY_MAX, REC_DEAD, REC_HAS_SOCKET, RECORD
 
@@ -74,7 +74,7 @@ def _load(map_fd: int, key_size: int, program: str, judge: bool = False,
 def _probe() -> tuple[str | None, str]:
     """(the program this kernel loads, or None; why) — tried once per process."""
     try:
-        fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_SOCKHASH, "sg_probe_sh", 44, 4, 1)
+        fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_SOCKHASH, f"{maps.PROBE_MAP_PREFIX}sh", 44, 4, 1)
     except BpfError as exc:
         return None, f"cannot create a sockhash to probe the tc lookup: {exc}"
     except LibbpfMissingError as exc:
