@@ -167,3 +167,54 @@ def test_wheel_carries_the_bpf_objects_and_runs_where_clang_is_absent(
     if exact:  # a BPF object from the wheel read the map
         assert doc["maps"][0]["source"] == exact[0], doc["maps"][0]
     assert doc["entry_source"]["name"] == doc["maps"][0]["source"]
+
+
+@pytest.mark.kernel
+def test_debian_package_is_self_contained_and_audits_from_its_venv(
+        tmp_path: Path, lab: Lab) -> None:
+    """packaging/debian/build-deb: the unit, the bpffs mount, the config as a conffile, a
+    venv under /opt/sockguard naming no build path; its sockguard audits a lab map."""
+    for tool in ("dpkg-deb", "fakeroot"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed")
+    build = subprocess.run([str(ROOT / "packaging" / "debian" / "build-deb"),
+                            str(tmp_path / "out")], capture_output=True, text=True,
+                           timeout=900, check=False)
+    assert build.returncode == 0, build.stderr[-3000:]
+    deb = Path(build.stdout.strip().splitlines()[-1])
+
+    def field(name: str) -> str:
+        return subprocess.run(["dpkg-deb", "-f", str(deb), name], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert field("Package") == "sockguard"
+    assert "libbpf1" in field("Depends") and "python3 (>= 3.11)" in field("Depends")
+    control = tmp_path / "control"
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True)
+    assert (control / "conffiles").read_text().split() == ["/etc/sockguard/sockguard.toml"]
+    assert "rm -rf /etc/sockguard" in (control / "postrm").read_text()  # purge only
+
+    root = tmp_path / "root"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    assert (root / "etc/sockguard/sockguard.toml").read_text() == (
+        ROOT / "packaging" / "sockguard.toml").read_text()
+    assert (root / "lib/systemd/system/sockguard.service").read_text() == UNIT.read_text()
+    assert (root / "lib/systemd/system/sys-fs-bpf.mount").is_file()
+    venv = root / "opt/sockguard/.venv"
+    assert (venv / "bin/sockguard").read_text().startswith("#!/opt/sockguard/.venv/bin/python")
+    objects = {p.name for p in venv.glob("lib/python3*/site-packages/sockguard/bpf/*.bpf.o")}
+    assert objects == {p.name.replace(".bpf.c", ".bpf.o") for p in (ROOT / "bpf").glob("*.bpf.c")}
+    leaks = subprocess.run(["grep", "-rl", "--", str(tmp_path), str(root)], capture_output=True,
+                           text=True, check=False).stdout
+    assert leaks == "", f"build paths inside the package: {leaks[:500]}"
+
+    # Unpacked elsewhere the venv still works: python finds it by its pyvenv.cfg.
+    audit = subprocess.run([str(venv / "bin/python3"), "-m", "sockguard", "audit", "--map",
+                            str(lab.pin_path), "--json"], capture_output=True, text=True,
+                           timeout=120, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                           check=False)
+    assert audit.returncode in (0, 1), audit.stderr
+    doc = json.loads(audit.stdout)
+    exact = [s for s in ("iterator", "tc_lookup") if entry_source_skip_reason(s) is None]
+    if exact:
+        assert doc["maps"][0]["source"] == exact[0]
