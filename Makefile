@@ -6,9 +6,15 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool iproute2 pkg-config libsystemd-dev
 # Only for `make test`: promtool (tests of packaging/prometheus/*.rules.yml). On a host
 # where systemd is PID 1 the package also enables prometheus.service, which is why an
 # operator's `make setup` does not install it.
-TEST_APT_PACKAGES := prometheus
+# And the image's tools: tests/test_container.py builds the image and runs it with podman.
+TEST_APT_PACKAGES = prometheus $(IMAGE_APT_PACKAGES)
 # Only for `make vmtest`: the tests on Debian's 5.10/6.1 kernels under qemu (tests/vm/).
 VMTEST_APT_PACKAGES := qemu-system-x86
+# Only for `make deb` (and `make vmtest-systemd`, which installs the package it builds).
+DEB_APT_PACKAGES := fakeroot python3-venv
+# Only for `make image` and its test: the image is built from Debian's archive (mmdebstrap)
+# and run with podman; runc where crun refuses this machine kind's hybrid cgroups.
+IMAGE_APT_PACKAGES := mmdebstrap podman runc $(DEB_APT_PACKAGES)
 KERNEL ?= 6.1
 # Seconds for one VM run (boot, tests, power-off) under TCG; the make recipe adds a margin.
 VMTEST_TIMEOUT ?= 1500
@@ -16,7 +22,7 @@ VMTEST_ARGS ?=
 # Seconds for the systemd-as-PID-1 VM run (boot, checks, power-off; ~4 min under TCG).
 VMTEST_SYSTEMD_TIMEOUT ?= 900
 
-.PHONY: setup system-deps test-deps bpffs venv audit test lint bench clean vmtest vmtest-systemd
+.PHONY: setup system-deps test-deps bpffs venv audit test lint bench clean vmtest vmtest-systemd deb image
 
 setup: system-deps bpffs venv
 
@@ -65,8 +71,18 @@ vmtest:
 		tests/vm/run --kernel $(KERNEL) --timeout $(VMTEST_TIMEOUT) --quiet $(VMTEST_ARGS)
 
 # sockguard.service under systemd as PID 1 in the VM: READY, STATUS, journal, watchdog, stop.
+# dist/sockguard_<version>_<arch>.deb: a self-contained venv under /opt/sockguard.
+deb: venv
+	$(call apt_ensure,$(DEB_APT_PACKAGES))
+	packaging/debian/build-deb dist
+
+# sockguard:<version> in podman's store, from Debian's archive (packaging/container/).
+image: venv
+	$(call apt_ensure,$(IMAGE_APT_PACKAGES))
+	packaging/container/build-image
+
 vmtest-systemd:
-	$(call apt_ensure,$(VMTEST_APT_PACKAGES))
+	$(call apt_ensure,$(VMTEST_APT_PACKAGES) $(DEB_APT_PACKAGES))
 	timeout --kill-after=30 $$(( $(VMTEST_SYSTEMD_TIMEOUT) + 300 )) \
 		tests/vm/run --kernel $(KERNEL) --systemd --timeout $(VMTEST_SYSTEMD_TIMEOUT) --quiet
 

@@ -1,13 +1,16 @@
 """sockguard.service under systemd as PID 1 (run by ``tests/vm/run --systemd`` in the guest).
 
 A oneshot unit runs this script after basic.target.  It installs sockguard the
-way packaging/README.md tells an operator (config to /etc/sockguard, the unit to
-/etc/systemd/system, ``systemctl daemon-reload``), with one drop-in for what
-the VM needs: ExecStart pointing at this tree's venv (README: "with another
-prefix, override ExecStart in a drop-in"), the documented
-SOCKGUARD_TEST_BLOCK_FILE hook, and a shorter WatchdogSec so the watchdog check
-takes seconds, not minutes.  Then it asserts, with systemctl and journalctl only:
+way an operator does on a Debian node: ``dpkg -i`` of the package that
+``tests/vm/run --systemd`` built from this tree (packaging/debian/build-deb),
+the conffile /etc/sockguard/sockguard.toml edited, ``systemctl enable``.  One
+drop-in holds what the VM needs: the documented SOCKGUARD_TEST_BLOCK_FILE hook
+and a shorter WatchdogSec so the watchdog check takes seconds, not minutes;
+ExecStart stays the package's (/opt/sockguard/.venv).  Then it asserts, with
+systemctl, journalctl and dpkg only:
 
+0. package_install, package_enable: dpkg -i succeeds, the unit is the
+   package's, ``systemctl enable`` works;
 1. ready_gating: while the first audit is held (block file), the unit stays
    ``activating``; it turns ``active`` only after the daemon logged READY;
 2. status_line: ``systemctl status`` shows the daemon's STATUS= line;
@@ -15,7 +18,9 @@ takes seconds, not minutes.  Then it asserts, with systemctl and journalctl only
    the injected stale key with its structured fields;
 4. watchdog_restart: a hung audit (block file again) stops the pings, systemd
    kills the unit for its watchdog and restarts it (NRestarts rises);
-5. clean_stop: ``systemctl stop`` ends in ``inactive``, Result=success, exit 0.
+5. clean_stop: ``systemctl stop`` ends in ``inactive``, Result=success, exit 0;
+6. conffile_kept: installing the package again keeps the operator's config;
+7. purge: ``dpkg --purge`` leaves no /opt/sockguard, /etc/sockguard or unit.
 
 The stale entry: a sockhash (Cilium's key layout, named cilium_sock_ops)
 created with ``sockguard.kernel.libbpf``, pinned where the config's ``audit.maps``
@@ -50,6 +55,11 @@ PIN = PIN_DIR / "cilium_sock_ops"
 BLOCK = Path("/run/sockguard-vmtest/block")
 CONFIG = Path("/etc/sockguard/sockguard.toml")
 UNIT_DIR = Path("/etc/systemd/system")
+#: What the package installs (packaging/debian/build-deb).
+PACKAGED_UNIT = Path("/lib/systemd/system") / UNIT
+PACKAGED_SOCKGUARD = Path("/opt/sockguard/.venv/bin/sockguard")
+#: The results share, where tests/vm/run left the package.
+RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/vmresults")
 WATCHDOG_SEC = 20  # the drop-in's; the packaged unit says 60 s
 #: Facts for systemd.json besides the checks (filled as they are learnt).
 INFO: dict[str, object] = {}
@@ -107,38 +117,71 @@ class Checks:
 # -- set-up ------------------------------------------------------------------------------
 
 
-def install() -> None:
-    """packaging/README.md's install steps (make setup is the host's; no network here)."""
-    CONFIG.parent.mkdir(parents=True, exist_ok=True)
-    text = (ROOT / "packaging" / "sockguard.toml").read_text()
+def install(c: Checks) -> None:
+    """What an operator does with the package: dpkg -i, edit the conffile, enable.
+
+    The .deb is the one ``tests/vm/run --systemd`` built from this tree
+    (packaging/debian/build-deb) into the results share.  The only drop-in is
+    the VM's: the documented SOCKGUARD_TEST_BLOCK_FILE hook and a shorter
+    WatchdogSec; ExecStart stays the package's /opt/sockguard venv.
+    """
+    debs = sorted((RESULTS / "deb").glob("sockguard_*.deb"))
+    if not debs:
+        raise Abort(f"no package in {RESULTS / 'deb'}: tests/vm/run builds it")
+    INFO["package"] = debs[-1].name
+    r = sh("dpkg", "-i", str(debs[-1]), timeout=300)
+    status = sh("dpkg-query", "-W", "-f", "${Status} ${Version}", "sockguard").stdout
+    unit_path = show("FragmentPath").get("FragmentPath", "")
+    ok = (r.returncode == 0 and status.startswith("install ok installed")
+          and PACKAGED_SOCKGUARD.is_file() and CONFIG.is_file()
+          and unit_path == str(PACKAGED_UNIT))
+    c.add("package_install", ok, f"dpkg -i rc {r.returncode}; {status}; unit {unit_path}; "
+                                 f"{PACKAGED_SOCKGUARD} present: {PACKAGED_SOCKGUARD.is_file()}"
+                                 f"{'; ' + r.stderr.strip()[-500:] if r.returncode else ''}")
+    if not ok:
+        raise Abort("the package did not install")
+    text = CONFIG.read_text()
     text = text.replace("\ninterval = 10.0\n", "\ninterval = 2.0\n", 1)
     text = text.replace("\nmaps = []\n", f'\nmaps = ["{PIN}"]\n', 1)
     assert f'maps = ["{PIN}"]' in text and "interval = 2.0" in text, "config template changed"
     CONFIG.write_text(text)
-    shutil.copy(ROOT / "systemd" / "sockguard.service", UNIT_DIR / UNIT)
     dropin = UNIT_DIR / f"{UNIT}.d"
-    dropin.mkdir(exist_ok=True)
+    dropin.mkdir(parents=True, exist_ok=True)
     lines = [
         "[Service]",
-        "ExecStart=",
-        f"ExecStart={ROOT}/.venv/bin/sockguard run --config {CONFIG}",
         f"Environment=SOCKGUARD_TEST_BLOCK_FILE={BLOCK}",
         f"WatchdogSec={WATCHDOG_SEC}s",
     ]
-    if str(ROOT).startswith("/tmp/"):
-        # A tree under /tmp (a CI clone) would be hidden by the unit's PrivateTmp=yes.
-        lines.append("PrivateTmp=no")
-    base = os.path.realpath(ROOT / ".venv" / "bin" / "python3")
-    if base.startswith(("/root/", "/home/")):
-        # The venv's base interpreter (pyenv on the development machine) sits where the
-        # unit's ProtectHome=yes hides it: exec fails with 203/EXEC.  Recorded in the
-        # results; on a node, make setup must build the venv from a system python.
-        lines.append("ProtectHome=read-only")
     INFO["dropin"] = lines
     (dropin / "vmtest.conf").write_text("\n".join(lines) + "\n")
     BLOCK.parent.mkdir(parents=True, exist_ok=True)
     r = sh("systemctl", "daemon-reload")
     assert r.returncode == 0, r.stderr
+    r = sh("systemctl", "enable", UNIT)
+    enabled = sh("systemctl", "is-enabled", UNIT).stdout.strip()
+    c.add("package_enable", r.returncode == 0 and enabled == "enabled",
+          f"systemctl enable rc {r.returncode}; is-enabled: {enabled}")
+
+
+def conffile_kept(c: Checks) -> None:
+    """Reinstalling the package (an upgrade's path through dpkg) keeps the edited config."""
+    edited = CONFIG.read_text()
+    r = sh("dpkg", "-i", str(sorted((RESULTS / "deb").glob("sockguard_*.deb"))[-1]),
+           timeout=300)
+    kept = CONFIG.read_text() == edited
+    c.add("conffile_kept", r.returncode == 0 and kept,
+          f"dpkg -i again rc {r.returncode}; operator's edits kept: {kept}")
+
+
+def purge(c: Checks) -> None:
+    """dpkg --purge stops and disables the unit and removes everything the package put."""
+    r = sh("dpkg", "--purge", "sockguard", timeout=300)
+    left = [str(p) for p in (PACKAGED_SOCKGUARD.parents[2], CONFIG.parent, PACKAGED_UNIT)
+            if p.exists()]
+    active = sh("systemctl", "is-active", UNIT).stdout.strip()
+    c.add("purge", r.returncode == 0 and not left and active != "active",
+          f"dpkg --purge rc {r.returncode}; left behind: {left or 'nothing'}; unit {active}"
+          f"{'; ' + (r.stdout + r.stderr).strip()[-800:] if r.returncode else ''}")
 
 
 def stale_entry() -> tuple[int, list[socket.socket], bytes]:
@@ -278,13 +321,13 @@ def doctor_in_sandbox(c: Checks, key: str = "doctor_in_unit",
     change of the unit before proposing it).
     """
     name = f"sockguard-{key.replace('_', '-')}.service"
-    shutil.copy(UNIT_DIR / UNIT, UNIT_DIR / name)
+    shutil.copy(PACKAGED_UNIT, UNIT_DIR / name)
     dropin = UNIT_DIR / f"{name}.d"
     dropin.mkdir(exist_ok=True)
     lines = [ln for ln in INFO.get("dropin", []) if isinstance(ln, str)
              and not ln.startswith(("ExecStart", "Environment", "WatchdogSec"))]
     lines += ["Type=oneshot", "Restart=no", "WatchdogSec=0", "ExecStart=",
-              f"ExecStart={ROOT}/.venv/bin/sockguard doctor --json", "StandardOutput=journal",
+              f"ExecStart={PACKAGED_SOCKGUARD} doctor --json", "StandardOutput=journal",
               "ExecStartPre=/bin/sh -c 'grep ^Cap /proc/self/status; head -n 2 /proc/kallsyms'",
               *extra]
     (dropin / "vmtest.conf").write_text("\n".join(lines) + "\n")
@@ -314,7 +357,7 @@ def main(results: Path) -> int:
     (results / "kernel").write_text(os.uname().release + "\n")
     error = None
     try:
-        install()
+        install(c)
         _fd, _socks, key = stale_entry()
         ready_gating(c)
         status_line(c)
@@ -335,6 +378,8 @@ def main(results: Path) -> int:
                     "ProtectKernelTunables=no")
         doctor_in_sandbox(c, "doctor_in_unit_proposed", proposed)
         doctor_in_sandbox(c, "doctor_in_unit_proposed_logs", (*proposed, "ProtectKernelLogs=no"))
+        conffile_kept(c)
+        purge(c)
     except Abort as exc:
         error = str(exc)
     except Exception:
