@@ -30,16 +30,19 @@ from sockguard.core.model import Endpoint, Tuple4
 from sockguard.kernel import libbpf
 from sockguard.kernel.trace_symbols import Kallsyms
 from sockguard.trace.tracer import (
+    EARLY_AUDIT,
     EVENT,
     FILTERED_OBJECTS,
     PARKED_SIZE,
     PROGRAMS,
     MapWatch,
+    Meaning,
     TraceEvent,
     Tracer,
     TracerOptions,
     classify_caller,
     daemon_options,
+    decode_event,
     pending_slot,
     recv_path,
 )
@@ -182,6 +185,41 @@ def test_decode_update_failure_with_cilium_key() -> None:
     assert doc["errno_name"] == "EEXIST" and doc["key"] == ev.key.as_dict()
     assert doc["local"] == "10.200.0.2:8080" and doc["comm"] == "server"
     assert "EEXIST" in ev.line()
+
+
+@pytest.mark.parametrize(("etype", "ret", "aux", "state", "held", "meaning", "asks"), [
+    (1, -errno.EEXIST, 1, 1, (), Meaning.UPDATE_FAILURE, False),
+    (1, 0, 1, 1, (), None, False),                                  # a successful insert
+    (2, 0, 0, 7, (), Meaning.PSOCK_DROP, False),
+    (3, 5, 0xFFFFFFFF81000800, 1, ("m#7",), Meaning.RECV_MISMATCH, True),  # tcp_recvmsg
+    (3, 5, 0xFFFFFFFF81000800, 1, (), None, True),
+    (3, 5, 0xFFFFFFFF81000900, 1, ("m#7",), None, False),           # tcp_bpf_recvmsg
+    (4, 0, 0, 7, ("m#7",), Meaning.KEY_LEFT_BEHIND, True),          # -> CLOSE
+    (4, 0, 0, 1, ("m#7",), None, False),                            # -> ESTABLISHED
+    (5, 0, 0, 7, ("m#7",), Meaning.KEY_LEFT_BEHIND, True),          # destroy
+    (5, 0, 0, 7, (), None, True),
+])
+def test_decode_event_is_pure_and_meaning_is_decided_once(
+        etype: int, ret: int, aux: int, state: int, held: tuple[str, ...],
+        meaning: Meaning | None, asks: bool) -> None:
+    """decode_event asks the maps (the one injected lookup) only where meaning depends on it."""
+    asked: list[Tuple4] = []
+
+    def holding(t: Tuple4) -> tuple[str, ...]:
+        asked.append(t)
+        return held
+
+    ev = decode_event(_raw_event(etype, ret=ret, aux=aux, state=state), SYMS, 0,
+                      holding=holding)
+    assert ev.meaning is meaning
+    assert bool(asked) is asks
+    assert ev.mismatch is (meaning is Meaning.RECV_MISMATCH)
+    assert ev.left_behind is (meaning is Meaning.KEY_LEFT_BEHIND)
+    # without a lookup nothing is in a map, so no event means "left behind" or "mismatch"
+    bare = decode_event(_raw_event(etype, ret=ret, aux=aux, state=state), SYMS, 0)
+    assert bare.meaning in (None, Meaning.UPDATE_FAILURE, Meaning.PSOCK_DROP)
+    assert EARLY_AUDIT == (Meaning.UPDATE_FAILURE, Meaning.RECV_MISMATCH, Meaning.COLLISION,
+                           Meaning.KEY_LEFT_BEHIND)
 
 
 def test_decode_recv_marks_a_mismatch_only_when_the_key_is_in_a_map() -> None:

@@ -75,7 +75,9 @@ from sockguard.service.config import Config, describe, load_config, overrides_fr
 from sockguard.service.metrics import Metrics, start_server
 from sockguard.service.notify import Notifier, make_log_handler, monotonic_usec
 from sockguard.trace.tracer import (
+    EARLY_AUDIT,
     MapWatch,
+    Meaning,
     TraceEvent,
     Tracer,
     TracerUnavailableError,
@@ -676,7 +678,6 @@ class TracerRunner:
             return
         d.metrics.tracer.set_active({k: v.active for k, v in self.detections.items()})
         collision = self.detections.get("collision")  # a detection metrics.py predates
-        d.metrics.tracer.early_audits.labels(trigger="collision")
         d.metrics.tracer.active.labels(detection="collision").set(
             1 if collision is not None and collision.active else 0)
         log.info("%s", attached_detections(self.detections),
@@ -693,28 +694,27 @@ class TracerRunner:
             d.metrics.tracer.active.labels(detection="collision").set(0)
 
     def _on_event(self, ev: TraceEvent) -> None:
+        meaning = ev.meaning  # decided in one place: TraceEvent.meaning
+        if meaning is None:
+            return
         d = self.daemon
-        fields = tracer_event_fields(ev)
-        if ev.kind == "update" and ev.errno:
+        fields = {**tracer_event_fields(ev), "SOCKGUARD_EVENT": meaning.value}
+        if meaning is Meaning.UPDATE_FAILURE:
             d.metrics.tracer.update_failed(ev.errno_name or "other")
             log.warning("sockhash insert failed with %s: map %s#%s key %s for socket %s "
                         "(netns %d, pid %d %s)", ev.errno_name, ev.map_name, ev.map_id,
-                        ev.key or ev.key_hex, ev.sock, ev.netns, ev.pid, ev.comm,
-                        extra={**fields, "SOCKGUARD_EVENT": "update_failure"})
-            d.request_early_audit("update_failure")
-        elif ev.kind == "psock_drop":
+                        ev.key or ev.key_hex, ev.sock, ev.netns, ev.pid, ev.comm, extra=fields)
+        elif meaning is Meaning.PSOCK_DROP:
             d.metrics.tracer.psock_dropped(ev.caller_class or "unknown")
             level = logging.WARNING if ev.caller_class == "update_failed" else logging.DEBUG
             log.log(level, "psock of socket %s dropped by %s (%s)", ev.sock, ev.caller,
-                    ev.caller_class, extra={**fields, "SOCKGUARD_EVENT": "psock_drop"})
-        elif ev.mismatch:
+                    ev.caller_class, extra=fields)
+        elif meaning is Meaning.RECV_MISMATCH:
             d.metrics.tracer.recvmsg_mismatches.inc()
             log.warning("socket %s (netns %d, pid %d %s) receives via %s although its key is in "
                         "%s: its peer redirects into another socket", ev.sock, ev.netns, ev.pid,
-                        ev.comm, ev.recv_fn, ", ".join(ev.key_in_maps or ()),
-                        extra={**fields, "SOCKGUARD_EVENT": "recv_mismatch"})
-            d.request_early_audit("recv_mismatch")
-        elif ev.collision:
+                        ev.comm, ev.recv_fn, ", ".join(ev.key_in_maps or ()), extra=fields)
+        elif meaning is Meaning.COLLISION:
             d.metrics.tracer.collisions.inc()
             e = ev.entry
             log.warning("socket %s (netns %d, pid %d %s) became established while the entry of "
@@ -723,14 +723,12 @@ class TracerRunner:
                         ev.sock, ev.netns, ev.pid, ev.comm, ev.key or ev.key_hex,
                         e.map_label if e else "?", e.sock if e else "?",
                         "?" if e is None or e.cookie is None else e.cookie,
-                        e.state if e else "?",
-                        extra={**fields, "SOCKGUARD_EVENT": "collision"})
-            d.request_early_audit("collision")
-        elif ev.left_behind:
+                        e.state if e else "?", extra=fields)
+        elif meaning is Meaning.KEY_LEFT_BEHIND:
             log.info("socket %s closed but the key of its tuple is still in %s: auditing now",
-                     ev.sock, ", ".join(ev.key_in_maps or ()),
-                     extra={**fields, "SOCKGUARD_EVENT": "key_left_behind"})
-            d.request_early_audit("key_left_behind")
+                     ev.sock, ", ".join(ev.key_in_maps or ()), extra=fields)
+        if meaning in EARLY_AUDIT:
+            d.request_early_audit(meaning.value)
 
 
 def _test_block() -> None:

@@ -43,6 +43,7 @@ from sockguard.core.policy import DELETED_KINDS as DELETED_KINDS
 from sockguard.core.policy import EXPORTED_KINDS
 from sockguard.kernel.node_audit import NodeAudit
 from sockguard.kernel.remediation import DONE_OUTCOMES, Deletion, Refusal
+from sockguard.trace.tracer import EARLY_AUDIT
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +293,8 @@ class TracerMetrics:
             self.update_failures.labels(errno=e)
         for c in DROP_CALLERS:
             self.psock_drops.labels(caller=c)
-        for t in ("update_failure", "recv_mismatch", "key_left_behind"):
-            self.early_audits.labels(trigger=t)
+        for t in EARLY_AUDIT:
+            self.early_audits.labels(trigger=t.value)
         for d in DETECTIONS:
             self.active.labels(detection=d).set(0)
 

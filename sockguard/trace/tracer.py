@@ -50,6 +50,7 @@ load unfiltered.  Failed updates and psock drops are never filtered.
 
 from __future__ import annotations
 
+import enum
 import errno
 import logging
 import os
@@ -228,6 +229,25 @@ PROGRAMS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+class Meaning(enum.Enum):
+    """What an event tells about the maps: the one place that decides it (``TraceEvent.meaning``).
+
+    The value names the event in the journal (SOCKGUARD_EVENT) and, for the
+    ones in ``EARLY_AUDIT``, the trigger of the audit it starts.
+    """
+
+    UPDATE_FAILURE = "update_failure"  # a sockhash insert failed (EEXIST: a stale key)
+    PSOCK_DROP = "psock_drop"  # a socket left a map; its caller says why
+    RECV_MISMATCH = "recv_mismatch"  # receives via tcp_recvmsg while its key is in a map
+    COLLISION = "collision"  # established while its key's entry points to another socket
+    KEY_LEFT_BEHIND = "key_left_behind"  # closed while the key of its tuple is in a map
+
+
+#: The meanings that start an audit ahead of the interval.
+EARLY_AUDIT = (Meaning.UPDATE_FAILURE, Meaning.RECV_MISMATCH, Meaning.COLLISION,
+               Meaning.KEY_LEFT_BEHIND)
+
+
 class TracerUnavailableError(SockguardError):
     """No detection of the tracer can run on this kernel (the message says why)."""
 
@@ -279,19 +299,35 @@ class TraceEvent:
         return "OK" if self.errno == 0 else errno.errorcode.get(self.errno, str(self.errno))
 
     @property
+    def meaning(self) -> Meaning | None:
+        """What this event tells about the maps; None for a plain trace line."""
+        if self.kind == "update":
+            return Meaning.UPDATE_FAILURE if self.errno else None
+        if self.kind == "psock_drop":
+            return Meaning.PSOCK_DROP
+        if self.kind == "recv":
+            return (Meaning.RECV_MISMATCH if self.recv_path == "tcp" and self.key_in_maps
+                    else None)
+        if self.kind == "collision":
+            return Meaning.COLLISION
+        if self.kind in ("state", "destroy") and self.key_in_maps:
+            return Meaning.KEY_LEFT_BEHIND
+        return None
+
+    @property
     def mismatch(self) -> bool:
         """Receives via tcp_recvmsg although its key is in a map: a shadowed connection."""
-        return self.kind == "recv" and self.recv_path == "tcp" and bool(self.key_in_maps)
+        return self.meaning is Meaning.RECV_MISMATCH
 
     @property
     def collision(self) -> bool:
         """Established while the entry of its key points to another socket."""
-        return self.kind == "collision"
+        return self.meaning is Meaning.COLLISION
 
     @property
     def left_behind(self) -> bool:
         """Closed or destroyed while the key of its tuple is still in a map."""
-        return self.kind in ("state", "destroy") and bool(self.key_in_maps)
+        return self.meaning is Meaning.KEY_LEFT_BEHIND
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-ready dict (``sockguard trace --json``); fields that do not apply left out."""
@@ -409,6 +445,56 @@ def recv_path(fn: str | None) -> str:
 def recv_length(ret: int, source: int) -> int | None:
     """recvmsg's result of a recv event; None from the kprobe variant, which fires on entry."""
     return None if SOURCES.get(source) == "kprobe" else ret
+
+
+def decode_event(data: bytes, syms: kallsyms.Kallsyms, clock_ns: int, *, late: bool = False,
+                 holding: Callable[[Tuple4], tuple[str, ...]] | None = None) -> TraceEvent:
+    """Decode one ``struct sg_event`` and add names and the decoded key.
+
+    No syscalls here: ``syms`` names addresses, ``clock_ns`` turns boot time into
+    Unix time, and ``holding`` (the maps that hold a tuple's key; None: not asked)
+    is called only for the events whose meaning depends on it — a receive via
+    tcp_recvmsg, a close, a destroy.
+    """
+    (ts, cookie, netns, etype, pid, tid, ret, comm, family, sport, dport, old, new,
+     saddr, daddr, aux, map_id, key_size, map_name, key, *rest) = EVENT.unpack(data)
+    stack, source = rest[:8], rest[8]
+    tup = _tuple(family, saddr, sport, daddr, dport)
+    in_maps = holding if tup is not None else None
+    kw: dict[str, object] = {}  # one constructor call: replace() per field is slow
+    if etype == EV_UPDATE:
+        raw_key = key[:key_size]
+        decoded: SockKey | None = None
+        if key_size == CILIUM.size:
+            try:
+                decoded = decode(CILIUM, raw_key)
+            except KeyDecodeError:
+                decoded = None
+        kw = {"errno": -ret if ret < 0 else 0, "flags": aux, "map_id": map_id,
+              "map_name": map_name.split(b"\0", 1)[0].decode(errors="replace"),
+              "key_hex": raw_key.hex(), "key": decoded}
+    elif etype == EV_PSOCK_DROP:
+        caller, klass, names = classify_caller(stack, syms)
+        kw = {"caller": caller, "caller_class": klass, "stack": names}
+    elif etype == EV_RECV:
+        fn = syms.exact(aux)
+        path = recv_path(fn)
+        kw = {"length": recv_length(ret, source), "recv_fn": fn or f"0x{aux:x}",
+              "recv_path": path}
+        if path == "tcp" and in_maps is not None and tup is not None:
+            kw["key_in_maps"] = in_maps(tup)
+    elif etype == EV_STATE:
+        kw = {"old_state": state_name(old)}
+        if new == TCP_CLOSE and in_maps is not None and tup is not None:
+            kw["key_in_maps"] = in_maps(tup)
+    elif etype == EV_DESTROY:
+        kw = {"key_in_maps": in_maps(tup) if in_maps is not None and tup is not None else None}
+    return TraceEvent(
+        kind=EVENT_KINDS.get(etype, f"type{etype}"), time=(ts + clock_ns) / 1e9,
+        pid=pid, tid=tid, comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
+        netns=netns, cookie=cookie, sock=tup,
+        state=state_name(new),
+        source=SOURCES.get(source, "?"), late=late, **kw)  # type: ignore[arg-type]
 
 
 class MapWatch:
@@ -894,50 +980,10 @@ class Tracer:
             self._batch.append((int.from_bytes(data[:8], "little"), data[: EVENT.size], False))
 
     def decode(self, data: bytes, late: bool = False) -> TraceEvent:
-        """Decode one ``struct sg_event`` and add names, key and map membership."""
-        (ts, cookie, netns, etype, pid, tid, ret, comm, family, sport, dport, old, new,
-         saddr, daddr, aux, map_id, key_size, map_name, key, *rest) = EVENT.unpack(data)
-        stack, source = rest[:8], rest[8]
-        tup = _tuple(family, saddr, sport, daddr, dport)
-        kw: dict[str, object] = {}  # one constructor call: replace() per field is slow
-        if etype == EV_UPDATE:
-            raw_key = key[:key_size]
-            decoded: SockKey | None = None
-            if key_size == CILIUM.size:
-                try:
-                    decoded = decode(CILIUM, raw_key)
-                except KeyDecodeError:
-                    decoded = None
-            kw = {"errno": -ret if ret < 0 else 0, "flags": aux, "map_id": map_id,
-                  "map_name": map_name.split(b"\0", 1)[0].decode(errors="replace"),
-                  "key_hex": raw_key.hex(), "key": decoded}
-        elif etype == EV_PSOCK_DROP:
-            caller, klass, names = classify_caller(stack, self._syms)
-            kw = {"caller": caller, "caller_class": klass, "stack": names}
-        elif etype == EV_RECV:
-            fn = self._syms.exact(aux)
-            path = recv_path(fn)
-            kw = {"length": recv_length(ret, source), "recv_fn": fn or f"0x{aux:x}",
-                  "recv_path": path}
-            if path == "tcp":
-                kw["key_in_maps"] = self._holding(tup)
-        elif etype == EV_STATE:
-            kw = {"old_state": state_name(old)}
-            if new == TCP_CLOSE:
-                kw["key_in_maps"] = self._holding(tup)
-        elif etype == EV_DESTROY:
-            kw = {"key_in_maps": self._holding(tup)}
-        return TraceEvent(
-            kind=EVENT_KINDS.get(etype, f"type{etype}"), time=(ts + self._clock) / 1e9,
-            pid=pid, tid=tid, comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
-            netns=netns, cookie=cookie, sock=tup,
-            state=state_name(new),
-            source=SOURCES.get(source, "?"), late=late, **kw)  # type: ignore[arg-type]
-
-    def _holding(self, tup: Tuple4 | None) -> tuple[str, ...] | None:
-        if tup is None or self.watch is None or not self.options.check_maps:
-            return None
-        return self.watch.holding(tup)
+        """One ``struct sg_event``, with the maps holding its socket's key where that matters."""
+        watching = self.watch is not None and self.options.check_maps
+        return decode_event(data, self._syms, self._clock, late=late,
+                            holding=self.watch.holding if watching and self.watch else None)
 
     # -- teardown ---------------------------------------------------------------------
 
