@@ -63,9 +63,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sockguard.core.audit import AuditPolicy, AuditResult, SocketIndex, audit_records  # noqa: E402
-from sockguard.core.compact import Record  # noqa: E402
 from sockguard.core.layout import CILIUM, key_for_socket  # noqa: E402
 from sockguard.core.model import Endpoint, Kind, Tuple4  # noqa: E402
+from sockguard.core.rows import Record  # noqa: E402
 from sockguard.kernel import libbpf  # noqa: E402
 from sockguard.kernel.maps import open_map, resolve_map  # noqa: E402
 from sockguard.kernel.netns import entered  # noqa: E402

@@ -1,11 +1,11 @@
 """The audit the plain way: one ``MapEntry`` at a time through the one classifier.
 
 Production reads every map as records (``audit.audit_records``: the entry
-sources' records, or ``compact.syscall_record`` for a map read with syscalls),
+sources' records, or ``rows.syscall_record`` for a map read with syscalls),
 which recognises the common ``ok`` on compact keys before building anything.
 This oracle builds every entry and finding and asks ``audit._classify`` for
 each, so tests can state rules on readable values and check that the fast path
-reaches the same verdicts (tests/test_compact.py).
+reaches the same verdicts (tests/test_rows.py).
 """
 
 from __future__ import annotations

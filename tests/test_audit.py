@@ -287,7 +287,7 @@ def test_entry_of_a_reset_socket_still_held_open_is_stale_and_says_so() -> None:
 
 def test_ipv4_mapped_endpoints_print_as_ipv4() -> None:
     """A dual-stack socket's IPv4 connection prints as the kernel shows an IPv4 one."""
-    from sockguard.core.compact import Interner
+    from sockguard.core.rows import Interner
 
     mapped = IPv6Address("::ffff:127.0.0.1")
     assert str(Endpoint(mapped, 8080)) == "127.0.0.1:8080"

@@ -20,10 +20,10 @@ from collections.abc import Callable
 import pytest
 
 from sockguard.core.audit import AuditPolicy
-from sockguard.core.compact import COOKIE_UNKNOWN
 from sockguard.core.errors import NotRootError
 from sockguard.core.layout import CILIUM
 from sockguard.core.model import Kind
+from sockguard.core.rows import COOKIE_UNKNOWN
 from sockguard.kernel import libbpf, sockhash_lookup, sockmap_iter
 from sockguard.kernel.maps import open_map, select_maps
 from sockguard.kernel.node_audit import EntrySource, entry_source, run_audit

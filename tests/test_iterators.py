@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from sockguard.core.compact import COOKIE_UNKNOWN, RECV_CODE_BPF, RECV_CODE_TCP, Record
 from sockguard.core.model import RECV_BPF, RECV_TCP, Netns
+from sockguard.core.rows import COOKIE_UNKNOWN, RECV_CODE_BPF, RECV_CODE_TCP, Record
 from sockguard.kernel import sockhash_lookup, sockmap_iter, tcp_iter
 from sockguard.kernel.netns import NetnsRef, entered
 from sockguard.kernel.sockets import scan_all

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sockguard.core.audit import AuditPolicy, SocketIndex, audit_records
-from sockguard.core.compact import Record, SocketTable
 from sockguard.core.errors import SockguardError
 from sockguard.core.layout import CILIUM, decode, key_for_socket
 from sockguard.core.model import (
@@ -29,6 +28,7 @@ from sockguard.core.model import (
     TargetSocket,
     Tuple4,
 )
+from sockguard.core.rows import Record, SocketTable
 from sockguard.core.tcp_states import TCP_CLOSE, TCP_ESTABLISHED
 from sockguard.kernel.remediation import reverify
 from tests.audit_oracle import audit_map, judge

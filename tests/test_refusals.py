@@ -15,7 +15,6 @@ from typing import Any, cast
 
 import pytest
 
-from sockguard.core.compact import COOKIE_UNKNOWN, Record
 from sockguard.core.errors import MapGoneError, SockguardError
 from sockguard.core.layout import CILIUM, decode, key_for_socket
 from sockguard.core.model import (
@@ -28,6 +27,7 @@ from sockguard.core.model import (
     Netns,
     Tuple4,
 )
+from sockguard.core.rows import COOKIE_UNKNOWN, Record
 from sockguard.core.tcp_states import TCP_ESTABLISHED
 from sockguard.kernel import remediation
 from sockguard.kernel.remediation import Deletion, Refusal

@@ -45,21 +45,6 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import cast
 
-from sockguard.core.compact import (
-    RECV_CODE_TCP,
-    RECV_CODE_UNKNOWN,
-    RECV_NAMES,
-    CKey,
-    Interner,
-    Record,
-    SocketTable,
-    ckey,
-    entry_cookie,
-    entry_target,
-    fold,
-    gc_paused,
-    maker,
-)
 from sockguard.core.layout import KeyDecodeError, KeyLayout, decode, decode_fields
 from sockguard.core.model import (
     RECV_TCP,
@@ -78,6 +63,21 @@ from sockguard.core.model import (
 #: Findings that mean an entry endangers a connection (confirmed by a second
 #: look, exit status 1).  Which they are, and which are deleted: policy.POLICY.
 from sockguard.core.policy import BAD_KINDS as BAD_KINDS
+from sockguard.core.rows import (
+    RECV_CODE_TCP,
+    RECV_CODE_UNKNOWN,
+    RECV_NAMES,
+    Interner,
+    Record,
+    SocketTable,
+    TupleKey,
+    entry_cookie,
+    entry_target,
+    gc_paused,
+    positional_constructor,
+    tuple_key,
+    unmap_ipv4,
+)
 from sockguard.core.tcp_states import (
     HANDSHAKE_STATES,
     OWNER_STATES,
@@ -87,8 +87,8 @@ from sockguard.core.tcp_states import (
 
 _RECV_CODES = {name: code for code, name in RECV_NAMES.items()}
 
-_new_finding = maker(Finding)
-_new_entry = maker(MapEntry)
+_new_finding = positional_constructor(Finding)
+_new_entry = positional_constructor(MapEntry)
 
 
 def _unmapped(ip: IPAddress) -> IPAddress:
@@ -108,8 +108,8 @@ def normalize(tup: Tuple4) -> Tuple4:
 class SocketIndex:
     """Live sockets of all namespaces, indexed the ways the rules look them up.
 
-    The sockets are held as compact rows (:class:`~sockguard.core.compact.SocketTable`)
-    keyed by their folded tuple (:func:`~sockguard.core.compact.fold`); a
+    The sockets are held as compact rows (:class:`~sockguard.core.rows.SocketTable`)
+    keyed by their folded tuple (:func:`~sockguard.core.rows.unmap_ipv4`); a
     ``LiveSocket`` is built only for a socket a verdict names.  ``build``
     takes ``LiveSocket`` values, ``from_table`` the rows a scan produced.
     """
@@ -123,10 +123,10 @@ class SocketIndex:
         self.complete = complete
         self.count = 0
         self._live: dict[int, LiveSocket] = {}
-        self._owner: dict[CKey, int] = {}  # first owner row of each tuple
-        self._more: dict[CKey, list[int]] = {}  # further owners (the same tuple in other netns)
-        self._handshake: set[CKey] = set()
-        self._timewait: dict[CKey, int] = {}  # first TIME_WAIT row
+        self._owner: dict[TupleKey, int] = {}  # first owner row of each tuple
+        self._more: dict[TupleKey, list[int]] = {}  # further owners (the same tuple in other netns)
+        self._handshake: set[TupleKey] = set()
+        self._timewait: dict[TupleKey, int] = {}  # first TIME_WAIT row
         self._by_cookie: dict[int, int] | None = None
         self._by_local: dict[tuple[bytes, int], list[int]] | None = None
         self._index(0)
@@ -147,7 +147,8 @@ class SocketIndex:
 
     def add(self, sock: LiveSocket) -> None:
         row = len(self.table.rows)
-        self.table.rows.append((ckey(sock.tuple), sock.state, sock.cookie, sock.inode, sock.uid))
+        self.table.rows.append((tuple_key(sock.tuple), sock.state, sock.cookie, sock.inode,
+                                sock.uid))
         spans = self.table.spans
         if spans and spans[-1][1] == sock.netns:
             spans[-1] = (row + 1, sock.netns)
@@ -166,7 +167,7 @@ class SocketIndex:
             row = rows[i]
             k = row[0]
             if len(k[0]) == 16:
-                k = fold(k)
+                k = unmap_ipv4(k)
             state = row[1]
             if state in owner_states:
                 if owner.setdefault(k, i) != i:
@@ -187,7 +188,7 @@ class SocketIndex:
             sock = self._live[row] = self.table.live(row, self.interner)
         return sock
 
-    def owner_rows(self, k: CKey) -> list[int]:
+    def owner_rows(self, k: TupleKey) -> list[int]:
         """Rows of the full sockets owning the folded tuple ``k``, first seen first."""
         first = self._owner.get(k)
         if first is None:
@@ -216,13 +217,13 @@ class SocketIndex:
             self._by_local = dict(by_local)
         return self._by_local.get((ip, port), [])
 
-    def _owner_groups(self) -> Iterator[tuple[CKey, list[int]]]:
+    def _owner_groups(self) -> Iterator[tuple[TupleKey, list[int]]]:
         for k in self._owner:
             yield k, self.owner_rows(k)
 
     # -- the same, as LiveSocket dictionaries (builds every socket: slow) -----------
 
-    def _tuple_of(self, k: CKey) -> Tuple4:
+    def _tuple_of(self, k: TupleKey) -> Tuple4:
         return normalize(self.interner.tuple4(k))
 
     @property
@@ -242,7 +243,7 @@ class SocketIndex:
         out: dict[Tuple4, list[LiveSocket]] = defaultdict(list)
         for i, row in enumerate(self.table.rows):
             if row[1] in states:
-                out[self._tuple_of(fold(row[0]))].append(self.sock(i))
+                out[self._tuple_of(unmap_ipv4(row[0]))].append(self.sock(i))
         return dict(out)
 
     @property
@@ -278,7 +279,7 @@ def _describe(sock: LiveSocket) -> str:
 _Classified = tuple[Kind | None, str, LiveSocket | None, dict[str, object]]
 
 
-def _target_details(entry: MapEntry, index: SocketIndex, k: CKey) -> dict[str, object]:
+def _target_details(entry: MapEntry, index: SocketIndex, k: TupleKey) -> dict[str, object]:
     """What the sockmap iterator says about the entry's own socket, where it is not normal.
 
     ``k`` is the folded compact key of the tuple the key describes.
@@ -296,7 +297,7 @@ def _target_details(entry: MapEntry, index: SocketIndex, k: CKey) -> dict[str, o
     if t.tuple is not None and t.state in OWNER_STATES:
         tk = index.interner.key_of(t.tuple)
         if len(tk[0]) == 16:
-            tk = fold(tk)
+            tk = unmap_ipv4(tk)
         if tk != k:
             details["key_mismatch"] = True
             details["entry_socket"] = str(t.tuple)
@@ -310,8 +311,8 @@ def _judge_proxy(entry: MapEntry, index: SocketIndex) -> _Classified:
     target = entry.target
     rows = index.rows_by_local(client.ip.packed, client.port)
     if entry.cookie is not None:
-        cookies = index.table.rows
-        rows = [r for r in rows if cookies[r][2] == entry.cookie]
+        sock_rows = index.table.rows  # SockRow: (tuple, state, cookie, inode, uid)
+        rows = [r for r in rows if sock_rows[r][2] == entry.cookie]
     if rows and not (target is not None and target.dead):
         return Kind.PROXY, f"L7 proxy redirect for client {client}", index.sock(rows[0]), {}
     details: dict[str, object] = {"proxy": True}
@@ -355,7 +356,7 @@ def _classify(entry: MapEntry, index: SocketIndex, policy: AuditPolicy) -> _Clas
     key = entry.key
     k = index.interner.key_of(key.owner)
     if len(k[0]) == 16:
-        k = fold(k)
+        k = unmap_ipv4(k)
     first = index._owner.get(k)
     if first is None and _maybe_proxy(entry, policy):
         return _judge_proxy(entry, index)
@@ -453,7 +454,7 @@ def _owner_verdict(owner: str, sock: LiveSocket, path: str | None,
 UNVERIFIED = "unverified"
 
 
-def _is_own_owner(t: TargetSocket, index: SocketIndex, k: CKey) -> bool:
+def _is_own_owner(t: TargetSocket, index: SocketIndex, k: TupleKey) -> bool:
     """The entry's own socket is alive, connected and has the key's tuple: it owns the key.
 
     Positive evidence from the map side, needing no namespace scan: where no
@@ -464,7 +465,7 @@ def _is_own_owner(t: TargetSocket, index: SocketIndex, k: CKey) -> bool:
         return False
     tk = index.interner.key_of(t.tuple)
     if len(tk[0]) == 16:
-        tk = fold(tk)
+        tk = unmap_ipv4(tk)
     return tk == k
 
 
@@ -486,7 +487,7 @@ def _entry_socket_text(t: TargetSocket) -> str:
     return f"a socket in state {state}"
 
 
-def _judge_by_tuple(entry: MapEntry, index: SocketIndex, k: CKey, first: int) -> _Classified:
+def _judge_by_tuple(entry: MapEntry, index: SocketIndex, k: TupleKey, first: int) -> _Classified:
     """The verdict on an owned tuple when the entry's socket is known by tuple and state only.
 
     A source that cannot name the entry's socket by cookie (the tc lookup on
@@ -498,11 +499,11 @@ def _judge_by_tuple(entry: MapEntry, index: SocketIndex, k: CKey, first: int) ->
     """
     t = entry.target
     assert t is not None
-    tk: CKey | None = None
+    tk: TupleKey | None = None
     if t.tuple is not None and t.state in OWNER_STATES:
         tk = index.interner.key_of(t.tuple)
         if len(tk[0]) == 16:
-            tk = fold(tk)
+            tk = unmap_ipv4(tk)
     rows = index.table.rows
     if tk == k:
         if t.dead:
@@ -528,7 +529,7 @@ def _judge_by_tuple(entry: MapEntry, index: SocketIndex, k: CKey, first: int) ->
 
 
 #: An ``ok`` entry whose finding is not built yet: its key, iterator record, owner row.
-_LazyOk = tuple[bytes, Record, int]
+_UnbuiltOk = tuple[bytes, Record, int]
 
 
 class AuditResult:
@@ -542,11 +543,11 @@ class AuditResult:
 
     def __init__(self, map: MapInfo, entries: int, findings: Iterable[Finding],
                  pending: int = 0, undecodable: Iterable[str] = (),
-                 *, lazy: tuple[Callable[[_LazyOk], Finding], int] | None = None,
+                 *, lazy: tuple[Callable[[_UnbuiltOk], Finding], int] | None = None,
                  unverified: int = 0, healthy: int = 0) -> None:
         self.map = map
         self.entries = entries
-        self._parts: list[Finding | _LazyOk] = list(findings)
+        self._parts: list[Finding | _UnbuiltOk] = list(findings)
         self.pending = pending  # entries whose tuple is mid-handshake
         #: entries no owner was found for, which only a complete scan could call
         #: stale (the namespaces could not all be read, the entry's socket is unknown)
@@ -554,7 +555,7 @@ class AuditResult:
         #: ``ok`` entries judged in the kernel: counted, never built as findings
         self.healthy = healthy
         self.undecodable = list(undecodable)
-        self._make: Callable[[_LazyOk], Finding] | None = None
+        self._make: Callable[[_UnbuiltOk], Finding] | None = None
         self._lazy = 0
         if lazy is not None:
             self._make, self._lazy = lazy
@@ -570,7 +571,7 @@ class AuditResult:
 
     @findings.setter
     def findings(self, value: list[Finding]) -> None:
-        self._parts = cast("list[Finding | _LazyOk]", value)
+        self._parts = cast("list[Finding | _UnbuiltOk]", value)
         self._lazy = 0
 
     def _built(self) -> Iterator[Finding]:
@@ -593,7 +594,7 @@ class AuditResult:
     def confirm_bad(self, second: Sequence[Finding]) -> None:
         """``findings = confirm(findings, second)``, leaving compact ``ok`` findings be."""
         again = _by_key(second)
-        parts: list[Finding | _LazyOk] = []
+        parts: list[Finding | _UnbuiltOk] = []
         for p in self._parts:
             if isinstance(p, Finding) and p.kind in BAD_KINDS:
                 if _seen_again(p, again):
@@ -629,7 +630,7 @@ def audit_records(
     """Classify every entry of one map against the live sockets, building little for ``ok``.
 
     ``records`` come from the entry sources (sockmap iterator, tc lookup), or
-    for a map read with syscalls alone from ``compact.syscall_record`` (no
+    for a map read with syscalls alone from ``rows.syscall_record`` (no
     entry socket: its target is None).  ``healthy``: entries the kernel judged
     healthy and did not report (bpf/entry_record.h); they count as ``ok`` but
     have no finding.
@@ -642,7 +643,7 @@ def audit_records(
     finding is built only when read.
     """
     interner = index.interner
-    parts: list[Finding | _LazyOk] = []
+    parts: list[Finding | _UnbuiltOk] = []
     undecodable: list[str] = []
     pending = lazy = total = unverified = 0
     owner, more, rows, recv = index._owner, index._more, index.table.rows, index.table.recv
@@ -659,7 +660,7 @@ def audit_records(
             total += 1
             k = (dip, dport, sip, sport) if dst_local else (sip, sport, dip, dport)
             if len(sip) == 16:
-                k = fold(k)
+                k = unmap_ipv4(k)
             first = owner.get(k)
             if (first is not None and rows[first][2] == rec[1] and k not in more
                     and not rec[9] and rec[10] != RECV_CODE_TCP
@@ -678,7 +679,7 @@ def audit_records(
                 continue
             append(_new_finding(kind, info, entry, reason, sock, None, False, details))
 
-    def make(part: _LazyOk) -> Finding:
+    def make(part: _UnbuiltOk) -> Finding:
         raw, rec, row = part
         entry = _new_entry(raw.hex(), decode(layout, raw, interner), entry_cookie(rec),
                            entry_target(rec, interner))

@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sockguard.core.compact import Interner, maker
 from sockguard.core.errors import (
     KeyDecodeError as KeyDecodeError,  # raised here; importable from here too
 )
 from sockguard.core.errors import LayoutMismatchError
 from sockguard.core.model import IPAddress, SockKey, Tuple4
+from sockguard.core.rows import Interner, positional_constructor
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def decode_fields(layout: KeyLayout, data: bytes) -> tuple[int, bytes, int, byte
     return family, sip, int.from_bytes(sport[:2], order), dip, int.from_bytes(dport[:2], order)
 
 
-_new_sock_key = maker(SockKey)
+_new_sock_key = positional_constructor(SockKey)
 
 
 def decode(layout: KeyLayout, data: bytes, interner: Interner | None = None) -> SockKey:

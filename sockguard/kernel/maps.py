@@ -17,7 +17,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from sockguard.core.compact import Record
 from sockguard.core.errors import (
     BpffsNotMountedError,
     MapGoneError,
@@ -27,6 +26,7 @@ from sockguard.core.errors import (
     from_os_error,
 )
 from sockguard.core.model import MapInfo
+from sockguard.core.rows import Record
 from sockguard.kernel import libbpf
 from sockguard.kernel.libbpf import BpfError
 

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from sockguard.core.audit import AuditPolicy, AuditResult, SocketIndex, audit_records
-from sockguard.core.compact import Interner, Record, gc_paused, syscall_record
 from sockguard.core.errors import (
     LayoutMismatchError,
     LibbpfMissingError,
@@ -31,6 +30,7 @@ from sockguard.core.errors import (
 )
 from sockguard.core.layout import CILIUM, KeyDecodeError, KeyLayout, decode
 from sockguard.core.model import Finding, MapInfo, Netns, Tuple4
+from sockguard.core.rows import Interner, Record, gc_paused, syscall_record
 from sockguard.core.tcp_states import OWNER_STATES
 from sockguard.kernel import maps as maps_adapter
 from sockguard.kernel.libbpf import BpfError
@@ -62,7 +62,7 @@ ENTRY_SOURCES = ("auto", "iterator", "tc_lookup", "syscall")
 class MapRead:
     """The entries of one map read with syscalls alone, at one moment.
 
-    ``records``: one ``compact.syscall_record`` per key, in map order (keys
+    ``records``: one ``rows.syscall_record`` per key, in map order (keys
     are decoded by ``audit_records``, which reports those it cannot decode).
     """
 

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from enum import Enum
 
 from sockguard.core.audit import AuditResult, normalize
-from sockguard.core.compact import Interner, entry_cookie, target_socket
 from sockguard.core.errors import SockguardError
 from sockguard.core.model import Finding, Kind, LiveSocket, MapInfo
 from sockguard.core.policy import BAD_KINDS, UNPROVEN_DELETABLE_KINDS, deletable_kinds, unproven
+from sockguard.core.rows import Interner, entry_cookie, target_socket
 from sockguard.core.tcp_states import OWNER_STATES, TCP_STATE_NAMES
 from sockguard.kernel.maps import MapHandle, open_map
 from sockguard.kernel.sockets import OwnerProbe

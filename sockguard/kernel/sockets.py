@@ -9,7 +9,7 @@ every command's start-up for one 72-byte request.  A reply's
 fixed 72-byte ``inet_diag_msg`` header is all that is read: no attributes are
 requested, and those the kernel adds anyway (shutdown, cgroup id, sockopt) are skipped.
 
-A scan of 100,000 sockets becomes compact rows (:class:`~sockguard.core.compact.SocketTable`);
+A scan of 100,000 sockets becomes compact rows (:class:`~sockguard.core.rows.SocketTable`);
 ``LiveSocket`` values are built from them only on demand.
 """
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from sockguard.core.audit import normalize
-from sockguard.core.compact import SocketTable, SockRow, ckey, gc_paused
 from sockguard.core.errors import NotRootError
 from sockguard.core.model import Endpoint, IPAddress, LiveSocket, Netns, Tuple4
+from sockguard.core.rows import SocketTable, SockRow, gc_paused, tuple_key
 from sockguard.core.tcp_states import OWNER_STATES, TCP_LISTEN
 from sockguard.kernel.netns import NamespaceGone, NetnsRef, entered, enumerate_netns
 
@@ -217,7 +217,7 @@ def lookup_tuples(tuples: Sequence[Tuple4], refs: Sequence[NetnsRef] | None = No
                 by_netns.setdefault(sock.netns.ino, []).append(sock)
         for netns in probe.namespaces:
             for sock in by_netns.get(netns.ino, ()):
-                scan.table.rows.append((ckey(sock.tuple), sock.state, sock.cookie, sock.inode,
+                scan.table.rows.append((tuple_key(sock.tuple), sock.state, sock.cookie, sock.inode,
                                         sock.uid))
             scan.table.close_span(netns)
             scan.namespaces.append(netns)

@@ -9,7 +9,7 @@ returns the socket to tc programs, 4-byte value or not) and writes the
 socket into the test packet; :class:`Reader` runs it with
 ``BPF_PROG_TEST_RUN`` once per key the syscall walk listed.
 
-Records have the sockmap iterator's shape (:data:`~sockguard.core.compact.Record`),
+Records have the sockmap iterator's shape (:data:`~sockguard.core.rows.Record`),
 so the audit core treats both sources alike.  How exact they are depends on
 which of the object's two programs the kernel takes:
 
@@ -19,7 +19,7 @@ which of the object's two programs the kernel takes:
   program: a look scans the sockets (which generates every listed socket's
   cookie) before it reads the map;
 - ``lookup_tuple`` (``exactness = "tuple"``): family, state and tuple only.
-  Their cookie is :data:`~sockguard.core.compact.COOKIE_UNKNOWN`; the audit then
+  Their cookie is :data:`~sockguard.core.rows.COOKIE_UNKNOWN`; the audit then
   judges an entry by whether its socket's tuple and state are the owner's.
 """
 
@@ -34,8 +34,8 @@ import struct
 import threading
 from collections.abc import Iterator, Sequence
 
-from sockguard.core.compact import COOKIE_UNKNOWN, Record, gc_paused
 from sockguard.core.errors import LibbpfMissingError
+from sockguard.core.rows import COOKIE_UNKNOWN, Record, gc_paused
 from sockguard.kernel import bpf_object, libbpf, maps, recvsyms
 from sockguard.kernel.libbpf import BpfError
 from sockguard.kernel.sockmap_iter import KEY_MAX, REC_DEAD, REC_HAS_SOCKET, RECORD

@@ -15,9 +15,9 @@ import errno
 import functools
 import socket
 
-from sockguard.core.compact import Interner, Record, gc_paused, target_socket
 from sockguard.core.errors import LibbpfMissingError
 from sockguard.core.model import TargetSocket
+from sockguard.core.rows import Interner, Record, gc_paused, target_socket
 from sockguard.kernel import bpf_object, libbpf, recvsyms
 from sockguard.kernel.bpf_object import CStruct
 from sockguard.kernel.libbpf import BpfError

@@ -21,8 +21,8 @@ import logging
 import socket
 from collections.abc import Sequence
 
-from sockguard.core.compact import SockRow, gc_paused
 from sockguard.core.errors import LibbpfMissingError, NotRootError
+from sockguard.core.rows import SockRow, gc_paused
 from sockguard.kernel import bpf_object, libbpf, recvsyms
 from sockguard.kernel.bpf_object import CStruct
 from sockguard.kernel.libbpf import BpfError

@@ -51,9 +51,9 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from sockguard.core.compact import Record
 from sockguard.core.errors import SockguardError
 from sockguard.core.model import Endpoint, IPAddress, Tuple4
+from sockguard.core.rows import Record
 from sockguard.core.tcp_states import OWNER_STATES, state_name
 from sockguard.kernel import sockhash_lookup, sockmap_iter
 from sockguard.kernel.libbpf import BpfError, BpfObject

@@ -16,9 +16,9 @@ from sockguard.core.audit import (
     confirm,
     normalize,
 )
-from sockguard.core.compact import Interner, Record, SocketTable, maker, target_socket
 from sockguard.core.layout import CILIUM, decode, key_for_socket
 from sockguard.core.model import Endpoint, Kind, LiveSocket, MapEntry, MapInfo, Netns, Tuple4
+from sockguard.core.rows import Interner, Record, SocketTable, positional_constructor, target_socket
 from sockguard.kernel.sockets import _request
 from tests.audit_oracle import audit_map
 
@@ -140,13 +140,13 @@ def test_interner_text_matches_str() -> None:
 
 
 def test_maker_builds_equal_values_and_refuses_others() -> None:
-    new = maker(LiveSocket)
+    new = positional_constructor(LiveSocket)
     tup = Tuple4(4, Endpoint(IPv4Address("10.0.0.1"), 1), Endpoint(IPv4Address("10.0.0.2"), 2))
     made = new(tup, 1, 2, 3, NETNS[0], 4, None)
     plain = LiveSocket(tup, 1, 2, 3, NETNS[0], 4)
     assert made == plain and hash(made) == hash(plain) and repr(made) == repr(plain)
     with pytest.raises(TypeError):
-        maker(SocketTable)  # not frozen
+        positional_constructor(SocketTable)  # not frozen
 
 
 def test_request_wire_bytes() -> None:

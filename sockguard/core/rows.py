@@ -5,7 +5,7 @@ sockets; building a frozen dataclass per endpoint, tuple and socket, and
 hashing ``Tuple4`` (which hashes its ``IPv4Address`` objects through
 ``hex()``) on every lookup cost seconds.  So:
 
-- a tuple is indexed as a :data:`CKey` — ``(local ip bytes, local port,
+- a tuple is indexed as a :data:`TupleKey` — ``(local ip bytes, local port,
   remote ip bytes, remote port)``, 4-byte addresses for IPv4 and 16 for IPv6 —
   which hashes in a few hundred nanoseconds;
 - the sockets adapter hands the core :class:`SocketTable` rows, and a
@@ -13,7 +13,7 @@ hashing ``Tuple4`` (which hashes its ``IPv4Address`` objects through
 - an :class:`Interner` shares the address, endpoint and tuple objects of one
   look between the map entries and the sockets (a connection's two sockets
   and its map entries all name the same two endpoints), and formats them;
-- :func:`maker` builds frozen dataclass instances without their generated
+- :func:`positional_constructor` builds frozen dataclass instances without their generated
   ``__init__`` (which pays ``object.__setattr__`` per field for frozenness).
 """
 
@@ -41,9 +41,9 @@ from sockguard.core.model import (
 )
 
 #: A connection tuple as one socket sees it: local ip, local port, remote ip, remote port.
-CKey = tuple[bytes, int, bytes, int]
+TupleKey = tuple[bytes, int, bytes, int]
 #: A live socket: its tuple as reported (not folded), state, cookie, inode, uid.
-SockRow = tuple[CKey, int, int, int, int]
+SockRow = tuple[TupleKey, int, int, int, int]
 #: A map entry as the sockmap iterator reported it: key, socket cookie, netns
 #: inode, family (AF_*), state, local address, remote address (4 bytes for
 #: AF_INET), local port, remote port, dead (SOCK_DEAD), receive path code.
@@ -67,7 +67,7 @@ _MAPPED = bytes(10) + b"\xff\xff"
 T = TypeVar("T")
 
 
-def fold(k: CKey) -> CKey:
+def unmap_ipv4(k: TupleKey) -> TupleKey:
     """Fold an IPv4-mapped IPv6 tuple (dual-stack socket) onto IPv4, as ``normalize`` does."""
     lip, rip = k[0], k[2]
     if len(lip) == 16 and lip[:12] == _MAPPED and rip[:12] == _MAPPED:
@@ -75,12 +75,12 @@ def fold(k: CKey) -> CKey:
     return k
 
 
-def ckey(tup: Tuple4) -> CKey:
+def tuple_key(tup: Tuple4) -> TupleKey:
     """The compact key of ``tup``, unfolded."""
     return (tup.local.ip.packed, tup.local.port, tup.remote.ip.packed, tup.remote.port)
 
 
-def maker(cls: type[T]) -> Callable[..., T]:
+def positional_constructor(cls: type[T]) -> Callable[..., T]:
     """A positional constructor for the frozen dataclass ``cls`` that skips ``__init__``.
 
     It takes every field in order (defaults are not applied) and fills the
@@ -105,9 +105,9 @@ def maker(cls: type[T]) -> Callable[..., T]:
     return make
 
 
-new_endpoint = maker(Endpoint)
-new_tuple4 = maker(Tuple4)
-new_live_socket = maker(LiveSocket)
+new_endpoint = positional_constructor(Endpoint)
+new_tuple4 = positional_constructor(Tuple4)
+new_live_socket = positional_constructor(LiveSocket)
 
 
 @contextlib.contextmanager
@@ -133,8 +133,8 @@ class Interner:
         self._ips: dict[bytes, IPAddress] = {}
         self._ip_text: dict[bytes, str] = {}
         self._eps: dict[tuple[bytes, int], Endpoint] = {}
-        self._tuples: dict[CKey, Tuple4] = {}
-        self._keys: dict[int, CKey] = {}  # id(Tuple4 made here) -> its key
+        self._tuples: dict[TupleKey, Tuple4] = {}
+        self._keys: dict[int, TupleKey] = {}  # id(Tuple4 made here) -> its key
 
     def ip(self, raw: bytes) -> IPAddress:
         ip = self._ips.get(raw)
@@ -149,7 +149,7 @@ class Interner:
             ep = self._eps[k] = new_endpoint(self.ip(raw), port)
         return ep
 
-    def tuple4(self, k: CKey) -> Tuple4:
+    def tuple4(self, k: TupleKey) -> Tuple4:
         """The ``Tuple4`` of ``k`` (family from the address length)."""
         t = self._tuples.get(k)
         if t is None:
@@ -159,10 +159,10 @@ class Interner:
             self._keys[id(t)] = k
         return t
 
-    def key_of(self, tup: Tuple4) -> CKey:
+    def key_of(self, tup: Tuple4) -> TupleKey:
         """The compact key of ``tup``, unfolded (cheap for tuples made here)."""
         k = self._keys.get(id(tup))  # ids stay unique: the tuples made here are kept alive
-        return ckey(tup) if k is None else k
+        return tuple_key(tup) if k is None else k
 
     def endpoint_text(self, raw: bytes, port: int) -> str:
         """``str(Endpoint)`` of an address and port."""
@@ -176,7 +176,7 @@ class Interner:
                 text = self._ip_text[raw] = ip if len(raw) == 4 else f"[{ip}]"
         return f"{text}:{port}"
 
-    def tuple_text(self, k: CKey) -> str:
+    def tuple_text(self, k: TupleKey) -> str:
         """``str(Tuple4)`` of ``k``."""
         return f"{self.endpoint_text(k[0], k[1])} -> {self.endpoint_text(k[2], k[3])}"
 
@@ -227,7 +227,7 @@ class SocketTable:
         return out
 
 
-new_target_socket = maker(TargetSocket)
+new_target_socket = positional_constructor(TargetSocket)
 
 
 def entry_cookie(rec: Record) -> int | None:
