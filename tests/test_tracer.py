@@ -603,6 +603,57 @@ def test_filtered_tracer_reports_watched_sockets_and_nothing_else(
 
 
 @pytest.mark.kernel
+def test_watched_set_takes_the_audits_key_walk_instead_of_walking_again(
+        lab: Lab, collector: Callable[..., Collector]) -> None:
+    """Where the audit walks the keys (tc lookup), the tracer's refresh reuses that walk."""
+    from sockguard.core.audit import AuditPolicy
+    from sockguard.kernel.maps import resolve_map
+    from sockguard.kernel.node_audit import run_audit
+    from tests.conftest import entry_source_skip_reason
+
+    reason = entry_source_skip_reason("tc_lookup")
+    if reason:
+        pytest.skip(reason)
+    c = collector(daemon_options())
+    _need(c, "lifecycle")
+    w = c.tracer.watched
+    if w is None:
+        pytest.skip("the kernel-side filter is off here: no watched set")
+    _refresh(c)  # an own walk
+    walks, refreshes = w.walks, w.refreshes
+    server_pod, client_pod = lab.pods
+    cli, srv = lab.pair(client_pod, server_pod, SERVER_PORT + 3)
+    new_key = key_for_socket(CILIUM, _tuple_of(srv))
+    assert new_key not in w.keys
+
+    told: list[dict[int, list[bytes]]] = []
+
+    def on_walk(start_ns: int, keys: dict[int, list[bytes]]) -> None:
+        told.append(keys)
+        c.tracer.offer_keys(start_ns, keys)
+
+    run_audit([resolve_map(str(lab.pin_path))], CILIUM, AuditPolicy(),
+              entry_source_name="tc_lookup", on_walk=on_walk)
+    assert len(told) == 1 and new_key in told[0][_map_id(lab)]  # the first look only
+    w.due = time.monotonic() + 3600  # no own walk due
+    c.tracer.poll(0)
+    assert (w.refreshes, w.walks) == (refreshes + 1, walks)  # refreshed, without a walk
+    assert new_key in w.keys
+
+    # An offer for other maps (the audit read a different set) is not taken, and
+    # with no walk due nothing happens; an offer older than the last refresh neither.
+    c.tracer.offer_keys(time.monotonic_ns(), {_map_id(lab) + 100000: []})
+    c.tracer.poll(0)
+    assert (w.refreshes, w.walks) == (refreshes + 1, walks)
+    c.tracer.offer_keys(0, {_map_id(lab): []})
+    assert not w.has_fresh_offer()
+    c.tracer.poll(0)
+    assert (w.refreshes, w.walks) == (refreshes + 1, walks) and new_key in w.keys
+    cli.close()
+    srv.close()
+
+
+@pytest.mark.kernel
 def test_filter_off_for_a_layout_the_kernel_side_does_not_know(lab: Lab) -> None:
     from dataclasses import replace as dc_replace
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from sockguard.core.audit import AuditPolicy, AuditResult, SocketIndex, audit_records
@@ -172,8 +172,13 @@ def read_map(info: MapInfo, layout: KeyLayout) -> MapRead:
                               for raw in handle.keys()])
 
 
+#: Told the keys a look walked: (monotonic ns when the walk began, map id -> keys).
+KeyWalks = Callable[[int, dict[int, list[bytes]]], None]
+
+
 def read_entry_records(info: MapInfo, source: EntrySource, judge: bool = False,
                        only: Sequence[bytes] | None = None,
+                       walked: list[bytes] | None = None,
                        ) -> tuple[dict[bytes, Record], dict[int, int]]:
     """Each key of a 4-byte-value map with the socket it points to, from ``source``.
 
@@ -181,6 +186,8 @@ def read_entry_records(info: MapInfo, source: EntrySource, judge: bool = False,
     them (bpf/entry_record.h): (records of the others, healthy entries per
     netns inode of their socket).  ``only``: the tc lookup asks for just these
     keys (it looks keys up one by one; the iterator always walks the map).
+    ``walked``: where the tc lookup's full key walk is also left, for the
+    tracer's watched set (``KeyWalks``).
     """
     with maps_adapter.open_map(info) as handle:
         if source.name == "iterator":
@@ -188,6 +195,8 @@ def read_entry_records(info: MapInfo, source: EntrySource, judge: bool = False,
                 return read_judged(handle.fd, info.key_size)
             return read_records(handle.fd, info.key_size), {}
         keys = list(handle.keys()) if only is None else list(only)
+        if walked is not None and only is None:
+            walked.extend(keys)
         if judge:
             return lookup_judged(handle.fd, info.key_size, keys)
         program = TUPLE_PROGRAM if source.exactness == "tuple" else None
@@ -265,7 +274,7 @@ def _unseen_namespaces(reads: Sequence[MapRead | tuple[MapInfo, dict[bytes, Reco
 def _look(
     maps: Sequence[MapInfo], layout: KeyLayout, policy: AuditPolicy, source: EntrySource,
     skipped: list[str] | None = None, socket_source: str = "auto", include_ok: bool = False,
-    only: dict[int, list[bytes]] | None = None,
+    only: dict[int, list[bytes]] | None = None, on_walk: KeyWalks | None = None,
 ) -> _Look:
     """Read every map, then the sockets of every namespace, then classify.
 
@@ -273,6 +282,7 @@ def _look(
     when there is no rest, no socket is scanned at all: every entry was
     proven by its own socket.  ``only`` (map id -> keys): a confirming look
     of the tc lookup asks just for the keys the first look found bad.
+    ``on_walk``: told every map's keys when the tc lookup walked them all.
     """
     reads: list[MapRead | tuple[MapInfo, dict[bytes, Record]]] = []
     healthy: dict[int, dict[int, int]] = {}  # map id -> netns inode -> healthy entries
@@ -280,6 +290,9 @@ def _look(
     sources: dict[int, str] = {}
     exactness: dict[int, str] = {}
     judging = any(_judges(source, layout, m, include_ok) for m in maps)
+    walk_start = time.monotonic_ns()
+    walks: dict[int, list[bytes]] | None = (
+        {} if on_walk is not None and only is None and source.name == "tc_lookup" else None)
     scan_first = source.scan_first and not judging
     with gc_paused():
         if scan_first:  # gives every live socket its cookie before the map is read
@@ -289,9 +302,10 @@ def _look(
                 if info.value_size != 8 and source.name != "syscall":
                     # records stay compact until a finding needs them
                     layout.check_map(info.key_size, info.name)
+                    walked = walks.setdefault(info.id, []) if walks is not None else None
                     records, healthy[info.id] = read_entry_records(
                         info, source, _judges(source, layout, info, include_ok),
-                        None if only is None else only.get(info.id, []))
+                        None if only is None else only.get(info.id, []), walked)
                     reads.append((info, records))
                     sources[info.id], exactness[info.id] = source.name, source.exactness
                 else:
@@ -299,9 +313,13 @@ def _look(
                     sources[info.id] = "syscall"
                     exactness[info.id] = "cookie" if info.value_size == 8 else "none"
             except (LayoutMismatchError, MapGoneError) as exc:
+                if walks is not None:
+                    walks.pop(info.id, None)
                 if skipped is None:
                     raise
                 skipped.append(str(exc))
+        if walks is not None and on_walk is not None:
+            on_walk(walk_start, walks)
         if not scan_first:
             suspicious = _suspicious_tuples(reads, layout) if judging else None
             if judging and not any(isinstance(r, MapRead) or r[1] for r in reads):
@@ -446,6 +464,7 @@ def run_audit(
     socket_source: str = "auto",
     entry_source_name: str | EntrySource = "auto",
     include_ok: bool = False,
+    on_walk: KeyWalks | None = None,
 ) -> NodeAudit:
     """Audit ``maps``; stale, shadowing and recvpath verdicts are confirmed by a second look.
 
@@ -455,7 +474,9 @@ def run_audit(
     of ``ENTRY_SOURCES`` (``use_iterator=False`` means ``syscall``) or an
     :class:`EntrySource` itself (tests force the tuple-only tc lookup so).
     ``include_ok`` (``--all``): every ``ok`` entry becomes a finding, so the
-    kernel does not judge healthy entries (the slow path).
+    kernel does not judge healthy entries (the slow path).  ``on_walk``: told the
+    keys of the first look's full walk (the daemon's tracer takes them instead of
+    walking the maps itself).
     """
     start = time.monotonic()
     if not maps:  # nothing to audit: no program to load, no namespace to scan
@@ -466,15 +487,16 @@ def run_audit(
         source = entry_source(entry_source_name if use_iterator else "syscall")
     with lookup_session():  # the tc lookup programs stay loaded for both looks
         return _run_audit(maps, layout, policy, source, start, confirm_delay, tolerate_skips,
-                          socket_source, include_ok)
+                          socket_source, include_ok, on_walk)
 
 
 def _run_audit(maps: Sequence[MapInfo], layout: KeyLayout, policy: AuditPolicy,
                source: EntrySource, start: float, confirm_delay: float, tolerate_skips: bool,
-               socket_source: str, include_ok: bool) -> NodeAudit:
+               socket_source: str, include_ok: bool,
+               on_walk: KeyWalks | None = None) -> NodeAudit:
     skipped: list[str] = []
     first = _look(maps, layout, policy, source, skipped if tolerate_skips else None,
-                  socket_source, include_ok)
+                  socket_source, include_ok, on_walk=on_walk)
     results = first.results
     if any(r.bad for r in results):
         time.sleep(confirm_delay)

@@ -357,7 +357,8 @@ class Daemon:
             audit = run_audit(maps, LAYOUTS[cfg.layout],
                               audit_policy(cfg.proxy_ips),
                               cfg.confirm_delay, use_iterator=cfg.use_iterator,
-                              tolerate_skips=discovered, entry_source_name=cfg.entry_source)
+                              tolerate_skips=discovered, entry_source_name=cfg.entry_source,
+                              on_walk=self.tracer.offer_keys)
         except (SockguardError, OSError) as exc:
             self._failed(exc)
             return
@@ -644,6 +645,13 @@ class TracerRunner:
         self._thread: threading.Thread | None = None
         self.detections: dict[str, Detection] = {}
         self.started = threading.Event()  # set once start was attempted (tests wait on it)
+        self._tracer: Tracer | None = None  # while the tracer runs
+
+    def offer_keys(self, start_ns: int, walks: dict[int, list[bytes]]) -> None:
+        """The audit's key walk, for the tracer's watched set (it need not walk again)."""
+        tracer = self._tracer
+        if tracer is not None:
+            tracer.offer_keys(start_ns, walks)
 
     def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -677,6 +685,7 @@ class TracerRunner:
             self.started.set()
             return
         d.metrics.tracer.set_active({k: v.active for k, v in self.detections.items()})
+        self._tracer = tracer
         collision = self.detections.get("collision")  # a detection metrics.py predates
         d.metrics.tracer.active.labels(detection="collision").set(
             1 if collision is not None and collision.active else 0)
@@ -689,6 +698,7 @@ class TracerRunner:
         except Exception:  # never take the daemon down: audits go on without events
             log.exception("tracer crashed; continuing with periodic audits only")
         finally:
+            self._tracer = None
             tracer.close()
             d.metrics.tracer.set_active({})
             d.metrics.tracer.active.labels(detection="collision").set(0)

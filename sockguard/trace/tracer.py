@@ -552,6 +552,10 @@ class MapWatch:
                 self._at = float("-inf")  # re-resolve next time
         return tuple(found)
 
+    def map_ids(self) -> frozenset[int]:
+        """The ids of the audited maps, as resolved now."""
+        return frozenset(h.info.id for h in self._resolve())
+
     def keys(self) -> dict[bytes, int]:
         """Every key of the audited maps now, with the id of the (first) map holding it.
 
@@ -655,6 +659,32 @@ class WatchedKeys:
         self.overflow = 0
         self.epoch = 0
         self._prev_start_ns: int | None = None
+        self.walks = 0  # refreshes that walked the maps themselves
+        self.walk_seconds = 0.0  # how long the last own walk took
+        #: keys another walk read (the daemon's audit): (its start, keys, map ids)
+        self._offer: tuple[int, dict[bytes, int], frozenset[int]] | None = None
+
+    def offer(self, start_ns: int, keys: dict[bytes, int], map_ids: frozenset[int]) -> None:
+        """Keys of the audited maps that a walk begun at ``start_ns`` read (monotonic ns).
+
+        Called from the audit thread: the next refresh takes them instead of
+        walking the maps again, if they cover the same maps and are newer than
+        its last start.  One assignment, so no lock is needed under the GIL.
+        """
+        self._offer = (start_ns, keys, map_ids)
+
+    def has_fresh_offer(self) -> bool:
+        offer = self._offer
+        return offer is not None and (self._prev_start_ns is None
+                                      or offer[0] > self._prev_start_ns)
+
+    def _take_offer(self) -> tuple[int, dict[bytes, int]] | None:
+        offer, self._offer = self._offer, None
+        if offer is None or (self._prev_start_ns is not None and offer[0] <= self._prev_start_ns):
+            return None
+        if offer[2] != self.watch.map_ids():
+            return None  # the audit read other maps (one failed, or the selection changed)
+        return offer[0], offer[1]
 
     def bits_value(self) -> bytes:
         """The ``watched_bits`` map's value: struct sg_watched_bits."""
@@ -663,14 +693,22 @@ class WatchedKeys:
     def refresh(self) -> list[tuple[bytes, bytes]]:
         """Bring ``watched`` up to date; (key, raw event) parked under each added key."""
         start, start_ns = time.monotonic(), time.monotonic_ns()
+        offered = self._take_offer()
+        if offered is None and start < self.due:
+            return []  # an offer that did not fit, and no walk of our own due yet
         self.epoch = (self.epoch + 1) & 0xFFFFFFFF
         libbpf.map_update(self.bits_fd, bytes(4), self.bits_value())
-        try:
-            new = self.watch.keys()
-        except (SockguardError, OSError) as exc:
-            log.debug("tracer: watched set not refreshed: %s", exc)
-            self.due = start + self.options.watch_interval
-            return []
+        if offered is not None:
+            # the audit's walk: this refresh starts when that walk started, so a
+            # parked event is dropped only if older than a walk that would have seen its key
+            start_ns, new = offered
+        else:
+            try:
+                new = self.watch.keys()
+            except (SockguardError, OSError) as exc:
+                log.debug("tracer: watched set not refreshed: %s", exc)
+                self.due = start + self.options.watch_interval
+                return []
         old = self.keys
         gone = [k for k in old if k not in new]
         for key in gone:
@@ -721,10 +759,14 @@ class WatchedKeys:
         self.refreshes += 1
         end = time.monotonic()
         self.last_seconds = end - start
-        # the first refresh loads the iterator and fills the whole set: no measure of the rest
+        if offered is None:
+            self.walks += 1
+            self.walk_seconds = self.last_seconds
+        # the first walk loads the iterator and fills the whole set: no measure of the rest;
+        # the period is the own walk's cost, so offers (cheap to take) do not shorten it
         period = max(self.options.watch_interval,
-                     self.last_seconds / max(self.options.watch_budget, 1e-3)
-                     if self.refreshes > 1 else 0.0)
+                     self.walk_seconds / max(self.options.watch_budget, 1e-3)
+                     if self.walks > 1 else 0.0)
         self.due = end + period
         return parked
 
@@ -917,10 +959,22 @@ class Tracer:
         self._handle(batch)
         return n + self._check_collisions()
 
+    def offer_keys(self, start_ns: int, walks: dict[int, list[bytes]]) -> None:
+        """Keys the audit walked (map id -> keys, from ``start_ns``): the watched set takes
+        them at the next poll instead of walking the maps again (any thread may call)."""
+        w = self.watched
+        if w is None:
+            return
+        keys: dict[bytes, int] = {}
+        for map_id, map_keys in walks.items():
+            for key in map_keys:
+                keys.setdefault(key, map_id)
+        w.offer(start_ns, keys, frozenset(walks))
+
     def _poll_late(self) -> int:
         """Refresh the watched set when due; handle the parked events it released."""
         w = self.watched
-        if w is None or time.monotonic() < w.due:
+        if w is None or (time.monotonic() < w.due and not w.has_fresh_offer()):
             return 0
         records = w.refresh()
         self._handle([(int.from_bytes(r[:8], "little"), r, True) for _k, r in records],
