@@ -310,6 +310,11 @@ DESCRIPTIONS = {
 }
 
 
+#: The detections the tracer runs (the rest of ``DESCRIPTIONS`` is the audit's): the
+#: label values of ``sockguard_detection_active``.
+TRACER_DETECTIONS = ("update_failures", "psock_drops", "recv_path", "lifecycle", "collision")
+
+
 def _kernel_fn_detection(name: str, caps: Capabilities, symbol: str) -> Detection:
     desc = DESCRIPTIONS[name]
     syms = kallsyms.load()

@@ -686,9 +686,6 @@ class TracerRunner:
             return
         d.metrics.tracer.set_active({k: v.active for k, v in self.detections.items()})
         self._tracer = tracer
-        collision = self.detections.get("collision")  # a detection metrics.py predates
-        d.metrics.tracer.active.labels(detection="collision").set(
-            1 if collision is not None and collision.active else 0)
         log.info("%s", attached_detections(self.detections),
                  extra={"SOCKGUARD_TRACER": "started"})
         self.started.set()
@@ -701,7 +698,6 @@ class TracerRunner:
             self._tracer = None
             tracer.close()
             d.metrics.tracer.set_active({})
-            d.metrics.tracer.active.labels(detection="collision").set(0)
 
     def _on_event(self, ev: TraceEvent) -> None:
         meaning = ev.meaning  # decided in one place: TraceEvent.meaning

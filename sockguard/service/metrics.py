@@ -41,9 +41,10 @@ from sockguard import __version__
 from sockguard.core.model import Kind
 from sockguard.core.policy import DELETED_KINDS as DELETED_KINDS
 from sockguard.core.policy import EXPORTED_KINDS
+from sockguard.kernel.capabilities import TRACER_DETECTIONS
 from sockguard.kernel.node_audit import NodeAudit
 from sockguard.kernel.remediation import DONE_OUTCOMES, Deletion, Refusal
-from sockguard.trace.tracer import EARLY_AUDIT
+from sockguard.trace.tracer import DROP_CALLERS, EARLY_AUDIT, UPDATE_ERRNOS
 
 log = logging.getLogger(__name__)
 
@@ -250,10 +251,8 @@ class Metrics:
 
 # -- tracer events (sockguard/trace/tracer.py, consumed by daemon.TracerRunner) ----------------
 
-#: Bounded label values (mirrors tracer.UPDATE_ERRNOS / DROP_CALLERS / capabilities.plan).
-UPDATE_ERRNOS = ("EEXIST", "EBUSY", "EINVAL", "ENOMEM", "ENOSPC", "EOPNOTSUPP", "other")
-DROP_CALLERS = ("close", "update_failed", "delete", "map_free", "other", "unknown")
-DETECTIONS = ("update_failures", "psock_drops", "recv_path", "lifecycle")
+#: Bounded label values, each list defined where its values are decided.
+DETECTIONS = TRACER_DETECTIONS
 
 
 class TracerMetrics:
