@@ -30,7 +30,6 @@ import argparse
 import atexit
 import contextlib
 import datetime
-import itertools
 import json
 import os
 import platform
@@ -282,30 +281,19 @@ def name_threads(pid: int, a: dict[str, Any], samples_a: list[Sample],
                  cpu_b: dict[int, tuple[str, float]]) -> None:
     """Give phase a's threads their roles (Python 3.11 does not name threads in the kernel).
 
-    audit: the thread with the most CPU in phase b, where an audit starts every 0.3 s;
-    metrics: of the others, the one with the largest share of its CPU in the seconds
-    right after this script scraped /metrics (1 in ``--scrape`` seconds); tracer: the
-    busiest remaining one. (``Daemon.run`` starts them in the order metrics, audit,
-    tracer, so their thread ids ascend in that order: a cross-check.)
+    ``Daemon.run`` starts the metrics, audit and tracer threads in that order, so their
+    thread ids ascend in that order: the roles go by start order.  The cross-check is
+    phase b, where an audit starts every 0.3 s: its busiest thread must be the one
+    named "audit" (``roles_checked``).  (A rule by CPU right after a scrape named the
+    tracer "metrics" when its refreshes fell in step with the scrapes.)
     """
+    del samples_a  # kept in the signature: the samples stay in the JSON for a re-check
     threads = {int(t): v for t, v in a["threads"].items()}
-    audit = max(cpu_b, key=lambda t: cpu_b[t][1]) if cpu_b else None
-    rest = [t for t in threads if t not in (pid, audit)]
-    scr: dict[int, list[float]] = {t: [] for t in rest}
-    quiet: dict[int, list[float]] = {t: [] for t in rest}
-    for prev, s in itertools.pairwise(samples_a):
-        for t in rest:
-            d = s.threads.get(t, ("", 0.0))[1] - prev.threads.get(t, ("", 0.0))[1]
-            # the scrape follows the /proc read: its CPU shows in the next interval
-            (scr if prev.audits_done is not None else quiet)[t].append(d)
-
-    def scrape_part(t: int) -> float:  # the share of its CPU that follows a scrape
-        total = sum(scr[t]) + sum(quiet[t])
-        return sum(scr[t]) / total if total > 0 else 0.0
-
-    metrics = max(rest, key=scrape_part) if rest else None
-    left = [t for t in rest if t != metrics]
-    tracer = max(left, key=lambda t: threads[t]["cpu_s"]) if left else None
+    rest = sorted(t for t in threads if t != pid)
+    padded: list[int | None] = [*rest, None, None, None]
+    metrics, audit, tracer = padded[:3]  # with --no-tracer there is no third thread
+    busiest_b = max(cpu_b, key=lambda t: cpu_b[t][1]) if cpu_b else None
+    a["roles_checked"] = busiest_b is None or busiest_b == audit
     for t, v in threads.items():
         v["role"] = {pid: "main", audit: "audit", metrics: "metrics",
                      tracer: "tracer"}.get(t, "")
