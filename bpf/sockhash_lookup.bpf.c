@@ -49,6 +49,40 @@ struct {
 	__type(value, __u32);
 } target SEC(".maps");
 
+/*
+ * Judging (sg_config.judge): a healthy entry is counted here, by its socket's
+ * netns inode, and its record needs no reading; the run's return value is the
+ * number of records userspace must read (not healthy), so a batch of healthy
+ * entries costs userspace nothing but the run.  Userspace empties the map
+ * before a read and drains it after.  A netns the map cannot take (full) is
+ * left to userspace: the record is not marked healthy.
+ */
+#define HEALTHY_NETNS_MAX 8192
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, HEALTHY_NETNS_MAX);
+	__type(key, __u64);
+	__type(value, __u64);
+} healthy SEC(".maps");
+
+static __always_inline bool count_healthy(__u64 netns_ino)
+{
+	__u64 one = 1, *n = bpf_map_lookup_elem(&healthy, &netns_ino);
+
+	if (n) {
+		__sync_fetch_and_add(n, 1);
+		return true;
+	}
+	if (!bpf_map_update_elem(&healthy, &netns_ino, &one, BPF_NOEXIST))
+		return true;
+	n = bpf_map_lookup_elem(&healthy, &netns_ino); /* inserted meanwhile, or full */
+	if (!n)
+		return false;
+	__sync_fetch_and_add(n, 1);
+	return true;
+}
+
 static __always_inline struct record *packet_record(struct __sk_buff *skb, __u32 i)
 {
 	void *data = (void *)(long)skb->data;
@@ -99,13 +133,13 @@ static __always_inline int lookup(struct __sk_buff *skb, __u32 i, bool btf)
 	struct bpf_sock *sk;
 
 	if (!rec)
-		return 1;
+		return -1;
 	__builtin_memcpy(key, rec->key, KEY_MAX);
 	rec->flags = 0;
 	rec->key_len = sg_config.key_size;
 	sk = bpf_map_lookup_elem(&target, key);
 	if (!sk)
-		return 0;
+		return 1;
 	rec->flags = REC_HAS_SOCKET | REC_TUPLE_ONLY;
 	copy_tuple(rec, sk);
 	if (btf) {
@@ -124,15 +158,18 @@ static __always_inline int lookup(struct __sk_buff *skb, __u32 i, bool btf)
 		}
 	}
 	bpf_sk_release(sk);
-	if (sg_config.judge && sg_healthy(rec, RECV_TCP))
+	if (sg_config.judge && sg_healthy(rec, RECV_TCP) && count_healthy(rec->netns_ino)) {
 		rec->flags |= REC_HEALTHY;
-	return 0;
+		return 0;
+	}
+	return 1;
 }
 
 /*
  * One record each, as global functions: the verifier checks a global function
  * once, on its own (btf_check_func_arg_match, since 5.6), instead of once per
- * record along every path of the batch.
+ * record along every path of the batch.  They return 1 for a record userspace
+ * must read, 0 for one counted healthy, -1 past the packet's end.
  */
 __noinline int lookup_one_btf(struct __sk_buff *skb, __u32 i)
 {
@@ -147,23 +184,29 @@ __noinline int lookup_one_tuple(struct __sk_buff *skb, __u32 i)
 SEC("tc")
 int lookup_btf(struct __sk_buff *skb)
 {
-	__u32 i;
+	int i, r, unread = 0;
 
 #pragma unroll
-	for (i = 0; i < BATCH; i++)
-		if (lookup_one_btf(skb, i))
+	for (i = 0; i < BATCH; i++) {
+		r = lookup_one_btf(skb, i);
+		if (r < 0)
 			break;
-	return 0;
+		unread += r;
+	}
+	return unread;
 }
 
 SEC("tc")
 int lookup_tuple(struct __sk_buff *skb)
 {
-	__u32 i;
+	int i, r, unread = 0;
 
 #pragma unroll
-	for (i = 0; i < BATCH; i++)
-		if (lookup_one_tuple(skb, i))
+	for (i = 0; i < BATCH; i++) {
+		r = lookup_one_tuple(skb, i);
+		if (r < 0)
 			break;
-	return 0;
+		unread += r;
+	}
+	return unread;
 }

@@ -54,10 +54,10 @@ RECORD_OFF = 16
 BATCH = 24
 PACKET_SIZE = RECORD_OFF + RECORD.size
 _FLAGS = RECORD.offset("flags")
-_NETNS = struct.Struct("=Q")
-_NETNS_OFF = RECORD.offset("netns_ino")
 _KEY_LEN = struct.Struct("=I")
 _KEY_LEN_OFF = RECORD.offset("key_len")
+#: The kernel's healthy counts per netns inode (judge mode; u64 -> u64).
+HEALTHY_MAP = "healthy"
 #: Exactness of each program's records (the JSON's ``entry_exactness``).
 EXACTNESS = {BTF_PROGRAM: "cookie", TUPLE_PROGRAM: "tuple"}
 
@@ -130,6 +130,7 @@ class Reader:
         self.key_size = key_size
         self.program = program
         self._fd = obj.program(program).fd
+        self._healthy_fd = obj.map(HEALTHY_MAP).fd
         self._runs: dict[int, libbpf.TestRun] = {}
         self._prefix = bytes(RECORD_OFF)
         self._pad = bytes(RECORD.size - key_size)
@@ -145,36 +146,62 @@ class Reader:
 
     def run(self, keys: Sequence[bytes]) -> bytes:
         """One test run over ``keys`` (at most BATCH): the packet as the program left it."""
+        return self._run(keys)[1]
+
+    def _run(self, keys: Sequence[bytes]) -> tuple[int, bytes]:
+        """(how many records need reading, the packet): the rest were counted healthy."""
         runner = self._runs.get(len(keys))
         if runner is None:
             runner = self._runs[len(keys)] = libbpf.TestRun(
                 self._fd, RECORD_OFF + len(keys) * RECORD.size)
         pad = self._pad
-        retval, out = runner.run(self._prefix + b"".join(k + pad for k in keys))
+        unread, out = runner.run(self._prefix + b"".join(k + pad for k in keys))
         last = RECORD_OFF + (len(keys) - 1) * RECORD.size
-        if (retval != 0 or len(out) < runner.size
+        if (unread > len(keys) or len(out) < runner.size
                 or _KEY_LEN.unpack_from(out, last + _KEY_LEN_OFF)[0] == 0):
-            raise BpfError(errno.EIO, f"tc lookup: program returned {retval}, {len(out)} "
+            raise BpfError(errno.EIO, f"tc lookup: program returned {unread}, {len(out)} "
                                       f"bytes, {len(keys)} keys asked: rebuild sockguard")
-        return out
+        return unread, out
 
     def read(self, keys: Sequence[bytes], records: dict[bytes, Record],
              healthy: dict[int, int]) -> None:
         """Add the records of ``keys`` the kernel did not judge healthy to ``records`` and
         count the healthy ones (judge mode only) by their socket's netns inode in
-        ``healthy``; keys without a socket are left out."""
+        ``healthy``; keys without a socket are left out.
+
+        The kernel counts the healthy entries itself (bpf/sockhash_lookup.bpf.c,
+        ``healthy``) and tells per run how many records need reading: a run of
+        healthy entries is not looked at here."""
+        self._drain_healthy(None)  # counts a single ``lookup`` may have left
         for start in range(0, len(keys), BATCH):
             chunk = keys[start:start + BATCH]
-            out = self.run(chunk)
+            unread, out = self._run(chunk)
+            if not unread:
+                continue
             for i, key in enumerate(chunk):
                 off = RECORD_OFF + i * RECORD.size
                 if out[off + _FLAGS] & REC_HEALTHY:
-                    netns = _NETNS.unpack_from(out, off + _NETNS_OFF)[0]
-                    healthy[netns] = healthy.get(netns, 0) + 1
-                    continue
+                    continue  # counted in the kernel
                 rec = self._decode(key, out, off)
                 if isinstance(rec, tuple):
                     records[key] = rec
+        self._drain_healthy(healthy)
+
+    def _drain_healthy(self, healthy: dict[int, int] | None) -> None:
+        """Empty the kernel's healthy counts, adding them to ``healthy`` (None: drop them)."""
+        fd = self._healthy_fd
+        cursor = libbpf.KeyCursor(fd, 8)
+        inos: list[bytes] = []
+        key = cursor.next(None)
+        while key is not None:  # collect first: deleting under the cursor restarts the walk
+            inos.append(key)
+            key = cursor.next(key)
+        for raw in inos:
+            value = libbpf.map_lookup(fd, raw, 8)
+            libbpf.map_delete(fd, raw)
+            if healthy is not None and value is not None:
+                ino = int.from_bytes(raw, "little")
+                healthy[ino] = healthy.get(ino, 0) + int.from_bytes(value, "little")
 
     @staticmethod
     def _decode(key: bytes, out: bytes, off: int) -> Record | int | None:
