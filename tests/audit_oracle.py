@@ -14,12 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sockguard.core.audit import (
-    UNVERIFIED,
     AuditPolicy,
     AuditResult,
+    NoVerdict,
     SocketIndex,
     _classify,
-    _new_finding,
+    finding_of,
 )
 from sockguard.core.model import Finding, Kind, LiveSocket, MapEntry, MapInfo
 
@@ -50,13 +50,12 @@ def audit_map(
     findings: list[Finding] = []
     pending = unverified = 0
     for entry in entries:
-        kind, reason, sock, details = _classify(entry, index, policy)
-        if kind is None:
-            if details.get(UNVERIFIED):
-                unverified += 1
-            else:
-                pending += 1
-            continue
-        findings.append(_new_finding(kind, info, entry, reason, sock, None, False, details))
+        found = finding_of(info, entry, index, policy)
+        if isinstance(found, Finding):
+            findings.append(found)
+        elif found is NoVerdict.UNVERIFIED:
+            unverified += 1
+        else:
+            pending += 1
     return AuditResult(info, len(entries) + len(undecodable), findings, pending,
                        list(undecodable), unverified=unverified)

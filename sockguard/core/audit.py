@@ -39,6 +39,7 @@ the entry is left alone and looked at again next time.
 
 from __future__ import annotations
 
+import enum
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -619,6 +620,22 @@ class AuditResult:
                 f"undecodable={self.undecodable!r})")
 
 
+class NoVerdict(enum.Enum):
+    """Why ``finding_of`` has no finding for an entry yet."""
+
+    PENDING = "pending"  # its tuple is mid-handshake
+    UNVERIFIED = "unverified"  # no owner seen, and only a complete scan could call it stale
+
+
+def finding_of(info: MapInfo, entry: MapEntry, index: SocketIndex,
+               policy: AuditPolicy) -> Finding | NoVerdict:
+    """The finding for one entry, or why there is none yet."""
+    kind, reason, sock, details = _classify(entry, index, policy)
+    if kind is None:
+        return NoVerdict.UNVERIFIED if details.get(UNVERIFIED) else NoVerdict.PENDING
+    return _new_finding(kind, info, entry, reason, sock, None, False, details)
+
+
 def audit_records(
     info: MapInfo,
     layout: KeyLayout,
@@ -670,14 +687,13 @@ def audit_records(
                 continue
             entry = _new_entry(raw.hex(), decode(layout, raw, interner), entry_cookie(rec),
                                entry_target(rec, interner))
-            kind, reason, sock, details = _classify(entry, index, policy)
-            if kind is None:
-                if details.get(UNVERIFIED):
-                    unverified += 1
-                else:
-                    pending += 1
-                continue
-            append(_new_finding(kind, info, entry, reason, sock, None, False, details))
+            found = finding_of(info, entry, index, policy)
+            if isinstance(found, Finding):
+                append(found)
+            elif found is NoVerdict.UNVERIFIED:
+                unverified += 1
+            else:
+                pending += 1
 
     def make(part: _UnbuiltOk) -> Finding:
         raw, rec, row = part
