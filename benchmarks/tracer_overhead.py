@@ -164,7 +164,8 @@ def _consumer(map_id: int, filtered: bool) -> int:
     from dataclasses import replace
 
     from sockguard.kernel.maps import resolve_map
-    from sockguard.trace.tracer import MapWatch, Tracer, attached_detections, daemon_options
+    from sockguard.trace.tracer import Tracer, attached_detections, daemon_options
+    from sockguard.trace.watched import MapWatch
 
     stop = False
     want: bool | None = None

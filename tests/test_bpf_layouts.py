@@ -16,7 +16,7 @@ from sockguard.core.errors import LibbpfMissingError
 from sockguard.kernel import bpf_object, libbpf, recvsyms, sockmap_iter, tcp_iter
 from sockguard.kernel.bpf_object import BpfObjectMissingError, CStruct
 from sockguard.kernel.libbpf import BpfObject
-from sockguard.trace import tracer
+from sockguard.trace import events, tracer, watched
 
 TRACE_OBJECTS = ("trace_sockhash", "trace_recvpath", "trace_lifecycle")
 
@@ -25,9 +25,9 @@ LAYOUTS: list[tuple[CStruct, tuple[str, ...]]] = [
     (sockmap_iter.RECORD, ("sockmap_iter", "sockhash_lookup")),
     (tcp_iter.RECORD, ("tcp_iter",)),
     (recvsyms.CONFIG, ("sockmap_iter", "sockhash_lookup", "tcp_iter")),
-    (tracer.EVENT, TRACE_OBJECTS),
-    (tracer.PARKED, TRACE_OBJECTS),
-    (tracer._KEY_WORDS, TRACE_OBJECTS),
+    (events.EVENT, TRACE_OBJECTS),
+    (watched.PARKED, TRACE_OBJECTS),
+    (watched._KEY_WORDS, TRACE_OBJECTS),
 ]
 
 

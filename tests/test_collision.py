@@ -42,7 +42,9 @@ from sockguard.trace.collision import (
     record_tuple,
     same_socket,
 )
-from sockguard.trace.tracer import MapWatch, TraceEvent, Tracer, TracerOptions, daemon_options
+from sockguard.trace.events import TraceEvent
+from sockguard.trace.tracer import Tracer, TracerOptions, daemon_options
+from sockguard.trace.watched import MapWatch
 from tests.lab import Lab, cilium_key, close_rst, recv_exact
 from tests.test_daemon import RunningDaemon, start_daemon, wait_for
 

@@ -29,23 +29,17 @@ from sockguard.core.layout import CILIUM, key_for_socket
 from sockguard.core.model import Endpoint, Tuple4
 from sockguard.kernel import libbpf
 from sockguard.kernel.trace_symbols import Kallsyms
-from sockguard.trace.tracer import (
+from sockguard.trace.events import (
     EARLY_AUDIT,
     EVENT,
-    FILTERED_OBJECTS,
-    PARKED_SIZE,
-    PROGRAMS,
-    MapWatch,
     Meaning,
     TraceEvent,
-    Tracer,
-    TracerOptions,
     classify_caller,
-    daemon_options,
     decode_event,
-    pending_slot,
     recv_path,
 )
+from sockguard.trace.tracer import PROGRAMS, Tracer, TracerOptions, daemon_options
+from sockguard.trace.watched import FILTERED_OBJECTS, PARKED_SIZE, MapWatch, pending_slot
 from tests.lab import Lab, cilium_key
 from tests.test_daemon import RunningDaemon, start_daemon, wait_for
 

@@ -15,10 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sockguard.core.layout import CILIUM, encode
-from sockguard.trace.tracer import (
-    EV_RECV,
-    EV_STATE,
-    EVENT,
+from sockguard.trace.events import EV_RECV, EV_STATE, EVENT
+from sockguard.trace.watched import (
     PARKED,
     PARKED_SIZE,
     PENDING_BITS,

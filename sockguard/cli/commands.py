@@ -280,13 +280,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from sockguard.trace.tracer import (
-        MapWatch,
-        TraceEvent,
-        Tracer,
-        TracerOptions,
-        attached_detections,
-    )
+    from sockguard.trace.events import TraceEvent
+    from sockguard.trace.tracer import Tracer, TracerOptions, attached_detections
+    from sockguard.trace.watched import MapWatch
 
     def emit(ev: TraceEvent) -> None:
         print(json.dumps(ev.as_dict()) if args.json else printable(ev.line()), flush=True)

@@ -74,16 +74,14 @@ from sockguard.kernel.remediation import Deletion, clean_each_map, deletions
 from sockguard.service.config import Config, describe, load_config, overrides_from_args
 from sockguard.service.metrics import Metrics, start_server
 from sockguard.service.notify import Notifier, make_log_handler, monotonic_usec
+from sockguard.trace.events import EARLY_AUDIT, Meaning, TraceEvent
 from sockguard.trace.tracer import (
-    EARLY_AUDIT,
-    MapWatch,
-    Meaning,
-    TraceEvent,
     Tracer,
     TracerUnavailableError,
     attached_detections,
     daemon_options,
 )
+from sockguard.trace.watched import MapWatch
 
 log = logging.getLogger("sockguard.service.daemon")
 

@@ -44,7 +44,7 @@ from sockguard.core.policy import EXPORTED_KINDS
 from sockguard.kernel.capabilities import TRACER_DETECTIONS
 from sockguard.kernel.node_audit import NodeAudit
 from sockguard.kernel.remediation import DONE_OUTCOMES, Deletion, Refusal
-from sockguard.trace.tracer import DROP_CALLERS, EARLY_AUDIT, UPDATE_ERRNOS
+from sockguard.trace.events import DROP_CALLERS, EARLY_AUDIT, UPDATE_ERRNOS
 
 log = logging.getLogger(__name__)
 
