@@ -352,3 +352,24 @@ def test_the_kernel_judges_healthy_entries_and_reports_only_the_rest(
     assert records[wrong][1] in (0, cookie(dummy))
     assert records[closed_key][4] == 7  # CLOSE
     assert other.fileno() >= 0
+
+
+@pytest.mark.kernel
+def test_a_long_session_keeps_the_lookup_loaded_and_lets_go_of_maps_no_longer_audited(
+        lab: Lab) -> None:
+    """The daemon's audit thread holds one session for its life: the tc lookup program of
+    a map is loaded once, not at every audit, and dropped (releasing the map it holds)
+    as soon as an audit no longer names that map."""
+    _need("tc_lookup")
+    cli, srv = lab.pair(*reversed(lab.pods), 8080)
+    info = select_maps([str(lab.pin_path)])[0][0]
+    with sockhash_lookup.session():
+        run_audit([info], CILIUM, AuditPolicy(), entry_source_name="tc_lookup")
+        loaded = dict(sockhash_lookup._loaded.objects)
+        assert loaded and {ident[0] for ident in loaded} == {info.id}
+        run_audit([info], CILIUM, AuditPolicy(), entry_source_name="tc_lookup")
+        assert sockhash_lookup._loaded.objects == loaded  # the same readers: no reload
+        run_audit([], CILIUM, AuditPolicy(), entry_source_name="tc_lookup")
+        assert sockhash_lookup._loaded.objects == {}
+    cli.close()
+    srv.close()

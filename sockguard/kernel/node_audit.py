@@ -40,6 +40,7 @@ from sockguard.kernel.sockets import Scan, lookup_tuples, scan_all
 from sockguard.kernel.sockhash_lookup import TUPLE_PROGRAM, lookup_available, lookup_exactness
 from sockguard.kernel.sockhash_lookup import read_judged as lookup_judged
 from sockguard.kernel.sockhash_lookup import read_records as lookup_records
+from sockguard.kernel.sockhash_lookup import retain as retain_readers
 from sockguard.kernel.sockhash_lookup import session as lookup_session
 from sockguard.kernel.sockmap_iter import (
     cookies_need_scan_first,
@@ -480,12 +481,14 @@ def run_audit(
     """
     start = time.monotonic()
     if not maps:  # nothing to audit: no program to load, no namespace to scan
+        retain_readers(())  # nor any map to hold on to
         return NodeAudit([], [], 0, duration=time.monotonic() - start, socket_source="none")
     if isinstance(entry_source_name, EntrySource):
         source = entry_source_name
     else:
         source = entry_source(entry_source_name if use_iterator else "syscall")
     with lookup_session():  # the tc lookup programs stay loaded for both looks
+        retain_readers({m.id for m in maps})  # an outer session (the daemon's) drops the rest
         return _run_audit(maps, layout, policy, source, start, confirm_delay, tolerate_skips,
                           socket_source, include_ok, on_walk)
 

@@ -32,7 +32,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 from sockguard.core.errors import LibbpfMissingError
 from sockguard.core.rows import COOKIE_UNKNOWN, Record, gc_paused
@@ -238,8 +238,9 @@ _loaded = threading.local()
 @contextlib.contextmanager
 def session() -> Iterator[None]:
     """Keep each lookup program loaded until the session ends (one audit: both looks and
-    the re-reads), instead of loading it for every read: a load costs 15-20 ms of CO-RE
-    relocation against the kernel's BTF.  Per thread; a nested session joins the outer."""
+    the re-reads; the daemon's audit thread: its life, with ``retain`` at each audit),
+    instead of loading it for every read: a load costs 10-20 ms of CO-RE relocation
+    against the kernel's BTF.  Per thread; a nested session joins the outer."""
     if getattr(_loaded, "objects", None) is not None:
         yield
         return
@@ -251,6 +252,20 @@ def session() -> Iterator[None]:
         _loaded.objects = None
         for reader in objects.values():
             reader.close()
+
+
+def retain(map_ids: Collection[int]) -> None:
+    """In a session, unload the readers of maps not in ``map_ids``.
+
+    A loaded reader holds its map (the program references it): a daemon whose
+    session outlives one audit calls this with the maps it audits, so a map
+    Cilium replaced is released at the next audit, not kept alive with its sockets.
+    """
+    objects: dict[tuple[int, int, str, bool], Reader] | None = getattr(_loaded, "objects", None)
+    if not objects:
+        return
+    for ident in [i for i in objects if i[0] not in map_ids]:
+        objects.pop(ident).close()
 
 
 @contextlib.contextmanager

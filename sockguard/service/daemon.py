@@ -71,6 +71,7 @@ from sockguard.kernel.capabilities import Detection
 from sockguard.kernel.cilium import audit_policy
 from sockguard.kernel.node_audit import NodeAudit, run_audit
 from sockguard.kernel.remediation import Deletion, clean_each_map, deletions
+from sockguard.kernel.sockhash_lookup import session as lookup_session
 from sockguard.service.config import Config, describe, load_config, overrides_from_args
 from sockguard.service.metrics import Metrics, start_server
 from sockguard.service.notify import Notifier, make_log_handler, monotonic_usec
@@ -294,6 +295,12 @@ class Daemon:
         return status
 
     def _worker(self) -> None:
+        # the tc lookup programs stay loaded from one audit to the next (run_audit keeps
+        # only those of the maps it audits): a load costs ~10 ms of CPU per map and audit
+        with lookup_session():
+            self._audit_loop()
+
+    def _audit_loop(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
             self._beat()
