@@ -12,6 +12,8 @@ and a shadowing entry.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -37,6 +39,9 @@ ULIMITS = ["--ulimit", "nofile=2048:2048", "--ulimit", "nproc=4096:4096"]
 #: Runtimes to try, in order: crun refuses hybrid cgroup hierarchies ("cgroups in
 #: hybrid mode not supported") where cgroup2 still has a controller, runc does not.
 RUNTIMES: tuple[tuple[str, ...], ...] = ((), ("--runtime", "runc"))
+#: The containers' parent cgroup, ours to remove: podman's cgroupfs manager would
+#: otherwise create ``libpod_parent`` in every hierarchy and leave it there.
+CGROUP_PARENT = f"/sockguard-test-{secrets.token_hex(3)}"
 
 
 def _container() -> dict[str, Any]:
@@ -99,18 +104,38 @@ def image() -> Iterator[str]:
         subprocess.run(["podman", "rmi", "-f", IMAGE], capture_output=True, check=False)
 
 
+def _cgroup_mounts() -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[2] in ("cgroup", "cgroup2")]
+
+
+def _remove_cgroup_parent() -> None:
+    """rmdir CGROUP_PARENT, children first, in every hierarchy the runtime made it in."""
+    for mount in _cgroup_mounts():
+        top = mount + CGROUP_PARENT
+        if not os.path.isdir(top):
+            continue
+        for dirpath, _dirs, _files in sorted(os.walk(top), key=lambda w: -len(w[0])):
+            os.rmdir(dirpath)
+
+
 @pytest.fixture(scope="module")
-def run_flags(image: str) -> list[str]:
+def run_flags(image: str) -> Iterator[list[str]]:
     """The DaemonSet's flags plus the runtime this machine can start containers with."""
-    flags = daemonset_flags()
+    flags = [*daemonset_flags(), "--cgroup-parent", CGROUP_PARENT]
     errors = []
-    for runtime in RUNTIMES:
-        args = ["podman", "run", "--rm", *runtime, *ULIMITS, *flags, image, "true"]
-        r = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
-        if r.returncode == 0:
-            return [*runtime, *ULIMITS, *flags]
-        errors.append(f"{' '.join(runtime) or 'default runtime'}: {r.stderr.strip()[-300:]}")
-    pytest.skip("no container runtime can start a container here: " + "; ".join(errors))
+    try:
+        for runtime in RUNTIMES:
+            args = ["podman", "run", "--rm", *runtime, *ULIMITS, *flags, image, "true"]
+            r = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+            if r.returncode == 0:
+                yield [*runtime, *ULIMITS, *flags]
+                return
+            errors.append(f"{' '.join(runtime) or 'default runtime'}: "
+                          f"{r.stderr.strip()[-300:]}")
+        pytest.skip("no container runtime can start a container here: " + "; ".join(errors))
+    finally:
+        _remove_cgroup_parent()
 
 
 def podman_run(run_flags: list[str], *cmd: str) -> subprocess.CompletedProcess[str]:
