@@ -274,8 +274,9 @@ class WatchedKeys:
                                       or offer[0] > self._prev_start_ns)
 
     def _take_offer(self) -> tuple[int, dict[bytes, int]] | None:
+        fresh = self.has_fresh_offer()
         offer, self._offer = self._offer, None
-        if offer is None or (self._prev_start_ns is not None and offer[0] <= self._prev_start_ns):
+        if offer is None or not fresh:
             return None
         if offer[2] != self.watch.map_ids():
             return None  # the audit read other maps (one failed, or the selection changed)
