@@ -289,7 +289,10 @@ def decode_event(data: bytes, syms: kallsyms.Kallsyms, clock_ns: int, *, late: b
      saddr, daddr, aux, map_id, key_size, map_name, key, *rest) = EVENT.unpack(data)
     stack, source = rest[:8], rest[8]
     tup = _tuple(family, saddr, sport, daddr, dport)
-    in_maps = holding if tup is not None else None
+
+    def in_maps() -> tuple[str, ...] | None:  # asked only where the meaning depends on it
+        return holding(tup) if holding is not None and tup is not None else None
+
     kw: dict[str, object] = {}  # one constructor call: replace() per field is slow
     if etype == EV_UPDATE:
         raw_key = key[:key_size]
@@ -310,14 +313,14 @@ def decode_event(data: bytes, syms: kallsyms.Kallsyms, clock_ns: int, *, late: b
         path = recv_path(fn)
         kw = {"length": recv_length(ret, source), "recv_fn": fn or f"0x{aux:x}",
               "recv_path": path}
-        if path == "tcp" and in_maps is not None and tup is not None:
-            kw["key_in_maps"] = in_maps(tup)
+        if path == "tcp":
+            kw["key_in_maps"] = in_maps()
     elif etype == EV_STATE:
         kw = {"old_state": state_name(old)}
-        if new == TCP_CLOSE and in_maps is not None and tup is not None:
-            kw["key_in_maps"] = in_maps(tup)
+        if new == TCP_CLOSE:
+            kw["key_in_maps"] = in_maps()
     elif etype == EV_DESTROY:
-        kw = {"key_in_maps": in_maps(tup) if in_maps is not None and tup is not None else None}
+        kw = {"key_in_maps": in_maps()}
     return TraceEvent(
         kind=EVENT_KINDS.get(etype, f"type{etype}"), time=(ts + clock_ns) / 1e9,
         pid=pid, tid=tid, comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
