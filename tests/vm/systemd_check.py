@@ -117,6 +117,14 @@ class Checks:
 # -- set-up ------------------------------------------------------------------------------
 
 
+def package() -> Path:
+    """The .deb tests/vm/run built into the results share."""
+    debs = sorted((RESULTS / "deb").glob("sockguard_*.deb"))
+    if not debs:
+        raise Abort(f"no package in {RESULTS / 'deb'}: tests/vm/run builds it")
+    return debs[-1]
+
+
 def install(c: Checks) -> None:
     """What an operator does with the package: dpkg -i, edit the conffile, enable.
 
@@ -125,11 +133,9 @@ def install(c: Checks) -> None:
     the VM's: the documented SOCKGUARD_TEST_BLOCK_FILE hook and a shorter
     WatchdogSec; ExecStart stays the package's /opt/sockguard venv.
     """
-    debs = sorted((RESULTS / "deb").glob("sockguard_*.deb"))
-    if not debs:
-        raise Abort(f"no package in {RESULTS / 'deb'}: tests/vm/run builds it")
-    INFO["package"] = debs[-1].name
-    r = sh("dpkg", "-i", str(debs[-1]), timeout=300)
+    deb = package()
+    INFO["package"] = deb.name
+    r = sh("dpkg", "-i", str(deb), timeout=300)
     status = sh("dpkg-query", "-W", "-f", "${Status} ${Version}", "sockguard").stdout
     unit_path = show("FragmentPath").get("FragmentPath", "")
     ok = (r.returncode == 0 and status.startswith("install ok installed")
@@ -166,8 +172,7 @@ def install(c: Checks) -> None:
 def conffile_kept(c: Checks) -> None:
     """Reinstalling the package (an upgrade's path through dpkg) keeps the edited config."""
     edited = CONFIG.read_text()
-    r = sh("dpkg", "-i", str(sorted((RESULTS / "deb").glob("sockguard_*.deb"))[-1]),
-           timeout=300)
+    r = sh("dpkg", "-i", str(package()), timeout=300)
     kept = CONFIG.read_text() == edited
     c.add("conffile_kept", r.returncode == 0 and kept,
           f"dpkg -i again rc {r.returncode}; operator's edits kept: {kept}")
