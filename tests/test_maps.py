@@ -276,13 +276,16 @@ def test_sockmap_keys_and_value4_contains(make_map: MakeMap, tcp_pair: TcpPair) 
             assert not handle.contains(struct.pack("=I", 5))
 
 
-def test_keys_survive_deleting_while_iterating(make_map: MakeMap, tcp_pair: TcpPair) -> None:
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_keys_survive_deleting_while_iterating(make_map: MakeMap, tcp_pair: TcpPair,
+                                               chunk: int) -> None:
+    """Deleting keys already yielded, the cursor among them whenever a chunk ends there."""
     fd = make_map(SOCKHASH, KEY, 4, 1024)
     client, _ = tcp_pair()
     keys = set(fill(fd, client, 600))
     yielded: list[bytes] = []
     with maps.open_map(info_of(fd)) as handle:
-        for n, k in enumerate(handle.keys()):
+        for n, k in enumerate(handle.keys(chunk=chunk)):
             yielded.append(k)
             if n % 3 == 0:
                 handle.delete(k)  # the cursor itself: the kernel restarts the walk
@@ -313,7 +316,7 @@ def test_keys_under_concurrent_deletes(make_map: MakeMap, tcp_pair: TcpPair) -> 
     worker.start()
     try:
         with maps.open_map(info_of(fd)) as handle:
-            for k in handle.keys():
+            for k in handle.keys(chunk=1):
                 started.set()
                 yielded.append(k)
     finally:
@@ -336,7 +339,7 @@ def test_keys_walk_is_bounded_under_endless_churn(make_map: MakeMap, tcp_pair: T
     fresh = iter(range(1000, 10**6))
     yielded: list[bytes] = []
     with maps.open_map(info_of(fd)) as handle:
-        for k in handle.keys():
+        for k in handle.keys(chunk=1):
             yielded.append(k)
             handle.delete(k)
             handle.insert_socket(key(next(fresh)), client.fileno())

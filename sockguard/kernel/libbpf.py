@@ -501,6 +501,33 @@ class KeyCursor:
         _check(ret, "bpf_map_get_next_key")
         return None  # not reached: libbpf returns 0 or -errno, and _check raised
 
+    def collect(self, key: bytes | None, seen: dict[bytes, None], fresh: list[bytes],
+                limit: int) -> tuple[bytes | None, int, bool]:
+        """Walk on from ``key`` adding each key not in ``seen`` to it and to ``fresh``, in
+        one loop with no Python call per key but the kernel's (the walk of a full map is
+        most of an audit's CPU).
+
+        Returns (where it stopped, calls made, whether that key is a repeat): (None, n,
+        False) at the end of the map; (a key already in ``seen``, n, True); or, once
+        ``limit`` calls are made, (the last key added, n, False).
+        """
+        get_next, fd, out = self._next, self._fd, self._out
+        calls = 0
+        while calls < limit:
+            ret = get_next(fd, key, out)
+            calls += 1
+            if ret == 0:
+                key = out.raw
+                if key in seen:
+                    return key, calls, True
+                seen[key] = None
+                fresh.append(key)
+            elif ret == -errno.ENOENT:
+                return None, calls, False
+            else:
+                _check(ret, "bpf_map_get_next_key")
+        return key, calls, False
+
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     """The value stored under ``key``, or None when the key is absent (ENOENT)."""
@@ -631,17 +658,26 @@ class TestRun:
         self._opts.repeat = 1
         self._run = lib().bpf_prog_test_run_opts
         self._ref = ctypes.byref(self._opts)
+        #: The input packet, written in place by callers that change a few bytes per run.
+        self.packet = memoryview(self._in).cast("B")
+        self._out_view = memoryview(self._out).cast("B")
 
-    def run(self, packet: bytes) -> tuple[int, bytes]:
-        """The program's return value and the packet as the program left it."""
-        if len(packet) != self.size:
-            raise ValueError(f"packet of {len(packet)} bytes, expected {self.size}")
-        ctypes.memmove(self._in, packet, self.size)
+    def run(self, packet: bytes | None = None) -> tuple[int, memoryview]:
+        """The program's return value and the packet as the program left it.
+
+        ``packet`` None runs on :attr:`packet` as it stands.  The returned view
+        is the output buffer itself, valid until the next run: a caller that
+        needs nothing from a run (its return value says so) copies nothing.
+        """
+        if packet is not None:
+            if len(packet) != self.size:
+                raise ValueError(f"packet of {len(packet)} bytes, expected {self.size}")
+            self.packet[:] = packet
         self._opts.data_size_out = self.size
         ret = self._run(self.prog_fd, self._ref)
         if ret < 0:
             raise BpfError(-ret, "bpf_prog_test_run_opts")
-        return self._opts.retval, self._out.raw[: self._opts.data_size_out]
+        return self._opts.retval, self._out_view[: self._opts.data_size_out]
 
 
 class Link:

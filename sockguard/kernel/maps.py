@@ -6,9 +6,9 @@ kernel errors become the operator-facing errors of :mod:`sockguard.core.errors`.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import struct
@@ -37,6 +37,8 @@ SOCK_MAP_TYPES = {libbpf.BPF_MAP_TYPE_SOCKMAP: "sockmap", libbpf.BPF_MAP_TYPE_SO
 #: stays listed until the kernel frees it (bpf_map_put defers that to a work queue),
 #: so listings of the node's maps skip these by name.
 PROBE_MAP_PREFIX = "sg_probe_"
+#: How many of the latest keys a walk tries to resume after when its cursor is deleted.
+RESUME_DEPTH = 8
 
 BPF_FS_MAGIC = 0xCAFE4A11
 MOUNT_HINT = "mount -t bpf bpf /sys/fs/bpf"
@@ -353,60 +355,62 @@ class MapHandle:
 
     # -- keys --------------------------------------------------------------
 
-    def keys(self) -> Iterator[bytes]:
+    def keys(self, chunk: int = 4096) -> Iterator[bytes]:
         """Every key present throughout the walk, each exactly once.
 
         A snapshot is impossible from userspace; the walk tolerates concurrent
         deletes.  When the cursor key is deleted, sock_hash_get_next_key
         restarts from the first bucket.  Then the walk resumes from the latest
         earlier key that still exists, and if none does it re-walks while
-        skipping keys already yielded.  get_next_key calls are bounded by
+        skipping keys already seen.  get_next_key calls are bounded by
         ``4 * max_entries + 16`` so a map churning faster than the walk cannot
         keep it going forever.  For a sockmap every index is a key, whether or
         not it holds a socket (sock_map_get_next_key); see ``contains``.
+        Keys are walked ``chunk`` at a time before they are yielded (tests that
+        delete the key just yielded ask for 1).
         """
-        size = self.info.key_size
         budget = 4 * self.info.max_entries + 16
-        seen: set[bytes] = set()
-        recent: collections.deque[bytes] = collections.deque(maxlen=8)
+        seen: dict[bytes, None] = {}  # insertion-ordered: its tail is the latest keys
+        walk = libbpf.KeyCursor(self.fd, self.info.key_size)
+        cursor: bytes | None = None  # walk on from the key after it (None: the first)
         calls = 0
+        while calls < budget:
+            fresh: list[bytes] = []
+            stop, made, repeated = walk.collect(cursor, seen, fresh, min(chunk, budget - calls))
+            calls += made
+            yield from fresh
+            if stop is None:
+                return
+            if repeated:  # the key walked from was deleted and the walk restarted
+                stop, calls = self._resume(walk, seen, stop, calls, budget)
+                if stop is None:
+                    return
+                if stop in seen:
+                    break  # the budget is spent
+                seen[stop] = None
+                yield stop
+            cursor = stop
+        log.warning("map %s: key walk stopped after %d get_next_key calls (map churning)",
+                    self.info.name, calls)
 
-        cursor_of = libbpf.KeyCursor(self.fd, size).next
-
-        def next_key(key: bytes | None) -> bytes | None:
-            nonlocal calls
+    @staticmethod
+    def _resume(walk: libbpf.KeyCursor, seen: dict[bytes, None], repeat: bytes, calls: int,
+                budget: int) -> tuple[bytes | None, int]:
+        """Where a restarted walk goes on: (the first unseen key after the latest earlier
+        key that still exists, else after re-walking from ``repeat``; None at the end of
+        the map; a seen key once the budget is spent), and the calls made so far."""
+        for earlier in list(itertools.islice(reversed(seen), 1, RESUME_DEPTH)):
+            if calls >= budget:
+                return repeat, calls
+            candidate = walk.next(earlier)
             calls += 1
-            return cursor_of(key)
-
-        cursor = next_key(None)
-        rewalking = False
-        while cursor is not None and calls <= budget:
-            if cursor not in seen:
-                rewalking = False
-                seen.add(cursor)
-                recent.append(cursor)
-                yield cursor
-                cursor = next_key(cursor)
-            elif rewalking:
-                cursor = next_key(cursor)
-            else:
-                # A repeat: the cursor was deleted and the walk restarted.
-                rewalking = True
-                for earlier in list(recent)[-2::-1]:
-                    if calls > budget:
-                        break
-                    candidate = next_key(earlier)
-                    if candidate is None:
-                        return  # ``earlier`` is the last key: nothing after it is left
-                    if candidate not in seen:
-                        cursor, rewalking = candidate, False
-                        break
-        if cursor is not None:
-            log.warning(
-                "map %s: key walk stopped after %d get_next_key calls (map churning)",
-                self.info.name,
-                calls,
-            )
+            if candidate is None or candidate not in seen:
+                return candidate, calls  # None: ``earlier`` is the last key
+        resumed: bytes | None = repeat
+        while resumed is not None and resumed in seen and calls < budget:
+            resumed = walk.next(resumed)
+            calls += 1
+        return resumed, calls
 
     # -- probing -----------------------------------------------------------
 

@@ -132,8 +132,6 @@ class Reader:
         self._fd = obj.program(program).fd
         self._healthy_fd = obj.map(HEALTHY_MAP).fd
         self._runs: dict[int, libbpf.TestRun] = {}
-        self._prefix = bytes(RECORD_OFF)
-        self._pad = bytes(RECORD.size - key_size)
 
     def close(self) -> None:
         """Unload the program (the object this reader was made with)."""
@@ -146,16 +144,21 @@ class Reader:
 
     def run(self, keys: Sequence[bytes]) -> bytes:
         """One test run over ``keys`` (at most BATCH): the packet as the program left it."""
-        return self._run(keys)[1]
+        return bytes(self._run(keys)[1])
 
-    def _run(self, keys: Sequence[bytes]) -> tuple[int, bytes]:
-        """(how many records need reading, the packet): the rest were counted healthy."""
+    def _run(self, keys: Sequence[bytes]) -> tuple[int, memoryview]:
+        """(how many records need reading, the packet, valid until the next run): the
+        rest were counted healthy.  Only the keys are written into the packet; the
+        rest of it stays zero from run to run."""
         runner = self._runs.get(len(keys))
         if runner is None:
             runner = self._runs[len(keys)] = libbpf.TestRun(
                 self._fd, RECORD_OFF + len(keys) * RECORD.size)
-        pad = self._pad
-        unread, out = runner.run(self._prefix + b"".join(k + pad for k in keys))
+        packet, size, off = runner.packet, self.key_size, RECORD_OFF
+        for k in keys:
+            packet[off:off + size] = k
+            off += RECORD.size
+        unread, out = runner.run()
         last = RECORD_OFF + (len(keys) - 1) * RECORD.size
         if (unread > len(keys) or len(out) < runner.size
                 or _KEY_LEN.unpack_from(out, last + _KEY_LEN_OFF)[0] == 0):
@@ -204,7 +207,7 @@ class Reader:
                 healthy[ino] = healthy.get(ino, 0) + int.from_bytes(value, "little")
 
     @staticmethod
-    def _decode(key: bytes, out: bytes, off: int) -> Record | int | None:
+    def _decode(key: bytes, out: bytes | memoryview, off: int) -> Record | int | None:
         """The record at ``off``: None without a socket, the netns inode when healthy."""
         (_key, cookie, netns, _klen, family, state, flags, saddr, daddr, sport, dport,
          recv) = RECORD.unpack_from(out, off)

@@ -325,9 +325,8 @@ class Tracer:
         if w is None:
             return
         keys: dict[bytes, int] = {}
-        for map_id, map_keys in walks.items():
-            for key in map_keys:
-                keys.setdefault(key, map_id)
+        for map_id, map_keys in reversed(walks.items()):  # a key in two maps: the first's id
+            keys.update(dict.fromkeys(map_keys, map_id))
         w.offer(start_ns, keys, frozenset(walks))
 
     def _poll_late(self) -> int:
