@@ -63,7 +63,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from sockguard.core.audit import AuditPolicy, AuditResult, SocketIndex, audit_records  # noqa: E402
-from sockguard.core.layout import CILIUM, key_for_socket  # noqa: E402
+from sockguard.core.layout import CILIUM, kernel_form, key_for_socket  # noqa: E402
 from sockguard.core.model import Endpoint, Kind, Tuple4  # noqa: E402
 from sockguard.core.rows import Record  # noqa: E402
 from sockguard.kernel import libbpf  # noqa: E402
@@ -82,6 +82,8 @@ from sockguard.kernel.sockhash_lookup import read_records as lookup_records  # n
 from sockguard.kernel.sockmap_iter import iterator_available, read_judged, read_records  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
+CILIUM_FORM = kernel_form(CILIUM)
+assert CILIUM_FORM is not None
 MAP_NAME = "sg_bench"
 KEY_SIZE, VALUE_SIZE, MAX_ENTRIES = 44, 4, 65535
 PER_WORKER = 17000  # sockets a worker holds (fd hard limit 20,000)
@@ -528,8 +530,8 @@ def bench(world: World, args: argparse.Namespace, log: Callable[..., None]) -> i
     def judged() -> tuple[dict[bytes, Record], dict[int, int]]:
         with open_map(info) as handle:
             if by_iterator:
-                return read_judged(handle.fd, info.key_size)
-            return lookup_judged(handle.fd, info.key_size, list(handle.keys()))
+                return read_judged(handle.fd, info.key_size, CILIUM_FORM)
+            return lookup_judged(handle.fd, info.key_size, list(handle.keys()), CILIUM_FORM)
 
     runs, _ = timed(judged, rep)
     results["read_judged"] = Measure(f"  map read, {via} judging in the kernel", runs)

@@ -7,14 +7,16 @@
  * Nearly every entry of a real node is healthy, and its own socket proves it:
  * alive (not SOCK_DEAD), in a state that owns a connection, not reading with
  * plain tcp_recvmsg, and its tuple is the one the key describes.  With
- * sg_config.judge set (userspace does so for Cilium's 44-byte layout), such an
- * entry is only counted; a record goes to userspace for every other entry.
+ * sg_config.judge set (userspace does so for every layout sg_config.key_form can
+ * describe), such an entry is only counted; a record goes to userspace for
+ * every other entry.
  */
 #ifndef SOCKGUARD_ENTRY_RECORD_H
 #define SOCKGUARD_ENTRY_RECORD_H
 
 #include "vmlinux.h"
 #include <bpf/bpf_endian.h>
+#include "sock_state.h"
 
 #define KEY_MAX 64
 #define AF_INET 2
@@ -52,18 +54,6 @@ __noinline int sg_entry_record_layout(struct record *rec)
 	return rec != 0;
 }
 
-/* Cilium's struct sock_key (44 bytes); see sockguard/layout.py CILIUM. */
-struct sg_entry_key {
-	__u32 sip[4];
-	__u32 dip[4];
-	__u8 family;     /* 1 = IPv4, 2 = IPv6 */
-	__u8 pad[3];
-	__u32 sport;     /* a network-order u16 in the low-addressed half */
-	__u32 dport;
-};
-
-_Static_assert(sizeof(struct sg_entry_key) == 44, "Cilium's sock_key is 44 bytes");
-
 /* include/net/tcp_states.h: the states in which a full socket owns its connection. */
 static __always_inline bool sg_owner_state(__u8 state)
 {
@@ -73,37 +63,67 @@ static __always_inline bool sg_owner_state(__u8 state)
 }
 
 /*
- * The key Cilium stores for the socket a record describes: its peer's point
- * of view (sip = remote, dip = local), IPv4-mapped IPv6 sockets as IPv4.
+ * Byte stores at offsets read from sg_config: .rodata is frozen, so the
+ * verifier knows each offset as a constant (a23740ec43ba, "bpf: Track contents
+ * of read-only maps as scalars") and every store has a fixed stack offset; the
+ * mask only keeps a bad offset inside the key rather than failing the load.
  */
-static __always_inline void sg_key_of_record(const struct record *rec, struct sg_entry_key *k)
+static __always_inline void sg_put_addr(__u8 *k, __u8 at, const __u8 *addr, int len)
 {
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 16; i++)
+		if (i < len)
+			k[(at + i) & (KEY_MAX - 1)] = addr[i];
+}
+
+static __always_inline void sg_put_port(__u8 *k, __u8 at, __u16 port)
+{
+	bool big = sg_config.key_form.port_big_endian;
+
+	k[at & (KEY_MAX - 1)] = big ? port >> 8 : port & 0xff;
+	k[(at + 1) & (KEY_MAX - 1)] = big ? port & 0xff : port >> 8;
+}
+
+/*
+ * The key the map's layout stores for the socket a record describes
+ * (sg_config.key_form), every other byte zero; IPv4-mapped IPv6 sockets as IPv4.
+ */
+static __always_inline bool sg_mapped(const __u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline void sg_key_of_record(const struct record *rec, __u32 *words)
+{
+	const volatile struct sg_key_form *f = &sg_config.key_form;
 	const __u32 *l = (const __u32 *)rec->saddr, *r = (const __u32 *)rec->daddr;
+	__u8 *k = (__u8 *)words;
 
-	__builtin_memset(k, 0, sizeof(*k));
-	if (rec->family == AF_INET6 &&
-	    !(l[0] == 0 && l[1] == 0 && l[2] == bpf_htonl(0xffff) &&
-	      r[0] == 0 && r[1] == 0 && r[2] == bpf_htonl(0xffff))) {
-		k->sip[0] = r[0]; k->sip[1] = r[1]; k->sip[2] = r[2]; k->sip[3] = r[3];
-		k->dip[0] = l[0]; k->dip[1] = l[1]; k->dip[2] = l[2]; k->dip[3] = l[3];
-		k->family = 2;
+	__builtin_memset(words, 0, KEY_MAX);
+	if (rec->family == AF_INET6 && !(sg_mapped(l) && sg_mapped(r))) {
+		k[f->family & (KEY_MAX - 1)] = f->family_v6;
+		sg_put_addr(k, f->remote_addr, rec->daddr, 16);
+		sg_put_addr(k, f->local_addr, rec->saddr, 16);
+	} else if (rec->family == AF_INET6) { /* v4-mapped: the address is in the last 4 bytes */
+		k[f->family & (KEY_MAX - 1)] = f->family_v4;
+		sg_put_addr(k, f->remote_addr, rec->daddr + 12, 4);
+		sg_put_addr(k, f->local_addr, rec->saddr + 12, 4);
 	} else {
-		/* AF_INET: the address is in the first word; v4-mapped: in the last */
-		int w = rec->family == AF_INET6 ? 3 : 0;
-
-		k->sip[0] = r[w & 3];
-		k->dip[0] = l[w & 3];
-		k->family = 1;
+		k[f->family & (KEY_MAX - 1)] = f->family_v4;
+		sg_put_addr(k, f->remote_addr, rec->daddr, 4);
+		sg_put_addr(k, f->local_addr, rec->saddr, 4);
 	}
-	k->sport = bpf_htons(rec->dport);
-	k->dport = bpf_htons(rec->sport);
+	sg_put_port(k, f->remote_port, rec->dport);
+	sg_put_port(k, f->local_port, rec->sport);
 }
 
 /* Whether the entry whose record this is is healthy (see the top of this file). */
 static __always_inline bool sg_healthy(const struct record *rec, __u8 recv_tcp)
 {
-	struct sg_entry_key k;
-	const __u32 *a = (const __u32 *)&k, *b = (const __u32 *)rec->key;
+	__u32 want[KEY_MAX / 4];
+	const __u32 *got = (const __u32 *)rec->key;
 	__u32 diff = 0;
 	int i;
 
@@ -111,11 +131,12 @@ static __always_inline bool sg_healthy(const struct record *rec, __u8 recv_tcp)
 		return false;
 	if (!sg_owner_state(rec->state) || rec->recv == recv_tcp)
 		return false;
-	if (rec->key_len != sizeof(k) || (rec->family != AF_INET && rec->family != AF_INET6))
+	if (rec->key_len != sg_config.key_size || (rec->family != AF_INET && rec->family != AF_INET6))
 		return false;
-	sg_key_of_record(rec, &k);
-	for (i = 0; i < sizeof(k) / 4; i++)
-		diff |= a[i] ^ b[i];
+	sg_key_of_record(rec, want);
+	/* both zero past the key: the sources copy key_len bytes into a zeroed key */
+	for (i = 0; i < KEY_MAX / 4; i++)
+		diff |= want[i] ^ got[i];
 	return diff == 0;
 }
 

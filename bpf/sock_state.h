@@ -23,12 +23,29 @@
  * ambiguous or hidden (kptr_restrict), which yields RECV_UNKNOWN.  One struct,
  * so that the .rodata layout is fixed for the Python side.
  */
+/*
+ * Where a map's key layout puts the owning socket's fields (byte offsets into
+ * the key; sockguard/core/layout.py KernelKeyForm): entry_record.h writes the
+ * key a healthy entry would have from its socket with it.
+ */
+struct sg_key_form {
+	__u8 remote_addr;     /* 16 bytes; IPv4 in the first 4 */
+	__u8 local_addr;
+	__u8 remote_port;     /* a u16 */
+	__u8 local_port;
+	__u8 family;          /* one byte: family_v4 or family_v6 */
+	__u8 family_v4;
+	__u8 family_v6;
+	__u8 port_big_endian; /* else little-endian */
+};
+
 struct sg_config {
 	__u64 tcp_recvmsg;
 	__u64 tcp_bpf_recvmsg;
 	__u64 tcp_bpf_recvmsg_parser;
 	__u32 key_size; /* the entry sources only: the map's key size */
 	__u32 judge;    /* the entry sources only: count healthy entries (entry_record.h) */
+	struct sg_key_form key_form; /* the entry sources only, when judging */
 };
 
 const volatile struct sg_config sg_config = {};

@@ -150,15 +150,15 @@ static __always_inline int sg_is_tcp(const struct sock *sk, const bool typed)
 }
 
 /*
- * Kernel-side filter (the daemon's mode): the key the audited map's layout
- * would store for a socket, looked up in `watched`, a hash of the keys
- * userspace last read from the audited maps (sockguard/tracer.py,
- * WatchedKeys).  Only the Cilium layout is known here (README, "Cilium's key layout"):
- * written from the peer's point of view, sip = remote ip, dip = local ip,
- * sport = remote port, dport = local port, family 1 (IPv4, also for an
- * AF_INET6 socket whose two addresses are IPv4-mapped) or 2 (IPv6), ports
- * as big-endian u16 in the low-addressed bytes of a u32.  Another layout is
- * never filtered: userspace then loads with filter_watched = 0.
+ * Kernel-side filter (the daemon's mode): a socket's filter key, its tuple
+ * as its peer sees it (struct sg_tuple_key: sip = remote ip, dip = local ip,
+ * sport = remote port, dport = local port, family 1 = IPv4, also for an
+ * AF_INET6 socket whose two addresses are IPv4-mapped, 2 = IPv6, ports as
+ * big-endian u16 in the low-addressed bytes of a u32), looked up in
+ * `watched`, a hash of the audited maps' keys in that form
+ * (sockguard/trace/watched.py, WatchedKeys).  No map layout is known here:
+ * userspace turns each map key into its filter key (sockguard/core/layout.py,
+ * FILTER_KEY and filter_key); for Cilium's sock_key the bytes are the same.
  *
  * In front of the hash sits `watched_bits`, one bit per key hash (2^17 bits,
  * 16 KiB): a socket whose bit is clear is not watched, and the program is
@@ -184,13 +184,11 @@ static __always_inline int sg_is_tcp(const struct sock *sk, const bool typed)
  * and `watched_bits` once and hands the same fds to each object
  * (bpf_map__reuse_fd); each has its own `pending`.
  */
-#define SG_LAYOUT_NONE 0
-#define SG_LAYOUT_CILIUM 1
 #define SG_WATCHED_MAX 262144
 #define SG_WATCHED_BITS 17 /* 2^17 bits: 16 KiB */
 #define SG_PENDING_BITS 13 /* 8192 slots */
 
-struct sg_cilium_key {
+struct sg_tuple_key {
 	__u32 sip[4];
 	__u32 dip[4];
 	__u8 family;
@@ -199,11 +197,11 @@ struct sg_cilium_key {
 	__u32 dport;
 };
 
-_Static_assert(sizeof(struct sg_cilium_key) == 44, "Cilium's sock_key is 44 bytes");
+_Static_assert(sizeof(struct sg_tuple_key) == 44, "the layout of Cilium's sock_key");
 
 /* A parked event; sockguard/tracer.py (PARKED, parked_event) decodes it. */
 struct sg_parked {
-	struct sg_cilium_key key;
+	struct sg_tuple_key key;
 	__u8 type;          /* enum sg_event_type */
 	__u8 state_old;
 	__u8 state_new;
@@ -244,7 +242,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, SG_WATCHED_MAX);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct sg_cilium_key);
+	__type(key, struct sg_tuple_key);
 	__type(value, __u32);  /* id of the (first) audited map holding the key */
 } watched SEC(".maps");
 
@@ -264,7 +262,7 @@ struct {
 #endif
 
 /* A key's hash; sockguard/tracer.py (key_hash) computes the same. */
-static __always_inline __u32 sg_key_hash(const struct sg_cilium_key *k)
+static __always_inline __u32 sg_key_hash(const struct sg_tuple_key *k)
 {
 	__u32 h;
 
@@ -279,8 +277,8 @@ static __always_inline int sg_v4_mapped(const __u32 *a)
 	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0x0000ffff);
 }
 
-/* The Cilium key stored for `sk` (its peer's point of view); 0 when it has none. */
-static __always_inline int sg_cilium_key_of(const struct sock *sk, struct sg_cilium_key *k,
+/* The filter key of `sk` (its peer's point of view); 0 when it has none. */
+static __always_inline int sg_tuple_key_of(const struct sock *sk, struct sg_tuple_key *k,
 					    const bool typed)
 {
 	__u16 family = SG_READ(typed, sk, __sk_common.skc_family);
@@ -318,7 +316,7 @@ static __always_inline int sg_cilium_key_of(const struct sock *sk, struct sg_cil
 #ifdef SG_WATCHED
 /* Whether key `k` (of hash `hash`) is watched: its bit first, then the hash.
  * Sets *epoch to the refresh epoch (for sg_park). */
-static __always_inline int sg_watched(const struct sg_cilium_key *k, __u32 hash, __u32 *epoch)
+static __always_inline int sg_watched(const struct sg_tuple_key *k, __u32 hash, __u32 *epoch)
 {
 	__u32 zero = 0, bit = hash >> (32 - SG_WATCHED_BITS);
 	struct sg_watched_bits *bits = bpf_map_lookup_elem(&watched_bits, &zero);
@@ -332,8 +330,8 @@ static __always_inline int sg_watched(const struct sg_cilium_key *k, __u32 hash,
 	return bpf_map_lookup_elem(&watched, k) != NULL;
 }
 
-static __always_inline int sg_key_eq(const struct sg_cilium_key *a,
-				     const struct sg_cilium_key *b)
+static __always_inline int sg_key_eq(const struct sg_tuple_key *a,
+				     const struct sg_tuple_key *b)
 {
 	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
 	__u32 diff = 0;
@@ -354,7 +352,7 @@ static __always_inline int sg_key_eq(const struct sg_cilium_key *a,
  * one), and tp_btf programs read pid and comm from the BTF task (one call,
  * not two).
  */
-static __always_inline void sg_park(const struct sg_cilium_key *k, __u32 hash, __u32 epoch,
+static __always_inline void sg_park(const struct sg_tuple_key *k, __u32 hash, __u32 epoch,
 				    const struct sock *sk, __u32 type, int oldstate, int newstate,
 				    __u64 aux, int ret, __u32 source, const bool typed)
 {
@@ -397,7 +395,7 @@ static __always_inline void sg_park(const struct sg_cilium_key *k, __u32 hash, _
 }
 
 /*
- * The filter for an event of `sk`: 1 when its Cilium key is watched (send the
+ * The filter for an event of `sk`: 1 when its filter key is watched (send the
  * event), 0 when it has no key or is not watched; an unwatched event is
  * parked when `park` is set.
  */
@@ -405,10 +403,10 @@ static __always_inline int sg_filter(const struct sock *sk, int park, __u32 type
 				     int newstate, __u64 aux, int ret, __u32 source,
 				     const bool typed)
 {
-	struct sg_cilium_key key;
+	struct sg_tuple_key key;
 	__u32 hash, epoch;
 
-	if (!sg_cilium_key_of(sk, &key, typed))
+	if (!sg_tuple_key_of(sk, &key, typed))
 		return 0;
 	hash = sg_key_hash(&key);
 	if (sg_watched(&key, hash, &epoch))

@@ -25,8 +25,8 @@
  * CLOSE from a synchronized state.  `states_all` (trace --all-states)
  * reports every transition.
  *
- * `filter_watched` (the daemon, Cilium layout only): only sockets whose key
- * is in the `watched` set are reported; a CLOSE or destroy of any other
+ * `filter_watched` (the daemon): only sockets whose filter key (any map
+ * layout: see sockguard_trace.h) is in the `watched` set are reported; a CLOSE or destroy of any other
  * socket is parked in `pending` (sockguard_trace.h) in case its key shows up
  * in the map at the next refresh, i.e. was left behind.
  *
@@ -59,9 +59,8 @@ char _license[] SEC("license") = "GPL";
 const volatile struct {
 	__u8 states_all;      /* every transition (sockguard trace --all-states) */
 	__u8 filter_watched;  /* only sockets whose key is in `watched`, others parked */
-	__u8 key_layout;      /* SG_LAYOUT_CILIUM: the only layout the filter knows */
 	__u8 established_only; /* inet_sock_set_state: only into ESTABLISHED (daemon) */
-	__u8 _pad[4];
+	__u8 _pad[5];
 } cfg = {};
 
 struct {
@@ -112,7 +111,7 @@ static __always_inline int emit(const struct sock *sk, __u32 type, int oldstate,
 
 	if (!sk || !sg_is_tcp(sk, typed))
 		return 0;
-	if (cfg.filter_watched && cfg.key_layout == SG_LAYOUT_CILIUM &&
+	if (cfg.filter_watched &&
 	    !sg_filter(sk, type == SG_EV_DESTROY || newstate == SG_TCP_CLOSE, type, oldstate,
 		       newstate, 0, 0, source, typed))
 		return 0;

@@ -22,8 +22,8 @@
  * Volume: a recvmsg is a hot path, so by default each (socket, recvmsg
  * function) pair is reported once ("seen" slots); `only_fn` restricts the
  * events to one function (the daemon passes tcp_recvmsg's address), and
- * `filter_watched` (the daemon, Cilium layout only) to sockets whose key is
- * in the `watched` set (sockguard_trace.h): a plain socket outside every map
+ * `filter_watched` (the daemon) to sockets whose filter key is in the
+ * `watched` set (sockguard_trace.h): a plain socket outside every map
  * then costs one hash lookup once, and no ring buffer record.
  */
 #include "vmlinux.h"
@@ -40,8 +40,7 @@ const volatile struct {
 	__u64 only_fn;  /* non-zero: report only this recvmsg function */
 	__u8 dedup;     /* report each (socket, function) pair once */
 	__u8 filter_watched;  /* only sockets whose key is in `watched`, others parked */
-	__u8 key_layout;      /* SG_LAYOUT_CILIUM: the only layout the filter knows */
-	__u8 _pad[5];
+	__u8 _pad[6];
 } cfg = {.dedup = 1};
 
 /*
@@ -105,7 +104,7 @@ static __always_inline int report(struct sock *sk, int ret, __u32 source, const 
 	 * the same slot (hot in cache on a long connection), so the last one is
 	 * there when its key shows up; the dedup slot is a cache miss per new
 	 * socket, and only watched sockets need it. */
-	if (cfg.filter_watched && cfg.key_layout == SG_LAYOUT_CILIUM &&
+	if (cfg.filter_watched &&
 	    !sg_filter(sk, 1, SG_EV_RECV, 0, 0, fn, ret, source, typed))
 		return 0;
 	cookie = typed ? bpf_get_socket_cookie(sk) : 0;

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sockguard.core.errors import LibbpfMissingError
+from sockguard.core.layout import CILIUM, kernel_form
 from sockguard.kernel import bpf_object, libbpf, recvsyms, sockmap_iter, tcp_iter
 from sockguard.kernel.bpf_object import BpfObjectMissingError, CStruct
 from sockguard.kernel.libbpf import BpfObject
@@ -72,18 +73,18 @@ def test_every_tracer_setting_is_a_field_of_its_object(obj_name: str,
 @pytest.mark.parametrize("obj_name", ["sockmap_iter", "sockhash_lookup", "tcp_iter"])
 def test_config_settings_land_where_struct_sg_config_has_them(obj_name: str) -> None:
     with _opened(obj_name) as obj:
-        settings = dict.fromkeys(recvsyms.config(44, True), 0)
+        settings = dict.fromkeys(recvsyms.config(44, kernel_form(CILIUM)), 0)
         settings.update({"sg_config.tcp_bpf_recvmsg": 0x1122, "sg_config.key_size": 44,
                          "sg_config.judge": 1})
         image = bpf_object.rodata_image(obj, settings)
-        assert image == recvsyms.CONFIG.pack(0, 0x1122, 0, 44, 1)
+        assert image == recvsyms.CONFIG.pack(0, 0x1122, 0, 44, 1, bytes(8))
 
 
 def test_recvpath_settings_by_name_are_where_the_struct_had_them() -> None:
     with _opened("trace_recvpath") as obj:
         image = bpf_object.rodata_image(obj, {"cfg.only_fn": 0xFFFFFFFF81000800, "cfg.dedup": 0,
-                                              "cfg.filter_watched": 1, "cfg.key_layout": 1})
-        assert image == (0xFFFFFFFF81000800).to_bytes(8, "little") + bytes([0, 1, 1]) + bytes(5)
+                                              "cfg.filter_watched": 1})
+        assert image == (0xFFFFFFFF81000800).to_bytes(8, "little") + bytes([0, 1]) + bytes(6)
 
 
 @pytest.mark.parametrize(("settings", "why"), [

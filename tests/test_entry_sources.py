@@ -21,7 +21,7 @@ import pytest
 
 from sockguard.core.audit import AuditPolicy
 from sockguard.core.errors import NotRootError
-from sockguard.core.layout import CILIUM
+from sockguard.core.layout import CILIUM, kernel_form
 from sockguard.core.model import Kind
 from sockguard.core.rows import COOKIE_UNKNOWN
 from sockguard.kernel import libbpf, sockhash_lookup, sockmap_iter
@@ -38,6 +38,8 @@ SERVER_PORT = 8080
 CLIENT_PORT = 40000
 SO_COOKIE = 57
 KEY = 44
+CILIUM_FORM = kernel_form(CILIUM)
+assert CILIUM_FORM is not None
 
 
 def _need(name: str) -> None:
@@ -158,7 +160,7 @@ def test_batched_runs_answer_each_key_as_a_run_of_its_own(make_map: MakeMap,
     assert batched == one_by_one
     assert set(batched) == {*keys, stray}
 
-    records, healthy = sockhash_lookup.read_judged(fd, KEY, asked)
+    records, healthy = sockhash_lookup.read_judged(fd, KEY, asked, CILIUM_FORM)
     if program == sockhash_lookup.BTF_PROGRAM:
         assert set(records) == {stray}
         assert healthy == {os.stat("/proc/self/ns/net").st_ino: len(keys)}
@@ -186,8 +188,8 @@ def test_a_session_loads_each_lookup_program_once(make_map: MakeMap, tcp_pair: T
     monkeypatch.setattr(sockhash_lookup, "_load_or_refuse", counted)
     keys = [_key(a), _key(b)]
     with sockhash_lookup.session():
-        first = sockhash_lookup.read_judged(fd, KEY, keys)
-        again = sockhash_lookup.read_judged(fd, KEY, keys)
+        first = sockhash_lookup.read_judged(fd, KEY, keys, CILIUM_FORM)
+        again = sockhash_lookup.read_judged(fd, KEY, keys, CILIUM_FORM)
         records = sockhash_lookup.read_records(fd, KEY, keys)
         assert len(loads) == 2  # one judging, one not
         prog_fd = loads[0].program(sockhash_lookup._probe()[0] or "").fd
@@ -338,13 +340,13 @@ def test_the_kernel_judges_healthy_entries_and_reports_only_the_rest(
     if c6 is not None:
         keys += [key_for(s) for s in (a6, b6)]
     if source == "iterator":
-        records, healthy = sockmap_iter.read_judged(fd, KEY)
+        records, healthy = sockmap_iter.read_judged(fd, KEY, CILIUM_FORM)
     else:
         # Counted in the kernel's own map, drained by each read: within one session (the
         # program stays loaded) a second read counts the same, not twice as many.
         with sockhash_lookup.session():
-            records, healthy = sockhash_lookup.read_judged(fd, KEY, keys)
-            again = sockhash_lookup.read_judged(fd, KEY, keys)
+            records, healthy = sockhash_lookup.read_judged(fd, KEY, keys, CILIUM_FORM)
+            again = sockhash_lookup.read_judged(fd, KEY, keys, CILIUM_FORM)
         assert again == (records, healthy)
     assert sum(healthy.values()) == healthy_keys
     assert set(healthy) == {os.stat("/proc/self/ns/net").st_ino}  # the sockets' netns

@@ -166,8 +166,8 @@ def test_object_load_program_info_and_rodata() -> None:
         with pytest.raises(BpfError) as exc:
             obj.set_rodata(b"\0" * 3)
         assert exc.value.errno == errno.EINVAL
-        obj.set_rodata(RODATA.pack(0, 0, 0, KEY, 0))
-        assert obj.rodata() == RODATA.pack(0, 0, 0, KEY, 0)
+        obj.set_rodata(RODATA.pack(0, 0, 0, KEY, 0, bytes(8)))
+        assert obj.rodata() == RODATA.pack(0, 0, 0, KEY, 0, bytes(8))
         variant = _only_this_kernels_variant(obj)
         obj.load()
         with pytest.raises(BpfError) as exc:
@@ -240,7 +240,7 @@ def test_iter_read_runs_a_fresh_walk_each_time(make_map: MakeMap, tcp_pair: TcpP
     client, _ = tcp_pair()
     libbpf.map_update(fd, key(7), struct.pack("=i", client.fileno()))
     with libbpf.BpfObject(OBJECT_PATH) as obj:
-        obj.set_rodata(RODATA.pack(0, 0, 0, KEY, 0))
+        obj.set_rodata(RODATA.pack(0, 0, 0, KEY, 0, bytes(8)))
         variant = _only_this_kernels_variant(obj)
         obj.load()
         with obj.program(variant).attach_iter_map(fd) as link:

@@ -648,22 +648,6 @@ def test_watched_set_takes_the_audits_key_walk_instead_of_walking_again(
 
 
 @pytest.mark.kernel
-def test_filter_off_for_a_layout_the_kernel_side_does_not_know(lab: Lab) -> None:
-    from dataclasses import replace as dc_replace
-
-    from sockguard.kernel.maps import resolve_map
-
-    other = dc_replace(CILIUM, name="other")
-    watch = MapWatch(lambda: [resolve_map(str(lab.pin_path))], layout=other)
-    tracer = Tracer(lambda ev: None, daemon_options(), watch)
-    try:
-        tracer.start()
-        assert not tracer.filtering and tracer.watched is None
-    finally:
-        tracer.close()
-
-
-@pytest.mark.kernel
 def test_update_failure_seen_when_update_tracing_attaches(
         lab: Lab, collector: Callable[..., Collector]) -> None:
     """The EEXIST of the incident's server insert, and the psock drop it causes."""

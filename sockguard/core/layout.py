@@ -156,3 +156,70 @@ def key_for_socket(layout: KeyLayout, tup: Tuple4) -> bytes:
     else:
         src, dst = tup.local, tup.remote
     return encode(layout, tup.family, src.ip, src.port, dst.ip, dst.port)
+
+
+#: The form the tracer's kernel-side filter keys a socket by (bpf/sockguard_trace.h,
+#: struct sg_tuple_key): its connection as its peer sees it, byte for byte Cilium's
+#: layout.  A map of another layout is watched through :func:`filter_key`.
+FILTER_KEY = CILIUM
+
+
+def filter_key(layout: KeyLayout, key: bytes) -> bytes | None:
+    """``key`` of ``layout`` in the filter's form; None for bytes ``layout`` cannot hold."""
+    if layout == FILTER_KEY:
+        return key
+    try:
+        return key_for_socket(FILTER_KEY, decode(layout, key).owner)
+    except KeyDecodeError:
+        return None
+
+
+@dataclass(frozen=True)
+class KernelKeyForm:
+    """What the entry sources' programs need to write a layout's key for a socket
+    (``struct sg_key_form`` in bpf/entry_record.h): byte offsets of the owning
+    socket's remote and local address and port, of the family code, the two
+    family codes, and the ports' byte order."""
+
+    remote_addr: int
+    local_addr: int
+    remote_port: int
+    local_port: int
+    family: int
+    family_v4: int
+    family_v6: int
+    port_big_endian: int
+
+    def settings(self, prefix: str) -> dict[str, int]:
+        """The load-time settings of a struct of this form at ``prefix`` in .rodata."""
+        return {f"{prefix}.{name}": value for name, value in vars(self).items()}
+
+
+#: The longest key the programs hold (KEY_MAX in bpf/entry_record.h).
+KERNEL_KEY_MAX = 64
+
+
+def kernel_form(layout: KeyLayout) -> KernelKeyForm | None:
+    """How the programs write ``layout``'s keys; None when they cannot, and the audit
+    then judges that layout's entries in Python (slower, not wrong).
+
+    The programs write a 16-byte address field (IPv4 in its first 4 bytes), a
+    port as a u16 at the start of its field, and a one-byte family code (a
+    longer field must hold its code in the first byte, the rest zero); every
+    other byte of the key is zero.
+    """
+    codes = dict((fam, code) for code, fam in layout.families)
+    fields = (layout.sip, layout.dip, layout.sport, layout.dport, layout.family)
+    if (layout.size > KERNEL_KEY_MAX or any(f.offset + f.size > layout.size for f in fields)
+            or layout.sip.size != 16 or layout.dip.size != 16
+            or layout.sport.size < 2 or layout.dport.size < 2
+            or set(codes) != {4, 6} or any(not 0 <= c < 256 for c in codes.values())):
+        return None
+    local_dst = layout.owner_local == "dst"
+    return KernelKeyForm(
+        remote_addr=(layout.sip if local_dst else layout.dip).offset,
+        local_addr=(layout.dip if local_dst else layout.sip).offset,
+        remote_port=(layout.sport if local_dst else layout.dport).offset,
+        local_port=(layout.dport if local_dst else layout.sport).offset,
+        family=layout.family.offset, family_v4=codes[4], family_v6=codes[6],
+        port_big_endian=int(layout.port_order == "big"))

@@ -28,7 +28,7 @@ from sockguard.core.errors import (
     MapGoneError,
     SockguardError,
 )
-from sockguard.core.layout import CILIUM, KeyDecodeError, KeyLayout, decode
+from sockguard.core.layout import KernelKeyForm, KeyDecodeError, KeyLayout, decode, kernel_form
 from sockguard.core.model import Finding, MapInfo, Netns, Tuple4
 from sockguard.core.rows import Interner, Record, gc_paused, syscall_record
 from sockguard.core.tcp_states import OWNER_STATES
@@ -177,7 +177,7 @@ def read_map(info: MapInfo, layout: KeyLayout) -> MapRead:
 KeyWalks = Callable[[int, dict[int, list[bytes]]], None]
 
 
-def read_entry_records(info: MapInfo, source: EntrySource, judge: bool = False,
+def read_entry_records(info: MapInfo, source: EntrySource, judge: KernelKeyForm | None = None,
                        only: Sequence[bytes] | None = None,
                        walked: list[bytes] | None = None,
                        ) -> tuple[dict[bytes, Record], dict[int, int]]:
@@ -192,27 +192,31 @@ def read_entry_records(info: MapInfo, source: EntrySource, judge: bool = False,
     """
     with maps_adapter.open_map(info) as handle:
         if source.name == "iterator":
-            if judge:
-                return read_judged(handle.fd, info.key_size)
+            if judge is not None:
+                return read_judged(handle.fd, info.key_size, judge)
             return read_records(handle.fd, info.key_size), {}
         keys = list(handle.keys()) if only is None else list(only)
         if walked is not None and only is None:
             walked.extend(keys)
-        if judge:
-            return lookup_judged(handle.fd, info.key_size, keys)
+        if judge is not None:
+            return lookup_judged(handle.fd, info.key_size, keys, judge)
         program = TUPLE_PROGRAM if source.exactness == "tuple" else None
         return lookup_records(handle.fd, info.key_size, keys, program), {}
 
 
-def _judges(source: EntrySource, layout: KeyLayout, info: MapInfo, include_ok: bool) -> bool:
-    """Whether healthy entries of ``info`` can be judged in the kernel on this look.
+def _judges(source: EntrySource, layout: KeyLayout, info: MapInfo,
+            include_ok: bool) -> KernelKeyForm | None:
+    """The form by which healthy entries of ``info`` are judged in the kernel on this
+    look; None when they are not.
 
-    Only Cilium's 44-byte layout is known to the programs, only a source that
-    tells SOCK_DEAD and the receive path can judge (iterator, tc lookup with
-    BTF), and ``--all`` wants every ``ok`` entry as a finding.
+    Only a layout the programs can write (``kernel_form``), only a source that
+    tells SOCK_DEAD and the receive path (iterator, tc lookup with BTF), and
+    not for ``--all``, which wants every ``ok`` entry as a finding.
     """
-    return (not include_ok and layout is CILIUM and info.key_size == CILIUM.size
-            and source.exactness == "cookie" and source.name in ("iterator", "tc_lookup"))
+    if (include_ok or info.key_size != layout.size or source.exactness != "cookie"
+            or source.name not in ("iterator", "tc_lookup")):
+        return None
+    return kernel_form(layout)
 
 
 def scan_sockets(socket_source: str = "auto") -> tuple[Scan, str]:
@@ -290,7 +294,7 @@ def _look(
     interner = Interner()
     sources: dict[int, str] = {}
     exactness: dict[int, str] = {}
-    judging = any(_judges(source, layout, m, include_ok) for m in maps)
+    judging = any(_judges(source, layout, m, include_ok) is not None for m in maps)
     walk_start = time.monotonic_ns()
     walks: dict[int, list[bytes]] | None = (
         {} if on_walk is not None and only is None and source.name == "tc_lookup" else None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from sockguard.core.layout import KernelKeyForm
 from sockguard.kernel.bpf_object import CStruct
 
 KALLSYMS = "/proc/kallsyms"
@@ -27,8 +28,8 @@ RECV_SYMBOLS = ("tcp_recvmsg", "tcp_bpf_recvmsg", "tcp_bpf_recvmsg_parser")
 
 #: ``struct sg_config`` of bpf/sock_state.h, the whole ``.rodata`` of the iterators and
 #: the tc lookup (set by name, see :func:`config`; this copy is for tests).
-CONFIG = CStruct("sg_config", "=QQQII",
-                 "tcp_recvmsg tcp_bpf_recvmsg tcp_bpf_recvmsg_parser key_size judge")
+CONFIG = CStruct("sg_config", "=QQQII8s",
+                 "tcp_recvmsg tcp_bpf_recvmsg tcp_bpf_recvmsg_parser key_size judge key_form")
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,18 @@ def recv_symbols(path: str = KALLSYMS) -> RecvSymbols:
                        found.get("tcp_bpf_recvmsg_parser", 0), tuple(problems))
 
 
-def config(key_size: int = 0, judge: bool = False) -> dict[str, int]:
+def config(key_size: int = 0, judge: KernelKeyForm | None = None) -> dict[str, int]:
     """The load-time settings (``struct sg_config``) of an iterator or entry-source object.
 
-    ``judge``: the entry sources count healthy entries instead of reporting
-    them (bpf/entry_record.h); only for Cilium's 44-byte layout.
+    ``judge``: the form of the map's keys, by which the entry sources judge
+    healthy entries and count them instead of reporting them
+    (bpf/entry_record.h); None: every entry is reported.
     """
     syms = recv_symbols()
-    return {"sg_config.tcp_recvmsg": syms.tcp_recvmsg,
-            "sg_config.tcp_bpf_recvmsg": syms.tcp_bpf_recvmsg,
-            "sg_config.tcp_bpf_recvmsg_parser": syms.tcp_bpf_recvmsg_parser,
-            "sg_config.key_size": key_size, "sg_config.judge": int(judge)}
+    settings = {"sg_config.tcp_recvmsg": syms.tcp_recvmsg,
+                "sg_config.tcp_bpf_recvmsg": syms.tcp_bpf_recvmsg,
+                "sg_config.tcp_bpf_recvmsg_parser": syms.tcp_bpf_recvmsg_parser,
+                "sg_config.key_size": key_size, "sg_config.judge": int(judge is not None)}
+    if judge is not None:
+        settings.update(judge.settings("sg_config.key_form"))
+    return settings

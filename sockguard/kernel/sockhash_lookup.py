@@ -35,6 +35,7 @@ import threading
 from collections.abc import Collection, Iterator, Sequence
 
 from sockguard.core.errors import LibbpfMissingError
+from sockguard.core.layout import KernelKeyForm
 from sockguard.core.rows import COOKIE_UNKNOWN, Record, gc_paused
 from sockguard.kernel import bpf_object, libbpf, maps, recvsyms
 from sockguard.kernel.libbpf import BpfError
@@ -62,7 +63,7 @@ HEALTHY_MAP = "healthy"
 EXACTNESS = {BTF_PROGRAM: "cookie", TUPLE_PROGRAM: "tuple"}
 
 
-def _load(map_fd: int, key_size: int, program: str, judge: bool = False,
+def _load(map_fd: int, key_size: int, program: str, judge: KernelKeyForm | None = None,
           refused: str | None = None) -> libbpf.BpfObject:
     """The lookup object with only ``program``, its ``target`` map being ``map_fd``."""
     return bpf_object.load(OBJECT_PATH, programs=(program,),
@@ -223,19 +224,22 @@ class Reader:
                 bool(flags & REC_DEAD), recv)
 
 
-def read_judged(map_fd: int, key_size: int,
-                keys: list[bytes]) -> tuple[dict[bytes, Record], dict[int, int]]:
+def read_judged(map_fd: int, key_size: int, keys: list[bytes],
+                form: KernelKeyForm) -> tuple[dict[bytes, Record], dict[int, int]]:
     """The records of the entries the kernel did not judge healthy, and the healthy ones
-    as counts per netns inode of their socket (``sockmap_iter.read_judged``'s contract)."""
+    as counts per netns inode of their socket (``sockmap_iter.read_judged``'s contract);
+    ``form``: where the map's layout puts a socket's fields."""
     result: dict[bytes, Record] = {}
     healthy: dict[int, int] = {}
     program = _probe()[0] or BTF_PROGRAM
-    with _reader(map_fd, key_size, program, judge=True) as reader, gc_paused():
+    with _reader(map_fd, key_size, program, judge=form) as reader, gc_paused():
         reader.read(keys, result, healthy)
     return result, healthy
 
 
 _loaded = threading.local()
+#: A session's reader: (map id, key size, program, the form judged by or None).
+_Ident = tuple[int, int, str, KernelKeyForm | None]
 
 
 @contextlib.contextmanager
@@ -247,7 +251,7 @@ def session() -> Iterator[None]:
     if getattr(_loaded, "objects", None) is not None:
         yield
         return
-    objects: dict[tuple[int, int, str, bool], Reader] = {}
+    objects: dict[_Ident, Reader] = {}
     _loaded.objects = objects
     try:
         yield
@@ -264,7 +268,7 @@ def retain(map_ids: Collection[int]) -> None:
     session outlives one audit calls this with the maps it audits, so a map
     Cilium replaced is released at the next audit, not kept alive with its sockets.
     """
-    objects: dict[tuple[int, int, str, bool], Reader] | None = getattr(_loaded, "objects", None)
+    objects: dict[_Ident, Reader] | None = getattr(_loaded, "objects", None)
     if not objects:
         return
     for ident in [i for i in objects if i[0] not in map_ids]:
@@ -272,9 +276,10 @@ def retain(map_ids: Collection[int]) -> None:
 
 
 @contextlib.contextmanager
-def _reader(map_fd: int, key_size: int, program: str, judge: bool = False) -> Iterator[Reader]:
+def _reader(map_fd: int, key_size: int, program: str,
+            judge: KernelKeyForm | None = None) -> Iterator[Reader]:
     """A reader of ``map_fd``: the session's (keyed by the map's id), or one of its own."""
-    objects: dict[tuple[int, int, str, bool], Reader] | None = getattr(_loaded, "objects", None)
+    objects: dict[_Ident, Reader] | None = getattr(_loaded, "objects", None)
     if objects is None:
         reader = Reader(_load_or_refuse(map_fd, key_size, program, judge), program, key_size)
         try:
@@ -290,7 +295,7 @@ def _reader(map_fd: int, key_size: int, program: str, judge: bool = False) -> It
 
 
 def _load_or_refuse(map_fd: int, key_size: int, program: str,
-                    judge: bool = False) -> libbpf.BpfObject:
+                    judge: KernelKeyForm | None = None) -> libbpf.BpfObject:
     if not 0 < key_size <= KEY_MAX:
         raise ValueError(f"key size {key_size} not in 1..{KEY_MAX}")
     return _load(map_fd, key_size, program, judge, refused="the tc lookup program")

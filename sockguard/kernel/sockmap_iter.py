@@ -16,6 +16,7 @@ import functools
 import socket
 
 from sockguard.core.errors import LibbpfMissingError
+from sockguard.core.layout import KernelKeyForm
 from sockguard.core.model import TargetSocket
 from sockguard.core.rows import Interner, Record, gc_paused, target_socket
 from sockguard.kernel import bpf_object, libbpf, recvsyms
@@ -41,7 +42,7 @@ REC_SUMMARY = 0x10  # bpf/entry_record.h: a judged walk's last record; cookie = 
 RODATA = recvsyms.CONFIG  # .rodata: struct sg_config (bpf/sock_state.h)
 
 
-def _load(key_size: int, program: str | None = None, judge: bool = False,
+def _load(key_size: int, program: str | None = None, judge: KernelKeyForm | None = None,
           refused: str | None = None) -> libbpf.BpfObject:
     """Open and load the iterator object specialised for ``key_size``.
 
@@ -59,10 +60,11 @@ def read_records(map_fd: int, key_size: int) -> dict[bytes, Record]:
     consistent per bucket but not a global snapshot.  Empty sockmap slots
     are left out.
     """
-    return _walk(map_fd, key_size, judge=False)[0]
+    return _walk(map_fd, key_size, judge=None)[0]
 
 
-def read_judged(map_fd: int, key_size: int) -> tuple[dict[bytes, Record], dict[int, int]]:
+def read_judged(map_fd: int, key_size: int,
+                form: KernelKeyForm) -> tuple[dict[bytes, Record], dict[int, int]]:
     """The records of the entries the kernel could not judge healthy, and the healthy ones.
 
     The healthy entries come as counts per netns inode of their socket (0:
@@ -70,9 +72,9 @@ def read_judged(map_fd: int, key_size: int) -> tuple[dict[bytes, Record], dict[i
 
     A healthy entry (bpf/entry_record.h: its own socket alive, connected,
     not on tcp_recvmsg, with the key's tuple) costs no record and no Python
-    object; only Cilium's 44-byte layout can be judged.
+    object.  ``form``: where the map's layout puts a socket's fields.
     """
-    return _walk(map_fd, key_size, judge=True)
+    return _walk(map_fd, key_size, judge=form)
 
 
 def _healthy_by_netns(obj: libbpf.BpfObject, total: int) -> dict[int, int]:
@@ -89,7 +91,7 @@ def _healthy_by_netns(obj: libbpf.BpfObject, total: int) -> dict[int, int]:
 
 
 def _walk(map_fd: int, key_size: int,
-          judge: bool) -> tuple[dict[bytes, Record], dict[int, int]]:
+          judge: KernelKeyForm | None) -> tuple[dict[bytes, Record], dict[int, int]]:
     if not 0 < key_size <= KEY_MAX:
         raise ValueError(f"key size {key_size} not in 1..{KEY_MAX}")
     # EACCES here is the verifier refusing the program, not a permission problem
@@ -98,7 +100,7 @@ def _walk(map_fd: int, key_size: int,
     try:
         with obj.program(iterator_variant()).attach_iter_map(map_fd) as link:
             data = libbpf.iter_read(link)
-        if judge:
+        if judge is not None:
             summary = [r for r in RECORD.iter_unpack(data[-RECORD.size:]) if r[6] & REC_SUMMARY]
             by_netns = _healthy_by_netns(obj, summary[0][1] if summary else 0)
     finally:
@@ -122,7 +124,7 @@ def _walk(map_fd: int, key_size: int,
             k = key[:key_size]
             result[k] = (k, cookie, netns, family, state, saddr, daddr, sport, dport,
                          bool(flags & REC_DEAD), recv)
-    if judge and (summaries != 1 or sum(by_netns.values()) != healthy):
+    if judge is not None and (summaries != 1 or sum(by_netns.values()) != healthy):
         raise BpfError(errno.EIO, f"sockmap iterator: {summaries} summary records in one walk, "
                                   f"{healthy} healthy entries, {by_netns} by netns")
     return result, by_netns

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from sockguard.core.layout import CILIUM, KeyDecodeError, decode
+from sockguard.core.layout import CILIUM, KeyDecodeError, KeyLayout, decode
 from sockguard.core.model import Endpoint, IPAddress, SockKey, Tuple4
 from sockguard.core.tcp_states import TCP_CLOSE, state_name
 from sockguard.kernel import trace_symbols as kallsyms
@@ -277,13 +277,15 @@ def recv_length(ret: int, source: int) -> int | None:
 
 
 def decode_event(data: bytes, syms: kallsyms.Kallsyms, clock_ns: int, *, late: bool = False,
-                 holding: Callable[[Tuple4], tuple[str, ...]] | None = None) -> TraceEvent:
+                 holding: Callable[[Tuple4], tuple[str, ...]] | None = None,
+                 layout: KeyLayout = CILIUM) -> TraceEvent:
     """Decode one ``struct sg_event`` and add names and the decoded key.
 
     No syscalls here: ``syms`` names addresses, ``clock_ns`` turns boot time into
     Unix time, and ``holding`` (the maps that hold a tuple's key; None: not asked)
     is called only for the events whose meaning depends on it — a receive via
-    tcp_recvmsg, a close, a destroy.
+    tcp_recvmsg, a close, a destroy.  ``layout``: that of the maps' keys, by
+    which an update's key is decoded.
     """
     (ts, cookie, netns, etype, pid, tid, ret, comm, family, sport, dport, old, new,
      saddr, daddr, aux, map_id, key_size, map_name, key, *rest) = EVENT.unpack(data)
@@ -297,9 +299,9 @@ def decode_event(data: bytes, syms: kallsyms.Kallsyms, clock_ns: int, *, late: b
     if etype == EV_UPDATE:
         raw_key = key[:key_size]
         decoded: SockKey | None = None
-        if key_size == CILIUM.size:
+        if key_size == layout.size:
             try:
-                decoded = decode(CILIUM, raw_key)
+                decoded = decode(layout, raw_key)
             except KeyDecodeError:
                 decoded = None
         kw = {"errno": -ret if ret < 0 else 0, "flags": aux, "map_id": map_id,

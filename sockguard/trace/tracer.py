@@ -33,8 +33,9 @@ key of its tuple is in one of the audited maps.  A socket receiving via
 its peer redirects every payload into whatever socket that entry holds.
 
 In the daemon (``filter_watched``) the kernel side asks first: the receive
-and lifecycle objects compute the Cilium key of the socket at hand and look
-it up in ``watched``, a BPF hash of the audited maps' keys that
+and lifecycle objects compute the filter key of the socket at hand (its
+tuple as its peer sees it, ``layout.FILTER_KEY``) and look it up in
+``watched``, a BPF hash of the audited maps' keys in that form, which
 :class:`WatchedKeys` keeps in step (added and deleted keys only, every
 ``watch_interval`` seconds or less often when the maps are large).  A socket
 outside every map then costs one bit test (``watched_bits``, one bit per key
@@ -44,8 +45,9 @@ socket whose key is not (yet) watched has its would-be event parked
 in its object's ``pending`` array, in the slot its key hashes to (8,192
 slots; the next socket hashing there overwrites it); a refresh that adds the
 key takes the parked event out and reports it ``late``.
-The filter knows only the Cilium layout; with any other layout the objects
-load unfiltered.  Failed updates and psock drops are never filtered.
+The kernel side knows no map layout: userspace turns each map key into its
+filter key (``MapWatch.filter_keys``; the same bytes for Cilium's layout).
+Failed updates and psock drops are never filtered.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sockguard.core.errors import SockguardError
-from sockguard.core.layout import KeyDecodeError, decode, key_for_socket
+from sockguard.core.layout import CILIUM, FILTER_KEY, KeyDecodeError, decode, key_for_socket
 from sockguard.core.model import SockKey
 from sockguard.core.tcp_states import TCP_ESTABLISHED, state_name
 from sockguard.kernel import bpf_object
@@ -70,7 +72,7 @@ from sockguard.kernel.libbpf import BpfError, BpfObject, Link
 from sockguard.trace.collision import Candidate, CollisionCheck, EntryReader
 from sockguard.trace.events import EVENT, TraceEvent, decode_event
 from sockguard.trace.ringbuf import RingBuffer
-from sockguard.trace.watched import FILTER_LAYOUTS, FILTERED_OBJECTS, MapWatch, WatchedKeys
+from sockguard.trace.watched import FILTERED_OBJECTS, MapWatch, WatchedKeys
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +118,7 @@ class TracerOptions:
     only_tcp_recvmsg: bool = False  # recv: only sockets receiving via tcp_recvmsg (daemon)
     every_recv: bool = False      # recv: every recvmsg, not once per socket and function
     check_maps: bool = True       # annotate recv/close events with key_in_maps
-    # recv/lifecycle: only sockets whose key is in the audited maps (daemon; Cilium layout)
+    # recv/lifecycle: only sockets whose key is in the audited maps (daemon; any layout)
     filter_watched: bool = False
     watch_interval: float = 1.0   # shortest period between refreshes of the watched set
     #: a refresh may take at most this share of the tracer thread's time (longer period)
@@ -169,8 +171,7 @@ class Tracer:
     def filtering(self) -> bool:
         """Whether the kernel side filters by the watched set (decided by :meth:`start`)."""
         o = self.options
-        return (o.filter_watched and self.watch is not None
-                and self.watch.layout.name in FILTER_LAYOUTS)
+        return o.filter_watched and self.watch is not None
 
     # -- setup ------------------------------------------------------------------------
 
@@ -194,10 +195,6 @@ class Tracer:
             reasons = "; ".join(f"{k}: {d.reason}" for k, d in self.detections.items())
             self.close()
             raise TracerUnavailableError(f"no tracer detection can run here ({reasons})")
-        if self.options.filter_watched and not self.filtering:
-            layout = self.watch.layout.name if self.watch is not None else "none"
-            log.info("tracer: no kernel-side filter for key layout %s: every socket's events "
-                     "reach userspace", layout)
         self._start_collisions()
         if (self.filtering and self._watched_fd is not None and self._bits_fd is not None
                 and self.watch is not None):
@@ -233,16 +230,14 @@ class Tracer:
     def _settings(self, obj_name: str) -> dict[str, int]:
         """The ``cfg`` fields of ``obj_name`` (bpf/trace_*.bpf.c) for these options."""
         o = self.options
-        layout = FILTER_LAYOUTS.get(self.watch.layout.name, 0) if self.watch else 0
         filtering = int(self.filtering)
         if obj_name == "trace_sockhash":
             return {"cfg.failures_only": o.failures_only}
         if obj_name == "trace_recvpath":
             only = self._syms.address("tcp_recvmsg") if o.only_tcp_recvmsg else None
             return {"cfg.only_fn": only or 0, "cfg.dedup": not o.every_recv,
-                    "cfg.filter_watched": filtering, "cfg.key_layout": layout}
+                    "cfg.filter_watched": filtering}
         return {"cfg.states_all": o.all_states, "cfg.filter_watched": filtering,
-                "cfg.key_layout": layout,
                 "cfg.established_only": o.established_only and not o.all_states}
 
     def _start_object(self, obj_name: str, variants: dict[str, tuple[str, ...]],
@@ -351,7 +346,7 @@ class Tracer:
                 continue
             if keys is not None and self.watch is not None and (
                     event.sock is None
-                    or key_for_socket(self.watch.layout, event.sock) != keys.get(data)):
+                    or key_for_socket(FILTER_KEY, event.sock) != keys.get(data)):
                 continue  # a slot written by two CPUs at once: not one socket's event
             self.events += 1
             self.handler(event)
@@ -395,7 +390,8 @@ class Tracer:
         """One ``struct sg_event``, with the maps holding its socket's key where that matters."""
         watching = self.watch is not None and self.options.check_maps
         return decode_event(data, self._syms, self._clock, late=late,
-                            holding=self.watch.holding if watching and self.watch else None)
+                            holding=self.watch.holding if watching and self.watch else None,
+                            layout=self.watch.layout if self.watch is not None else CILIUM)
 
     # -- teardown ---------------------------------------------------------------------
 

@@ -1,12 +1,14 @@
 """The kernel-side filter's ``watched`` set, kept equal to the audited maps' keys.
 
-In the daemon the receive-path and lifecycle objects look the socket's Cilium
-key up in ``watched`` (behind ``watched_bits``, one bit per key hash) before
-they report anything; an event of a socket whose key is not watched yet is
-parked in ``pending``.  :class:`MapWatch` answers "which audited maps hold
-this key" and lists their keys; :class:`WatchedKeys` brings ``watched`` up to
-date from such a walk, or from the keys an audit just walked, and releases
-the events parked under each added key.
+In the daemon the receive-path and lifecycle objects look the socket's filter
+key (``layout.FILTER_KEY``: its tuple as its peer sees it) up in ``watched``
+(behind ``watched_bits``, one bit per key hash) before they report anything;
+an event of a socket whose key is not watched yet is parked in ``pending``.
+:class:`MapWatch` answers "which audited maps hold this key", lists their
+keys and turns them into filter keys whatever the maps' layout;
+:class:`WatchedKeys` brings ``watched`` up to date from such a walk, or from
+the keys an audit just walked, and releases the events parked under each
+added key.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from sockguard.core.errors import SockguardError
-from sockguard.core.layout import CILIUM, KeyLayout, key_for_socket
+from sockguard.core.layout import CILIUM, FILTER_KEY, KeyLayout, filter_key, key_for_socket
 from sockguard.core.model import MapInfo, Tuple4
 from sockguard.kernel import libbpf
 from sockguard.kernel import maps as maps_adapter
@@ -28,8 +30,6 @@ from sockguard.trace.events import EVENT
 
 log = logging.getLogger(__name__)
 
-#: Key layouts the kernel-side filter knows (SG_LAYOUT_* in bpf/sockguard_trace.h).
-FILTER_LAYOUTS = {CILIUM.name: 1}
 #: Capacity of ``watched`` (SG_WATCHED_MAX): keys beyond it are not watched.
 WATCHED_MAX = 262144
 #: Objects with the ``watched`` and ``watched_bits`` maps (shared) and a ``pending`` map.
@@ -42,12 +42,12 @@ PARKED_SIZE = PARKED.size
 PENDING_BITS = 13
 #: ``watched_bits``: one bit per key hash, 2**WATCHED_BITS bits (SG_WATCHED_BITS).
 WATCHED_BITS = 17
-#: struct sg_cilium_key as the words ``sg_key_hash`` mixes.
-_KEY_WORDS = CStruct("sg_cilium_key", "<4I4IB3xII", "sip dip family sport dport")
+#: struct sg_tuple_key (``FILTER_KEY``'s layout) as the words ``sg_key_hash`` mixes.
+_KEY_WORDS = CStruct("sg_tuple_key", "<4I4IB3xII", "sip dip family sport dport")
 
 
 def key_hash(key: bytes) -> int:
-    """The 32-bit hash of a Cilium key: ``sg_key_hash`` in bpf/sockguard_trace.h."""
+    """The 32-bit hash of a filter key: ``sg_key_hash`` in bpf/sockguard_trace.h."""
     w: tuple[int, ...] = _KEY_WORDS.unpack(key)
     mask, gold = 0xFFFFFFFF, 0x9E3779B1
     h = w[0] ^ w[1] ^ w[2] ^ w[3]
@@ -57,12 +57,12 @@ def key_hash(key: bytes) -> int:
 
 
 def pending_slot(key: bytes) -> int:
-    """The ``pending`` slot of a Cilium key (the slot ``sg_park`` writes)."""
+    """The ``pending`` slot of a filter key (the slot ``sg_park`` writes)."""
     return key_hash(key) >> (32 - PENDING_BITS)
 
 
 def watched_bit(key: bytes) -> int:
-    """The bit of a Cilium key in ``watched_bits`` (``sg_watched``)."""
+    """The bit of a filter key in ``watched_bits`` (``sg_watched``)."""
     return key_hash(key) >> (32 - WATCHED_BITS)
 
 
@@ -174,6 +174,18 @@ class MapWatch:
                 log.debug("tracer: map %s id %d: %s", handle.info.name, handle.info.id, exc)
                 self._at = float("-inf")  # re-resolve next time
         return tuple(found)
+
+    def filter_keys(self, keys: dict[bytes, int]) -> dict[bytes, int]:
+        """The audited maps' ``keys`` (key -> map id) as the kernel-side filter keys
+        sockets (``FILTER_KEY``); keys this layout cannot decode are left out."""
+        if self.layout == FILTER_KEY:
+            return keys
+        out: dict[bytes, int] = {}
+        for key, map_id in keys.items():
+            fk = filter_key(self.layout, key)
+            if fk is not None:
+                out.setdefault(fk, map_id)
+        return out
 
     def map_ids(self) -> frozenset[int]:
         """The ids of the audited maps, as resolved now."""
@@ -305,6 +317,7 @@ class WatchedKeys:
                 log.debug("tracer: watched set not refreshed: %s", exc)
                 self.due = start + self.interval
                 return []
+        new = self.watch.filter_keys(new)
         old = self.keys
         gone = [k for k in old if k not in new]
         for key in gone:
