@@ -82,6 +82,15 @@ def daemonset_flags() -> list[str]:
     return flags
 
 
+def missing_host_dirs() -> list[Path]:
+    """The DaemonSet's DirectoryOrCreate host paths this machine lacks (kubelet would make
+    them; the test makes them and removes them again)."""
+    vols = _container()["pod"]["volumes"]
+    return [Path(v["hostPath"]["path"]) for v in vols
+            if v.get("hostPath", {}).get("type") == "DirectoryOrCreate"
+            and not Path(v["hostPath"]["path"]).exists()]
+
+
 def _skip_reason() -> str | None:
     for tool in ("podman", "mmdebstrap", "dpkg-deb", "fakeroot"):
         if shutil.which(tool) is None:
@@ -124,7 +133,10 @@ def run_flags(image: str) -> Iterator[list[str]]:
     """The DaemonSet's flags plus the runtime this machine can start containers with."""
     flags = [*daemonset_flags(), "--cgroup-parent", CGROUP_PARENT]
     errors = []
+    made = missing_host_dirs()
     try:
+        for path in made:
+            path.mkdir()
         for runtime in RUNTIMES:
             args = ["podman", "run", "--rm", *runtime, *ULIMITS, *flags, image, "true"]
             r = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
@@ -136,6 +148,9 @@ def run_flags(image: str) -> Iterator[list[str]]:
         pytest.skip("no container runtime can start a container here: " + "; ".join(errors))
     finally:
         _remove_cgroup_parent()
+        for path in reversed(made):
+            if path.exists():
+                path.rmdir()
 
 
 def podman_run(run_flags: list[str], *cmd: str) -> subprocess.CompletedProcess[str]:

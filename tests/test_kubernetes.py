@@ -137,7 +137,7 @@ def test_daemonset_privileges_are_the_units() -> None:
 def test_daemonset_host_mounts_are_read_only_and_justified() -> None:
     pod = _one("DaemonSet")["spec"]["template"]["spec"]
     host = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    assert sorted(host.values()) == ["/run/netns", "/sys/fs/bpf", "/sys/fs/cgroup"]
+    assert sorted(host.values()) == ["/run/netns", "/sys/fs/bpf", "/sys/fs/cgroup", "/var/log/pods"]
     mounts = {m["name"]: m for m in _container()["volumeMounts"]}
     text = (K8S / "30-daemonset.yaml").read_text(encoding="utf-8")
     for name, path in host.items():

@@ -3,9 +3,11 @@
 kubelet names a pod's cgroup after the pod's UID (systemd driver:
 ``kubepods-<qos>-pod<uid, _ for ->.slice``; cgroupfs driver:
 ``/kubepods/<qos>/pod<uid>``) and the runtime names the container's scope after
-its id.  The parsing is pure and tested without root; the lab test puts the
-process that holds the hung connection's server socket into a cgroup named the
-way kubelet and containerd name them, and the CLI's finding must name that pod.
+its id; kubelet keeps the pod's logs in ``/var/log/pods/<namespace>_<name>_<uid>``.
+The parsing is pure and tested without root; the lab test puts the process that
+holds the hung connection's server socket into a cgroup named the way kubelet
+and containerd name them, gives the pod a log directory, and the CLI's finding
+must name that pod.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockguard.kernel.owners import kubelet_identity
+from sockguard.kernel.owners import POD_LOGS, kubelet_identity, pod_names
 from tests.lab import Lab, cilium_key
 
 POD = "1f2e3d4c-5b6a-4789-8abc-def012345678"
@@ -74,10 +76,22 @@ def test_kubelet_identity_round_trips(pod: uuid.UUID, raw: bytes, qos: str, syst
 SERVER_PORT, CLIENT_PORT = 8080, 40000
 
 
+def test_pod_names_come_from_kubelets_log_directories(tmp_path: Path) -> None:
+    (tmp_path / f"kube-system_coredns-7db6d8ff4d-x2x9k_{POD}").mkdir()
+    (tmp_path / "default_web-0_0a1b2c3d-0000-4000-8000-000000000001").mkdir()
+    (tmp_path / "default_notadir_0a1b2c3d-0000-4000-8000-000000000002").write_text("")
+    (tmp_path / "one_two").mkdir()
+    (tmp_path / "a_b_c_d").mkdir()
+    assert pod_names(str(tmp_path)) == {
+        POD: "kube-system/coredns-7db6d8ff4d-x2x9k",
+        "0a1b2c3d-0000-4000-8000-000000000001": "default/web-0"}
+    assert pod_names(str(tmp_path / "absent")) == {}
+
+
 @pytest.mark.kernel
 def test_a_finding_names_the_kubelet_style_pod_of_its_socket(lab: Lab) -> None:
     """The incident's hang, its server socket held by a 'pod' process: the finding names
-    the pod UID and container id, in the JSON and in the human table."""
+    the pod (namespace/name, UID) and container id, in the JSON and in the human table."""
     server_pod, client_pod = lab.pods
     s_ip, c_ip = server_pod.addr(), client_pod.addr()
     listener = lab.listen(server_pod, port=SERVER_PORT)
@@ -92,6 +106,8 @@ def test_a_finding_names_the_kubelet_style_pod_of_its_socket(lab: Lab) -> None:
               f"kubepods-besteffort-pod{pod_uid.replace('-', '_')}.slice",
               f"cri-containerd-{container}.scope"]
     made: list[Path] = []
+    logs_root = Path(POD_LOGS)
+    logs = [p for p in (logs_root, logs_root / f"sgl-lab_web-0_{pod_uid}") if not p.exists()]
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
                               pass_fds=[srv.fileno()])
     try:
@@ -101,6 +117,8 @@ def test_a_finding_names_the_kubelet_style_pod_of_its_socket(lab: Lab) -> None:
             path.mkdir()
             made.append(path)
         (path / "cgroup.procs").write_text(str(holder.pid))
+        for p in logs:
+            p.mkdir()
         srv.close()  # the pod's process alone holds the server socket now
         proc = subprocess.run([sys.executable, "-m", "sockguard", "audit", "--map",
                                str(lab.pin_path), "--json"], capture_output=True, text=True,
@@ -109,13 +127,16 @@ def test_a_finding_names_the_kubelet_style_pod_of_its_socket(lab: Lab) -> None:
         [f] = [f for f in json.loads(proc.stdout)["findings"] if f["key_hex"] == future.hex()]
         assert f["kind"] == "shadowing"
         owner = f["owner"]
-        assert (owner["pid"], owner["container"], owner["pod_uid"]) == (
-            holder.pid, container, pod_uid)
+        assert (owner["pid"], owner["container"], owner["pod_uid"], owner["pod"]) == (
+            holder.pid, container, pod_uid, "sgl-lab/web-0")
         table = subprocess.run([sys.executable, "-m", "sockguard", "audit", "--map",
                                 str(lab.pin_path)], capture_output=True, text=True, timeout=60,
                                check=False)
-        assert f"pod {pod_uid}, {container[:12]}" in table.stdout, table.stdout
+        assert f"pod sgl-lab/web-0, {container[:12]}" in table.stdout, table.stdout
     finally:
+        for p in reversed(logs):
+            if p.exists():
+                p.rmdir()
         holder.kill()
         holder.wait()
         cli.close()

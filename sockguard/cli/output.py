@@ -45,7 +45,7 @@ def finding_dict(f: Finding) -> dict[str, Any]:
         "socket": _socket(f.socket),
         "owner": None if f.owner is None else {
             "pid": f.owner.pid, "comm": f.owner.comm, "container": f.owner.container,
-            "pod_uid": f.owner.pod_uid,
+            "pod_uid": f.owner.pod_uid, "pod": f.owner.pod,
         },
         "details": f.details,
     }

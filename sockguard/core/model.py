@@ -173,18 +173,20 @@ class LiveSocket:
 class Owner:
     """Who holds a socket: a process and, when it runs in them, its container and pod.
 
-    ``pod_uid`` is the Kubernetes pod's UID as kubelet names its cgroup; the
-    pod's name and namespace would need the CRI or the API server.
+    ``pod_uid`` is the Kubernetes pod's UID as kubelet names its cgroup; ``pod``
+    its ``namespace/name`` as kubelet names the pod's log directory, where the
+    node has one.
     """
 
     pid: int
     comm: str
     container: str | None = None
     pod_uid: str | None = None
+    pod: str | None = None
 
     def __str__(self) -> str:
         base = f"{self.comm}[{self.pid}]"
-        where = [f"pod {self.pod_uid}"] if self.pod_uid else []
+        where = [f"pod {self.pod or self.pod_uid}"] if self.pod_uid else []
         where += [self.container[:12]] if self.container else []
         return f"{base} ({', '.join(where)})" if where else base
 

@@ -2,6 +2,8 @@
 
 Only asked for the few sockets that findings name: walking every process's
 fd table is the expensive part of ``ss -p`` and is not needed for a clean map.
+The pod's UID comes from the process's cgroup, its namespace and name from
+the directory kubelet keeps the pod's logs in: no CRI or API server call.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 
 from sockguard.core.model import Owner
 
@@ -35,6 +38,29 @@ def kubelet_identity(cgroup: str) -> tuple[str | None, str | None]:
     return uid, (cid.group(1) or cid.group(2)) if cid else None
 
 
+#: kubelet's pod log root (its podLogsDir setting, default /var/log/pods): one directory a
+#: pod, <namespace>_<name>_<uid> (pkg/kubelet/kuberuntime/helpers.go, BuildPodLogsDirectory).
+POD_LOGS = "/var/log/pods"
+
+
+def pod_names(root: str = POD_LOGS) -> dict[str, str]:
+    """Pod UID -> ``namespace/name`` from kubelet's pod log directories under ``root``.
+
+    Namespaces and pod names are DNS labels and subdomains, which hold no
+    ``_``, so a directory name splits in exactly three.  No directory (not a
+    Kubernetes node, or kubelet elsewhere): no names, and findings name the
+    pod by its UID.
+    """
+    names: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            parts = entry.name.split("_")
+            if len(parts) == 3 and all(parts) and entry.is_dir(follow_symlinks=False):
+                namespace, name, uid = parts
+                names[uid] = f"{namespace}/{name}"
+    return names
+
+
 def _identity_of(pid: int, proc: str) -> tuple[str | None, str | None]:
     try:
         with open(f"{proc}/{pid}/cgroup") as fh:
@@ -51,8 +77,10 @@ def _comm(pid: int, proc: str) -> str:
         return "?"
 
 
-def find_owners(inodes: Iterable[int], proc: str = "/proc") -> dict[int, Owner]:
-    """Map socket inodes to the first process found holding each one."""
+def find_owners(inodes: Iterable[int], proc: str = "/proc",
+                pod_logs: str = POD_LOGS) -> dict[int, Owner]:
+    """Map socket inodes to the first process found holding each one, with its pod's
+    namespace and name where a pod log directory of ``pod_logs`` names its UID."""
     wanted = {f"socket:[{ino}]": ino for ino in inodes if ino}
     found: dict[int, Owner] = {}
     if not wanted:
@@ -77,4 +105,8 @@ def find_owners(inodes: Iterable[int], proc: str = "/proc") -> dict[int, Owner]:
                 found[ino] = Owner(pid, _comm(pid, proc), container, pod_uid)
         if len(found) == len(wanted):
             break
+    if any(o.pod_uid for o in found.values()):
+        names = pod_names(pod_logs)
+        found = {ino: replace(o, pod=names.get(o.pod_uid)) if o.pod_uid else o
+                 for ino, o in found.items()}
     return found

@@ -192,6 +192,8 @@ def finding_fields(f: Finding) -> dict[str, object]:
             fields["SOCKGUARD_CONTAINER"] = f.owner.container
         if f.owner.pod_uid:
             fields["SOCKGUARD_POD_UID"] = f.owner.pod_uid
+        if f.owner.pod:
+            fields["SOCKGUARD_POD"] = f.owner.pod
     return fields
 
 
