@@ -140,7 +140,7 @@ def _set_attached(tracer: object, attached: bool, names: list[tuple[object, str]
 
 def _loaded_programs(tracer: object) -> list[tuple[object, str]]:
     """(loaded object, program name) of every program the tracer loaded (and attached)."""
-    from sockguard.trace.tracer import PROGRAMS
+    from sockguard.trace.detections import PROGRAMS
 
     out: list[tuple[object, str]] = []
     for loaded in getattr(tracer, "_loaded", []):

@@ -33,7 +33,7 @@ import pytest
 
 from sockguard.core.model import Endpoint, Tuple4
 from sockguard.kernel import libbpf
-from sockguard.kernel.capabilities import Capabilities, Feature, plan
+from sockguard.kernel.capabilities import Capabilities, Feature
 from sockguard.trace.collision import (
     Candidate,
     CollisionCheck,
@@ -42,6 +42,7 @@ from sockguard.trace.collision import (
     record_tuple,
     same_socket,
 )
+from sockguard.trace.detections import plan
 from sockguard.trace.events import TraceEvent
 from sockguard.trace.tracer import Tracer, TracerOptions, daemon_options
 from sockguard.trace.watched import MapWatch

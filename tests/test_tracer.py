@@ -29,6 +29,7 @@ from sockguard.core.layout import CILIUM, key_for_socket
 from sockguard.core.model import Endpoint, Tuple4
 from sockguard.kernel import libbpf
 from sockguard.kernel.trace_symbols import Kallsyms
+from sockguard.trace.detections import PROGRAMS
 from sockguard.trace.events import (
     EARLY_AUDIT,
     EVENT,
@@ -38,7 +39,7 @@ from sockguard.trace.events import (
     decode_event,
     recv_path,
 )
-from sockguard.trace.tracer import PROGRAMS, Tracer, TracerOptions, daemon_options
+from sockguard.trace.tracer import Tracer, TracerOptions, daemon_options
 from sockguard.trace.watched import FILTERED_OBJECTS, PARKED_SIZE, MapWatch, pending_slot
 from tests.lab import Lab, cilium_key
 from tests.test_daemon import RunningDaemon, start_daemon, wait_for
@@ -156,7 +157,8 @@ def _caps(**available: bool) -> object:
 ])
 def test_each_detection_picks_its_program_type_by_its_own_probe(
         tp_btf: bool, tp_btf_sock: bool, recv_via: str, life_via: str) -> None:
-    from sockguard.kernel.capabilities import Capabilities, plan, variant_feature
+    from sockguard.kernel.capabilities import Capabilities
+    from sockguard.trace.detections import plan, variant_feature
 
     caps = _caps(tp_btf=tp_btf, tp_btf_sock=tp_btf_sock, fentry=False)
     assert isinstance(caps, Capabilities)
@@ -281,7 +283,8 @@ FILTERED_RODATA = {"trace_recvpath": struct.pack("=QBBB5x", 0xFFFFFFFF81000800, 
 def test_every_tracer_program_passes_the_verifier(obj_name: str, program: str,
                                                   variant: str, filtered: bool) -> None:
     """Each program alone: kprobe-type programs load even where kprobes cannot attach."""
-    from sockguard.kernel.capabilities import Capabilities, variant_feature
+    from sockguard.kernel.capabilities import Capabilities
+    from sockguard.trace.detections import variant_feature
 
     caps = _caps_or_skip()
     assert isinstance(caps, Capabilities)

@@ -23,8 +23,9 @@ from typing import Any
 from sockguard.core.errors import SockguardError
 from sockguard.kernel import libbpf
 from sockguard.kernel import maps as maps_adapter
-from sockguard.kernel.capabilities import Capabilities, plan, probe
+from sockguard.kernel.capabilities import Capabilities, probe
 from sockguard.kernel.libbpf import BpfError
+from sockguard.trace.detections import plan
 
 #: How deep below a cgroup2 mount doctor looks for sockops attachments, and how many dirs.
 CGROUP_DEPTH = 4

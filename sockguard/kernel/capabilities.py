@@ -293,119 +293,16 @@ def probe() -> Capabilities:
     return _probe_uncached()
 
 
-# -- detections --------------------------------------------------------------------------
+# -- the audit's detection ----------------------------------------------------------------
+# (the tracer's, one registry entry each, are in sockguard/trace/detections.py)
 
-DESCRIPTIONS = {
-    "update_failures": "sockhash inserts that fail (EEXIST: a stale key collides), as they "
-                       "happen",
-    "psock_drops": "psock drops with their caller (a failed update vs. a normal close)",
-    "recv_path": "per-socket receive path (tcp_recvmsg vs tcp_bpf_recvmsg); flags a socket "
-                 "receiving via tcp_recvmsg while its key is in a map",
-    "lifecycle": "TCP sockets closing/destroyed: an early audit finds a key left behind "
-                 "within about a second",
-    "collision": "a connection whose key's entry points to another socket when it becomes "
-                 "established (a stale key: its payload goes there), before any payload",
-    "shadowing": "audit: which socket each entry points to (tells shadowing from ok on "
-                 "Cilium's 4-byte-value map)",
-}
+SHADOWING = ("audit: which socket each entry points to (tells shadowing from ok on "
+             "Cilium's 4-byte-value map)")
 
 
-#: The detections the tracer runs (the rest of ``DESCRIPTIONS`` is the audit's): the
-#: label values of ``sockguard_detection_active``.
-TRACER_DETECTIONS = ("update_failures", "psock_drops", "recv_path", "lifecycle", "collision")
-
-
-def _kernel_fn_detection(name: str, caps: Capabilities, symbol: str) -> Detection:
-    desc = DESCRIPTIONS[name]
-    syms = kallsyms.load()
-    if syms.usable and syms.address(symbol) is None:
-        why = ("is ambiguous in this kernel's kallsyms (two functions of that name)"
-               if symbol in syms.ambiguous else
-               "is not in this kernel's kallsyms (inlined or renamed)")
-        return Detection(name, desc, False, None, f"{symbol} {why}")
-    if caps.ok("kprobe"):
-        return Detection(name, desc, True, "kprobe", f"kprobe on {symbol}")
-    if caps.ok("fentry"):
-        return Detection(name, desc, True, "fentry", f"fentry/fexit on {symbol}")
-    return Detection(name, desc, False, None,
-                     f"needs kprobes or fentry on {symbol}: {caps['kprobe'].reason}; "
-                     f"{caps['fentry'].reason}")
-
-
-#: The feature a tracer variant ("detection:via") needs, where it is not ``via`` itself.
-VARIANT_FEATURES = {"lifecycle:tp_btf": "tp_btf_sock"}
-
-
-def variant_feature(variant: str) -> str:
-    """The probed feature that decides whether the tracer uses ``variant``."""
-    return VARIANT_FEATURES.get(variant, variant.split(":")[1])
-
-
-def _collision_detection(caps: Capabilities, lifecycle: Detection) -> Detection:
-    """At ESTABLISHED (lifecycle), which socket the key's entry points to: tc lookup first."""
-    desc = DESCRIPTIONS["collision"]
-    if not lifecycle.active:
-        return Detection("collision", desc, False, None,
-                         f"needs the lifecycle tracepoints: {lifecycle.reason}")
-    where = f"inet_sock_set_state ESTABLISHED ({lifecycle.via})"
-    if caps.ok("tc_lookup"):
-        return Detection("collision", desc, True, "tc lookup",
-                         f"{where}; the entry's socket by the tc lookup (BPF_PROG_TEST_RUN)")
-    if caps.ok("iter_sockmap"):
-        return Detection("collision", desc, True, "iter/sockmap",
-                         f"{where}; the entry's socket by the sockmap iterator (tc lookup: "
-                         f"{caps['tc_lookup'].reason})")
-    return Detection("collision", desc, False, None,
-                     "cannot tell which socket an entry points to: tc lookup: "
-                     f"{caps['tc_lookup'].reason}; iter/sockmap: {caps['iter_sockmap'].reason}")
-
-
-def plan(caps: Capabilities | None = None) -> dict[str, Detection]:
-    """Which detections can run here and through which program type, or why not."""
-    caps = caps or probe()
-    out: dict[str, Detection] = {}
-    tracer_ok = caps.ok("ringbuf") and caps.ok("btf")
-    tracer_why = caps["ringbuf"].reason if not caps.ok("ringbuf") else caps["btf"].reason
-    for name, symbol in (("update_failures", "sock_hash_update_common"),
-                         ("psock_drops", "sk_psock_drop")):
-        det = _kernel_fn_detection(name, caps, symbol)
-        if det.active and name == "psock_drops" and not caps.ok("kallsyms"):
-            det = Detection(name, det.description, True, det.via,
-                            det.reason + "; callers unnamed: " + caps["kallsyms"].reason)
-        out[name] = det
-    desc = DESCRIPTIONS["recv_path"]
-    if not caps.ok("kallsyms"):
-        out["recv_path"] = Detection("recv_path", desc, False, None, caps["kallsyms"].reason)
-    elif caps.ok("tp_btf"):
-        out["recv_path"] = Detection("recv_path", desc, True, "tp_btf",
-                                     "tp_btf/sock_recv_length")
-    elif caps.ok("kprobe"):
-        out["recv_path"] = Detection("recv_path", desc, True, "kprobe",
-                                     "kprobes on inet_recvmsg/inet6_recvmsg")
-    else:
-        out["recv_path"] = Detection("recv_path", desc, False, None,
-                                     f"needs tp_btf/sock_recv_length ({caps['tp_btf'].reason}) "
-                                     f"or kprobes ({caps['kprobe'].reason})")
-    desc = DESCRIPTIONS["lifecycle"]
-    if caps.ok(VARIANT_FEATURES["lifecycle:tp_btf"]):
-        out["lifecycle"] = Detection("lifecycle", desc, True, "tp_btf",
-                                     "tp_btf/inet_sock_set_state and tp_btf/tcp_destroy_sock")
-    elif caps.ok("raw_tp"):
-        out["lifecycle"] = Detection("lifecycle", desc, True, "raw_tp",
-                                     "raw_tp/inet_sock_set_state and raw_tp/tcp_destroy_sock")
-    else:
-        out["lifecycle"] = Detection("lifecycle", desc, False, None,
-                                     f"needs tp_btf or raw_tp: {caps['raw_tp'].reason}")
-    out["collision"] = _collision_detection(caps, out["lifecycle"])
-    if not tracer_ok:
-        out = {k: Detection(k, d.description, False, None, tracer_why) for k, d in out.items()}
-    out["shadowing"] = _shadowing_detection(caps)
-    return out
-
-
-def _shadowing_detection(caps: Capabilities) -> Detection:
+def shadowing_detection(caps: Capabilities) -> Detection:
     """The entry source ``auto`` takes (node_audit.entry_source decides the same way)."""
-    desc = DESCRIPTIONS["shadowing"]
+    desc = SHADOWING
     it, tc = caps["iter_sockmap"], caps["tc_lookup"]
     if it.available:
         return Detection("shadowing", desc, True, "iter/sockmap", it.reason)

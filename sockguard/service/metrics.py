@@ -41,9 +41,9 @@ from sockguard import __version__
 from sockguard.core.model import Kind
 from sockguard.core.policy import DELETED_KINDS as DELETED_KINDS
 from sockguard.core.policy import EXPORTED_KINDS
-from sockguard.kernel.capabilities import TRACER_DETECTIONS
 from sockguard.kernel.node_audit import NodeAudit
 from sockguard.kernel.remediation import DONE_OUTCOMES, Deletion, Refusal
+from sockguard.trace.detections import TRACER_DETECTIONS
 from sockguard.trace.events import DROP_CALLERS, EARLY_AUDIT, UPDATE_ERRNOS
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ Which socket an entry points to comes from the tc lookup
 (``sockguard.kernel.sockhash_lookup``, one ``BPF_PROG_TEST_RUN`` per key, ~2 µs,
 the program loaded once per map) or, where that cannot load, from the
 sockmap iterator (one walk of the map per batch of keys).  Where neither
-runs nothing is compared and nothing is reported (``capabilities.plan``
+runs nothing is compared and nothing is reported (``detections.plan``
 says why).  The comparison with the event's socket:
 
 - both cookies known and nonzero: the cookies;

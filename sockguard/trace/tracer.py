@@ -22,7 +22,7 @@ reported about 50 ms after connect and before any payload is read.
 Every object writes the same 256+8-byte record (``bpf/sockguard_trace.h``,
 mirrored by :data:`EVENT`) to its own ring buffer; one libbpf consumer polls
 all of them (``sockguard.trace.ringbuf``).  Which variant of each object is loaded
-comes from the capability probe (``capabilities.plan``); a detection that
+comes from the capability probe (``detections.plan``); a detection that
 cannot run is reported with the probe's reason, never silently missing.
 
 Userspace adds what the kernel side leaves out on purpose: names for the
@@ -67,9 +67,10 @@ from sockguard.core.tcp_states import TCP_ESTABLISHED, state_name
 from sockguard.kernel import bpf_object
 from sockguard.kernel import trace_symbols as kallsyms
 from sockguard.kernel.bpf_object import BpfObjectMissingError
-from sockguard.kernel.capabilities import Capabilities, Detection, plan, probe
+from sockguard.kernel.capabilities import Capabilities, Detection, probe
 from sockguard.kernel.libbpf import BpfError, BpfObject, Link
 from sockguard.trace.collision import Candidate, CollisionCheck, EntryReader
+from sockguard.trace.detections import PROGRAMS, plan
 from sockguard.trace.events import EVENT, TraceEvent, decode_event
 from sockguard.trace.ringbuf import RingBuffer
 from sockguard.trace.watched import FILTERED_OBJECTS, MapWatch, WatchedKeys
@@ -77,24 +78,6 @@ from sockguard.trace.watched import FILTERED_OBJECTS, MapWatch, WatchedKeys
 log = logging.getLogger(__name__)
 
 BPF_DIR = bpf_object.BPF_DIR
-
-#: Programs of each object per variant.
-PROGRAMS: dict[str, dict[str, tuple[str, ...]]] = {
-    "trace_sockhash": {
-        "update_failures:kprobe": ("update_kprobe", "update_kretprobe"),
-        "update_failures:fentry": ("update_fexit",),
-        "psock_drops:kprobe": ("drop_kprobe",),
-        "psock_drops:fentry": ("drop_fentry",),
-    },
-    "trace_recvpath": {
-        "recv_path:tp_btf": ("recv_tp_btf",),
-        "recv_path:kprobe": ("recv_kprobe_inet", "recv_kprobe_inet6"),
-    },
-    "trace_lifecycle": {
-        "lifecycle:tp_btf": ("state_tp_btf", "destroy_tp_btf"),
-        "lifecycle:raw_tp": ("state_raw_tp", "destroy_raw_tp"),
-    },
-}
 
 
 class TracerUnavailableError(SockguardError):
