@@ -28,7 +28,7 @@ from sockguard.cli.doctor import leak_verdict, parse_release
 from sockguard.core.layout import CILIUM, key_for_socket
 from sockguard.core.model import Endpoint, Tuple4
 from sockguard.kernel import libbpf
-from sockguard.kernel.trace_symbols import Kallsyms
+from sockguard.kernel.kallsyms import Kallsyms
 from sockguard.trace.detections import PROGRAMS
 from sockguard.trace.events import (
     EARLY_AUDIT,
@@ -82,7 +82,7 @@ def test_kallsyms_parse_and_lookups() -> None:
 
 def test_kallsyms_rejects_an_ambiguous_name_as_recvsyms_does() -> None:
     """Two static functions of one name: no address, rather than maybe the wrong one."""
-    from sockguard.kernel.recvsyms import find_symbols
+    from sockguard.kernel.kallsyms import find_symbols
 
     text = ("ffffffff81000900 t tcp_bpf_recvmsg\n"
             "ffffffff81000d00 t tcp_bpf_recvmsg\n"

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sockguard.core.errors import LibbpfMissingError
-from sockguard.kernel import bpf_object, libbpf, maps
-from sockguard.kernel import trace_symbols as kallsyms
+from sockguard.kernel import bpf_object, kallsyms, libbpf, maps
 from sockguard.kernel.libbpf import BpfError
 
 PROBE_OBJECT = bpf_object.object_path("probe_caps")

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from sockguard.core.layout import KernelKeyForm
 from sockguard.kernel.bpf_object import CStruct
+from sockguard.kernel.kallsyms import KALLSYMS, find_symbols
 
-KALLSYMS = "/proc/kallsyms"
 RECV_SYMBOLS = ("tcp_recvmsg", "tcp_bpf_recvmsg", "tcp_bpf_recvmsg_parser")
 
 #: ``struct sg_config`` of bpf/sock_state.h, the whole ``.rodata`` of the iterators and
@@ -45,36 +45,6 @@ class RecvSymbols:
     def usable(self) -> bool:
         """Whether the iterators can tell the two paths apart."""
         return bool(self.tcp_recvmsg and self.tcp_bpf_recvmsg)
-
-
-def find_symbols(data: bytes, names: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
-    """Addresses of the core-kernel text symbols ``names`` in kallsyms ``data``.
-
-    A name listed with different addresses (two static functions) or with
-    address 0 (kptr_restrict hides addresses) gets no address; module
-    symbols (``\\t[mod]`` suffix) never match.
-    """
-    found: dict[str, int] = {}
-    problems: list[str] = []
-    for name in names:
-        needle = b" " + name.encode() + b"\n"
-        addrs: set[int] = set()
-        at = data.find(needle)
-        while at >= 0:
-            start = data.rfind(b"\n", 0, at) + 1
-            fields = data[start:at].split()
-            if len(fields) == 2 and fields[1] in (b"t", b"T", b"w", b"W"):
-                addrs.add(int(fields[0], 16))
-            at = data.find(needle, at + 1)
-        if not addrs:
-            problems.append(f"{name} not in {KALLSYMS}")
-        elif len(addrs) > 1:
-            problems.append(f"{name} is ambiguous in {KALLSYMS}")
-        elif addrs == {0}:
-            problems.append(f"{name}'s address is hidden (kernel.kptr_restrict)")
-        else:
-            found[name] = addrs.pop()
-    return found, problems
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sockguard.kernel import trace_symbols as kallsyms
+from sockguard.kernel import kallsyms
 from sockguard.kernel.capabilities import Capabilities, Detection, probe, shadowing_detection
 
 

@@ -19,7 +19,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address
 from sockguard.core.layout import CILIUM, KeyDecodeError, KeyLayout, decode
 from sockguard.core.model import Endpoint, IPAddress, SockKey, Tuple4
 from sockguard.core.tcp_states import TCP_CLOSE, state_name
-from sockguard.kernel import trace_symbols as kallsyms
+from sockguard.kernel import kallsyms
 from sockguard.kernel.bpf_object import CStruct
 from sockguard.trace.collision import Entry
 

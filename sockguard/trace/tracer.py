@@ -64,8 +64,7 @@ from sockguard.core.errors import SockguardError
 from sockguard.core.layout import CILIUM, FILTER_KEY, KeyDecodeError, decode, key_for_socket
 from sockguard.core.model import SockKey
 from sockguard.core.tcp_states import TCP_ESTABLISHED, state_name
-from sockguard.kernel import bpf_object
-from sockguard.kernel import trace_symbols as kallsyms
+from sockguard.kernel import bpf_object, kallsyms
 from sockguard.kernel.bpf_object import BpfObjectMissingError
 from sockguard.kernel.capabilities import Capabilities, Detection, probe
 from sockguard.kernel.libbpf import BpfError, BpfObject, Link

@@ -1,4 +1,11 @@
-"""Kernel text symbols from ``/proc/kallsyms``, for the tracer's addresses.
+"""Kernel text symbols from ``/proc/kallsyms``: the one reader, the one rule.
+
+Two ways in: :func:`find_symbols` looks up a few names in the raw text (the
+iterators' three receive functions, ``recvsyms``: no need to parse the whole
+table for them), :func:`load` parses the whole table (the tracer's stacks
+and function pointers, modules' included so that a frame in a module is not
+named after the core function below it).  Both read text symbols only
+(:data:`TEXT_TYPES`) and give a name listed at two addresses no address.
 
 Why userspace symbolization: the tracer's BPF programs report raw kernel
 addresses (``sk->sk_prot->recvmsg``, the return addresses above
@@ -6,13 +13,11 @@ addresses (``sk->sk_prot->recvmsg``, the return addresses above
 object fail to load where one named function is missing or renamed.  Naming
 happens here against the running kernel's table: address -> containing
 function for stack frames, exact start address for function pointers.
-(``recvsyms`` resolves only the three receive functions, for the iterators'
-``.rodata``; stacks need the whole table.)
 
 Addresses read as zero when ``kptr_restrict`` hides them; ``usable`` says so,
 and callers then report names as unknown instead of guessing.  A name listed at
-two addresses (two static functions) has no address, as ``recvsyms`` and libbpf
-rule too: guessing one of them could name the wrong function.
+two addresses (two static functions) has no address, as libbpf rules too:
+guessing one of them could name the wrong function.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import functools
 from dataclasses import dataclass, field
 
 KALLSYMS = "/proc/kallsyms"
+#: The kallsyms types of kernel text: local, global, weak.
+TEXT_TYPES = ("t", "T", "w", "W")
 
 
 @dataclass
@@ -41,7 +48,7 @@ class Kallsyms:
         ambiguous: set[str] = set()
         for line in text.splitlines():
             parts = line.split()
-            if len(parts) < 3 or parts[1] not in ("t", "T"):
+            if len(parts) < 3 or parts[1] not in TEXT_TYPES:
                 continue
             addr = int(parts[0], 16)
             name = parts[2]
@@ -78,6 +85,36 @@ class Kallsyms:
         if i < len(self.addrs) and self.addrs[i] == addr:
             return self.names[i]
         return None
+
+
+def find_symbols(data: bytes, names: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
+    """Addresses of the core-kernel text symbols ``names`` in kallsyms ``data``.
+
+    A name listed with different addresses (two static functions) or with
+    address 0 (kptr_restrict hides addresses) gets no address; module
+    symbols (``\\t[mod]`` suffix) never match.
+    """
+    found: dict[str, int] = {}
+    problems: list[str] = []
+    for name in names:
+        needle = b" " + name.encode() + b"\n"
+        addrs: set[int] = set()
+        at = data.find(needle)
+        while at >= 0:
+            start = data.rfind(b"\n", 0, at) + 1
+            fields = data[start:at].split()
+            if len(fields) == 2 and fields[1].decode() in TEXT_TYPES:
+                addrs.add(int(fields[0], 16))
+            at = data.find(needle, at + 1)
+        if not addrs:
+            problems.append(f"{name} not in {KALLSYMS}")
+        elif len(addrs) > 1:
+            problems.append(f"{name} is ambiguous in {KALLSYMS}")
+        elif addrs == {0}:
+            problems.append(f"{name}'s address is hidden (kernel.kptr_restrict)")
+        else:
+            found[name] = addrs.pop()
+    return found, problems
 
 
 @functools.cache
