@@ -319,7 +319,7 @@ class WatchedKeys:
                 return []
         new = self.watch.filter_keys(new)
         old = self.keys
-        gone = [k for k in old if k not in new]
+        gone = old.keys() - new.keys()
         for key in gone:
             try:
                 libbpf.map_delete(self.fd, key)
@@ -328,9 +328,8 @@ class WatchedKeys:
             del old[key]
             self.bits.discard(key)
         added: list[bytes] = []
-        for key, map_id in new.items():
-            if key in old:
-                continue
+        for key in new.keys() - old.keys():
+            map_id = new[key]
             if len(old) >= WATCHED_MAX:
                 self.overflow += 1
                 continue
