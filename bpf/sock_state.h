@@ -18,12 +18,6 @@
 #define RECV_OTHER 3 /* anything else (kTLS, ...) while both above are known */
 
 /*
- * Set by userspace before load (sockguard/recvsyms.py): the addresses of the
- * receive functions, read from /proc/kallsyms; 0 where a symbol is missing,
- * ambiguous or hidden (kptr_restrict), which yields RECV_UNKNOWN.  One struct,
- * so that the .rodata layout is fixed for the Python side.
- */
-/*
  * Where a map's key layout puts the owning socket's fields (byte offsets into
  * the key; sockguard/core/layout.py KernelKeyForm): entry_record.h writes the
  * key a healthy entry would have from its socket with it.
@@ -39,6 +33,12 @@ struct sg_key_form {
 	__u8 port_big_endian; /* else little-endian */
 };
 
+/*
+ * Set by userspace before load (sockguard/recvsyms.py): the addresses of the
+ * receive functions, read from /proc/kallsyms; 0 where a symbol is missing,
+ * ambiguous or hidden (kptr_restrict), which yields RECV_UNKNOWN.  One struct,
+ * so that the .rodata layout is fixed for the Python side.
+ */
 struct sg_config {
 	__u64 tcp_recvmsg;
 	__u64 tcp_bpf_recvmsg;

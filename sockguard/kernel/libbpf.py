@@ -662,17 +662,13 @@ class TestRun:
         self.packet = memoryview(self._in).cast("B")
         self._out_view = memoryview(self._out).cast("B")
 
-    def run(self, packet: bytes | None = None) -> tuple[int, memoryview]:
-        """The program's return value and the packet as the program left it.
+    def run(self) -> tuple[int, memoryview]:
+        """The program's return value and :attr:`packet` as the program left it.
 
-        ``packet`` None runs on :attr:`packet` as it stands.  The returned view
-        is the output buffer itself, valid until the next run: a caller that
-        needs nothing from a run (its return value says so) copies nothing.
+        The returned view is the output buffer itself, valid until the next run:
+        a caller that needs nothing from a run (its return value says so) copies
+        nothing.
         """
-        if packet is not None:
-            if len(packet) != self.size:
-                raise ValueError(f"packet of {len(packet)} bytes, expected {self.size}")
-            self.packet[:] = packet
         self._opts.data_size_out = self.size
         ret = self._run(self.prog_fd, self._ref)
         if ret < 0:

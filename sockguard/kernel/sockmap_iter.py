@@ -16,7 +16,7 @@ import functools
 import socket
 
 from sockguard.core.errors import LibbpfMissingError
-from sockguard.core.layout import KernelKeyForm
+from sockguard.core.layout import KERNEL_KEY_MAX, KernelKeyForm
 from sockguard.core.model import TargetSocket
 from sockguard.core.rows import Interner, Record, gc_paused, target_socket
 from sockguard.kernel import bpf_object, libbpf, recvsyms
@@ -30,7 +30,7 @@ OBJECT_PATH = bpf_object.object_path("sockmap_iter")
 PROGRAM = "dump_sockmap"
 #: Reads skc_cookie instead of calling bpf_get_socket_cookie (kernels before 5.12).
 COMPAT_PROGRAM = "dump_sockmap_compat"
-KEY_MAX = 64
+KEY_MAX = KERNEL_KEY_MAX  # bpf/entry_record.h
 
 #: struct record of bpf/entry_record.h (both entry sources write it).
 RECORD = CStruct("record", "=64sQQIHBB16s16sHHB3x",
