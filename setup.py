@@ -1,15 +1,18 @@
-"""Build hook: compile the CO-RE BPF objects in ``bpf/`` into the package.
+"""Build hook: compile the CO-RE BPF objects in ``bpf/`` and the native key walk
+(``sockguard/kernel/keywalk.c``) into the package.
 
 Metadata lives in pyproject.toml; this file only extends ``build_py`` so that
-``sockguard/bpf/*.bpf.o`` ship in wheels and exist in editable installs.
-Set SOCKGUARD_SKIP_BPF=1 to build without clang (the iterator is then
-reported unavailable at run time).
+``sockguard/bpf/*.bpf.o`` and ``sockguard/kernel/_keywalk.so`` ship in wheels and
+exist in editable installs.  Set SOCKGUARD_SKIP_BPF=1 to build without clang (the
+iterator is then reported unavailable at run time, and keys are walked from Python).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import subprocess
 from pathlib import Path
 from types import ModuleType
 
@@ -28,8 +31,23 @@ def _bpf_build() -> ModuleType:
     return module
 
 
+def _compile_keywalk(out: Path) -> None:
+    """``keywalk.c`` into a shared object loaded with ctypes: no Python headers, no ABI tag."""
+    clang = shutil.which("clang") or shutil.which("clang-14")
+    if clang is None:
+        raise SystemExit("sockguard: clang not found: install it to build the package")
+    src = ROOT / "sockguard" / "kernel" / "keywalk.c"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    cmd = [clang, "-O2", "-Wall", "-shared", "-fPIC", str(src), "-o", str(tmp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"sockguard: building {src.name} failed:\n{proc.stderr.strip()}")
+    tmp.replace(out)  # atomic: a running process never loads a half-written library
+
+
 class BuildPyWithBpf(build_py):  # type: ignore[misc]
-    """build_py that also compiles ``bpf/*.bpf.c`` into ``sockguard/bpf/``."""
+    """build_py that also compiles ``bpf/*.bpf.c`` into ``sockguard/bpf/`` and the key walk."""
 
     def run(self) -> None:
         super().run()
@@ -47,6 +65,7 @@ class BuildPyWithBpf(build_py):  # type: ignore[misc]
                 raise SystemExit(f"sockguard: building BPF objects failed: {exc}") from None
             for path in built:
                 self.announce(f"built {path}", level=3)
+            _compile_keywalk(target.parent / "kernel" / "_keywalk.so")
 
 
 setup(cmdclass={"build_py": BuildPyWithBpf})

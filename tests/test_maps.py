@@ -21,7 +21,7 @@ from sockguard.core.errors import (
     NotRootError,
 )
 from sockguard.core.model import MapInfo
-from sockguard.kernel import libbpf, maps, sockmap_iter
+from sockguard.kernel import keywalk, libbpf, maps, sockmap_iter
 from tests.lab import sk_msg_attached, sockmap_prog_query_supported
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("bpf_kernel")]
@@ -276,9 +276,59 @@ def test_sockmap_keys_and_value4_contains(make_map: MakeMap, tcp_pair: TcpPair) 
             assert not handle.contains(struct.pack("=I", 5))
 
 
+@pytest.fixture(params=["native", "python"])
+def key_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each walk test twice: the native loop (where the package built it) and the
+    Python loop it falls back to (forced by hiding the library)."""
+    if request.param == "native":
+        native, why = keywalk.available()
+        if not native:
+            pytest.skip(why)
+    else:
+        monkeypatch.setattr(keywalk, "_load", lambda: (None, "hidden by the test"))
+    return str(request.param)
+
+
+def test_key_cursor_walks_with_the_loop_asked_for(make_map: MakeMap, tcp_pair: TcpPair,
+                                                  key_loop: str) -> None:
+    """Both loops give every key once, in the kernel's order, and count the calls made."""
+    fd = make_map(SOCKHASH, KEY, 4, 8192)
+    client, _ = tcp_pair()
+    keys = fill(fd, client, 5000)
+    cursor = libbpf.KeyCursor(fd, KEY, chunk=512)
+    assert cursor.native is (key_loop == "native")
+    order = []
+    k = cursor.next(None)
+    while k is not None:
+        order.append(k)
+        k = cursor.next(k)
+    assert sorted(order) == sorted(keys)
+    seen: dict[bytes, None] = {}
+    fresh: list[bytes] = []
+    stop, calls, repeated = cursor.collect(None, seen, fresh, 1200)
+    assert (stop, calls, repeated) == (order[1199], 1200, False)
+    stop, calls, repeated = cursor.collect(stop, seen, fresh, 10**6)
+    assert (stop, calls, repeated) == (None, 5000 - 1200 + 1, False)  # + the ENOENT call
+    assert fresh == order and list(seen) == order
+    # Walking on from a seen key that was deleted restarts at the first bucket: the
+    # walk stops at its first repeat.
+    libbpf.map_delete(fd, order[3000])
+    again: list[bytes] = []
+    stop, _calls, repeated = cursor.collect(order[3000], seen, again, 10**6)
+    assert (stop, repeated, again) == (order[0], True, [])
+
+
+def test_key_cursor_reports_a_failing_walk(tmp_path: Path, key_loop: str) -> None:
+    """A descriptor that is no map: the kernel's error, raised, whichever loop walks."""
+    with open(tmp_path / "plain", "w") as plain:
+        cursor = libbpf.KeyCursor(plain.fileno(), KEY)
+        with pytest.raises(libbpf.BpfError, match="bpf_map_get_next_key"):
+            cursor.collect(None, {}, [], 100)
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 4096])
 def test_keys_survive_deleting_while_iterating(make_map: MakeMap, tcp_pair: TcpPair,
-                                               chunk: int) -> None:
+                                               chunk: int, key_loop: str) -> None:
     """Deleting keys already yielded, the cursor among them whenever a chunk ends there."""
     fd = make_map(SOCKHASH, KEY, 4, 1024)
     client, _ = tcp_pair()
@@ -293,8 +343,11 @@ def test_keys_survive_deleting_while_iterating(make_map: MakeMap, tcp_pair: TcpP
     assert set(yielded) == keys
 
 
-def test_keys_under_concurrent_deletes(make_map: MakeMap, tcp_pair: TcpPair) -> None:
-    """Another thread deletes random keys and, racing the walk, the key just yielded."""
+@pytest.mark.parametrize("chunk", [1, 4096])
+def test_keys_under_concurrent_deletes(make_map: MakeMap, tcp_pair: TcpPair, chunk: int,
+                                       key_loop: str) -> None:
+    """Another thread deletes random keys and, racing the walk, the key just yielded
+    (with chunks of 4096 the native loop meets the deletes inside a chunk)."""
     fd = make_map(SOCKHASH, KEY, 4, 4096)
     client, _ = tcp_pair()
     keys = fill(fd, client, 3000)
@@ -316,7 +369,7 @@ def test_keys_under_concurrent_deletes(make_map: MakeMap, tcp_pair: TcpPair) -> 
     worker.start()
     try:
         with maps.open_map(info_of(fd)) as handle:
-            for k in handle.keys(chunk=1):
+            for k in handle.keys(chunk=chunk):
                 started.set()
                 yielded.append(k)
     finally:
@@ -330,7 +383,8 @@ def test_keys_under_concurrent_deletes(make_map: MakeMap, tcp_pair: TcpPair) -> 
     assert set(yielded) <= set(keys)
 
 
-def test_keys_walk_is_bounded_under_endless_churn(make_map: MakeMap, tcp_pair: TcpPair) -> None:
+def test_keys_walk_is_bounded_under_endless_churn(make_map: MakeMap, tcp_pair: TcpPair,
+                                                  key_loop: str) -> None:
     """Each step deletes the cursor and inserts a new key: the walk must still end."""
     max_entries = 64
     fd = make_map(SOCKHASH, KEY, 4, max_entries)

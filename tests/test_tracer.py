@@ -754,9 +754,14 @@ def test_doctor_json_reports_this_kernel() -> None:
         assert doc["detections"]["recv_path"] == {**doc["detections"]["recv_path"],
                                                   "active": True, "via": "tp_btf"}
         assert doc["detections"]["lifecycle"]["active"] is True
+    from sockguard.kernel import keywalk
+
+    native, why = keywalk.available()
+    assert doc["key_walk"] == {"native": native, "reason": why}
     text = subprocess.run([str(SOCKGUARD), "doctor"], capture_output=True, text=True,
                           timeout=120, check=False)
     assert text.returncode == 0 and "detections" in text.stdout
+    assert f"key walk      {'yes' if native else 'no '}  {why}" in text.stdout
 
 
 @pytest.mark.kernel

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sockguard.core.errors import SockguardError
-from sockguard.kernel import libbpf
+from sockguard.kernel import keywalk, libbpf
 from sockguard.kernel import maps as maps_adapter
 from sockguard.kernel.capabilities import Capabilities, probe
 from sockguard.kernel.libbpf import BpfError
@@ -227,6 +227,7 @@ def report(caps: Capabilities | None = None) -> dict[str, Any]:
         "kernel": {"release": release, "version": list(ver) if ver else None,
                    "leak_range": {"verdict": verdict.verdict, "text": verdict.text}},
         "features": caps.as_dict(),
+        "key_walk": _key_walk(),
         "sockops": {
             "cgroup_roots": scan.roots, "cgroups_scanned": scan.scanned,
             "truncated": scan.truncated, "depth": CGROUP_DEPTH,
@@ -242,6 +243,12 @@ def report(caps: Capabilities | None = None) -> dict[str, Any]:
     return doc
 
 
+def _key_walk() -> dict[str, object]:
+    """Which loop walks a map's keys (not the kernel's doing: how the package was built)."""
+    native, reason = keywalk.available()
+    return {"native": native, "reason": reason}
+
+
 def render_json(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=False)
 
@@ -255,6 +262,8 @@ def render_text(doc: dict[str, Any]) -> str:
     for name, f in doc["features"].items():
         mark = "yes" if f["available"] else "no "
         lines.append(f"  {name:<13} {mark}  {f['reason']}")
+    walk = doc["key_walk"]
+    lines.append(f"  {'key walk':<13} {'yes' if walk['native'] else 'no '}  {walk['reason']}")
     s = doc["sockops"]
     lines += ["", f"sockops programs (cgroup2 {', '.join(s['cgroup_roots']) or 'not mounted'}; "
                   f"{s['cgroups_scanned']} cgroups to depth {s['depth']}"

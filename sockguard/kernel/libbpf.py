@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from sockguard.core.errors import LibbpfMissingError
+from sockguard.kernel import keywalk
 
 log = logging.getLogger(__name__)
 
@@ -484,12 +485,22 @@ def map_get_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
 
 class KeyCursor:
     """``map_get_next_key`` for one walk: one reused output buffer and a bound function,
-    since a walk of a full map makes 65,535 calls and the per-call buffer cost a third."""
+    since a walk of a full map makes 65,535 calls and the per-call buffer cost a third.
+    ``collect`` walks a chunk of keys per native call where ``keywalk`` is built
+    (``native=False`` forces the Python loop, for tests of both)."""
 
-    def __init__(self, fd: int, key_size: int) -> None:
+    def __init__(self, fd: int, key_size: int, *, native: bool = True,
+                 chunk: int = 4096) -> None:
         self._fd = fd
         self._out = ctypes.create_string_buffer(key_size)
         self._next = lib().bpf_map_get_next_key
+        self._native = keywalk.NativeWalk(fd, key_size, chunk) if (
+            native and keywalk.available()[0]) else None
+
+    @property
+    def native(self) -> bool:
+        """Whether ``collect`` walks in the native loop."""
+        return self._native is not None
 
     def next(self, key: bytes | None) -> bytes | None:
         """The key after ``key`` (the first when None); None at the end (see map_get_next_key)."""
@@ -503,14 +514,16 @@ class KeyCursor:
 
     def collect(self, key: bytes | None, seen: dict[bytes, None], fresh: list[bytes],
                 limit: int) -> tuple[bytes | None, int, bool]:
-        """Walk on from ``key`` adding each key not in ``seen`` to it and to ``fresh``, in
-        one loop with no Python call per key but the kernel's (the walk of a full map is
-        most of an audit's CPU).
+        """Walk on from ``key`` adding each key not in ``seen`` to it and to ``fresh``, with
+        no Python call per key but the kernel's (the walk of a full map is most of an
+        audit's CPU).
 
         Returns (where it stopped, calls made, whether that key is a repeat): (None, n,
         False) at the end of the map; (a key already in ``seen``, n, True); or, once
         ``limit`` calls are made, (the last key added, n, False).
         """
+        if self._native is not None:
+            return self._collect_native(self._native, key, seen, fresh, limit)
         get_next, fd, out = self._next, self._fd, self._out
         calls = 0
         while calls < limit:
@@ -526,6 +539,33 @@ class KeyCursor:
                 return None, calls, False
             else:
                 _check(ret, "bpf_map_get_next_key")
+        return key, calls, False
+
+    @staticmethod
+    def _collect_native(walk: keywalk.NativeWalk, key: bytes | None, seen: dict[bytes, None],
+                        fresh: list[bytes], limit: int) -> tuple[bytes | None, int, bool]:
+        """``collect`` a native chunk at a time; the calls counted are the kernel's, keys
+        walked past a repeat included (they bound the walk's work)."""
+        calls = 0
+        while calls < limit:
+            keys, ret = walk.step(key, limit - calls)
+            calls += len(keys) + (ret != keywalk.FILLED)
+            unique = dict.fromkeys(keys)
+            if len(unique) == len(keys) and seen.keys().isdisjoint(unique):
+                seen.update(unique)
+                fresh.extend(keys)
+            else:  # the walk restarted at the first bucket: stop at its first repeat
+                for k in keys:
+                    if k in seen:
+                        return k, calls, True
+                    seen[k] = None
+                    fresh.append(k)
+            if ret == keywalk.END:
+                return None, calls, False
+            if ret != keywalk.FILLED:
+                _check(ret, "bpf_map_get_next_key")
+            if keys:
+                key = keys[-1]
         return key, calls, False
 
 
