@@ -3,17 +3,19 @@
 Reuses ``audit_scale.py``'s world and measuring functions. For every ``--netns`` x
 ``--sockets`` pair it builds one world (a Cilium-shaped sockhash pinned under
 ``/sys/fs/bpf``, that many established loopback sockets over that many namespaces, one
-``ok`` entry per socket up to 65,435), then for each ``--entries`` level at most the
-sockets it holds (largest first; the map is cut down by deleting the surplus keys, whose
-sockets stay open) measures in the same run, ``--repeat`` times each:
+``ok`` entry per socket up to 65,425, ``--shadowing`` sockets left without one), then for
+each ``--entries`` level at most the sockets it holds (largest first; the map is cut down
+by deleting the surplus keys, whose sockets stay open) measures in the same run,
+``--repeat`` times each:
 
 - ``sockguard audit --map <pin> --json`` end to end as a subprocess (wall time, peak RSS
   from GNU time), on the clean map;
-- the same with ``--stale`` (100) stale entries added (two looks + the 0.2 s confirm
-  delay), which are then removed again;
+- the same with ``--stale`` (100) stale entries and ``--shadowing`` (10) shadowing
+  entries added (two looks + the 0.2 s confirm delay), which are then removed again;
 - ``bpftool -j map dump pinned <pin>`` on the clean map, as the baseline beside it.
 
-Each audit document is checked: exactly the ok entries, exactly the injected stale keys.
+Each audit document is checked: exactly the ok entries, exactly the injected stale and
+shadowing keys.
 Everything is torn down on exit, error or Ctrl-C.
 
     sudo .venv/bin/python benchmarks/audit_curve.py [--netns 1,50] [--sockets 10000,50000,100000]
@@ -73,8 +75,9 @@ def cut_map(pin: str, keep: int) -> int:
         os.close(fd)
 
 
-def measure_world(world: World, netns: int, levels: list[int], stale_n: int, repeat: int,
-                  log: Callable[..., None]) -> tuple[list[dict[str, Any]], list[str]]:
+def measure_world(world: World, netns: int, levels: list[int], stale_n: int, shadow_n: int,
+                  repeat: int, log: Callable[..., None]
+                  ) -> tuple[list[dict[str, Any]], list[str]]:
     sg = [*sockguard_argv(), "audit", "--map", world.pin, "--json"]
     stale = stale_keys(stale_n, netns)
     stale_hex = {k.hex() for k in stale}
@@ -92,12 +95,15 @@ def measure_world(world: World, netns: int, levels: list[int], stale_n: int, rep
         bt, _ = measure_cmd("bpftool -j", [["bpftool", "-j", "map", "dump", "pinned",
                                              world.pin]], repeat)
         world.command("stale", stale)
+        shadow = world.shadow(shadow_n)
         try:
             bad, doc = measure_e2e("stale", sg, repeat, 1)
-            problems.extend(f"{label}, stale: {p}" for p in check_audit_doc(doc, ok, stale_hex))
+            problems.extend(f"{label}, stale: {p}" for p in check_audit_doc(
+                doc, ok, stale_hex, frozenset(k.hex() for k in shadow)))
             src_stale = doc.get("socket_source")
         finally:
             world.command("unstale", stale)
+            world.command("unshadow", shadow)
         points.append({
             "netns": netns, "sockets": world.sockets, "entries": ok,
             "clean": clean.as_dict(), "stale": bad.as_dict(), "bpftool_json": bt.as_dict(),
@@ -108,10 +114,10 @@ def measure_world(world: World, netns: int, levels: list[int], stale_n: int, rep
     return points, problems
 
 
-def fmt_table(points: list[dict[str, Any]], stale_n: int) -> str:
+def fmt_table(points: list[dict[str, Any]], stale_n: int, shadow_n: int) -> str:
     head = (f"{'netns':>5} {'sockets':>8} {'entries':>8}  {'clean':>8} {'RSS':>5}  "
-            f"{f'{stale_n} stale':>9} {'RSS':>5}  {'bpftool -j':>10}  {'clean/bpftool':>13}  "
-            "sockets read (stale), entry source")
+            f"{f'{stale_n}+{shadow_n} bad':>9} {'RSS':>5}  {'bpftool -j':>10}  "
+            f"{'clean/bpftool':>13}  sockets read (stale), entry source")
     lines = [head, "-" * len(head)]
     for p in points:
         c, s, b = p["clean"], p["stale"], p["bpftool_json"]
@@ -129,18 +135,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--netns", type=ints, default=[1, 50], help="namespace counts (1,50)")
     p.add_argument("--sockets", type=ints, default=[10_000, 50_000, 100_000],
                    help="socket counts (10000,50000,100000)")
-    p.add_argument("--entries", type=ints, default=[1000, 10_000, MAX_ENTRIES - 100],
-                   help="ok entries (1000,10000,65435); levels above a world's sockets "
+    p.add_argument("--entries", type=ints, default=[1000, 10_000, MAX_ENTRIES - 110],
+                   help="ok entries (1000,10000,65425); levels above a world's sockets "
                         "become one point with an entry per socket")
     p.add_argument("--stale", type=int, default=100, help="stale entries for the second row")
+    p.add_argument("--shadowing", type=int, default=10,
+                   help="shadowing entries for the second row (each the key of a socket "
+                        "without an entry of its own, pointing at another socket)")
     p.add_argument("--repeat", type=int, default=2, help="runs of each measurement")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
     if (min(args.netns) < 1 or min(args.sockets) < 2 or min(args.entries) < 1
-            or max(args.entries) + args.stale > MAX_ENTRIES or args.repeat < 1
-            or args.stale < 1):
-        p.error(f"netns >= 1, sockets >= 2, entries >= 1, entries + stale <= {MAX_ENTRIES}, "
-                "stale >= 1, repeat >= 1")
+            or max(args.entries) + args.stale + args.shadowing > MAX_ENTRIES
+            or args.repeat < 1 or args.stale < 1 or args.shadowing < 0):
+        p.error(f"netns >= 1, sockets >= 2, entries >= 1, entries + stale + shadowing <= "
+                f"{MAX_ENTRIES}, stale >= 1, shadowing >= 0, repeat >= 1")
     return args
 
 
@@ -181,14 +190,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 world = World()
                 worlds.append(world)
                 t0 = time.perf_counter()
-                world.build(MAX_ENTRIES, sockets, netns, args.stale)
+                world.build(MAX_ENTRIES, sockets, netns, args.stale + args.shadowing,
+                            spare=args.shadowing)
                 took = time.perf_counter() - t0
                 builds.append({"netns": netns, "sockets": world.sockets,
                                "build_s": round(took, 1)})
                 log(f"world: {world.sockets} sockets in {len(world.procs)} workers over "
                     f"{netns} netns, {world.entries} entries ({took:.1f}s to build)")
                 levels = sorted({min(e, world.entries) for e in args.entries}, reverse=True)
-                pts, probs = measure_world(world, netns, levels, args.stale, args.repeat, log)
+                pts, probs = measure_world(world, netns, levels, args.stale, args.shadowing,
+                                           args.repeat, log)
                 points += pts
                 problems += probs
                 t0 = time.perf_counter()
@@ -204,7 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"kernel": platform.release(), "cpus": os.cpu_count(),
                     "python": platform.python_version()},
-        "repeat": args.repeat, "stale": args.stale, "worlds": builds,
+        "repeat": args.repeat, "stale": args.stale, "shadowing": args.shadowing,
+        "worlds": builds,
         "points": points, "correct": not problems, "problems": problems,
     }
     if args.json:
@@ -213,10 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print()
         print(f"{doc['date']}  kernel {platform.release()}, {os.cpu_count()} cpus; medians of "
               f"{args.repeat} runs; `sockguard audit --json` end to end, wall time and peak RSS")
-        print(fmt_table(points, args.stale))
+        print(fmt_table(points, args.stale, args.shadowing))
         print()
         print("correctness: " + ("every audit reported exactly the ok entries and the "
-                                 "injected stale keys" if not problems else "; ".join(problems)))
+                                 "injected stale and shadowing keys" if not problems
+                                 else "; ".join(problems)))
     return 0 if not problems else 1
 
 

@@ -162,6 +162,7 @@ def _worker(spec: WorkerSpec, conn: Connection) -> None:
                 key = key_for_socket(CILIUM, _tuple(s))
                 libbpf.map_update(map_fd, key, struct.pack("=i", s.fileno()))
             spare = socks[spec.entries:] or socks
+            shadowed = 0  # sockets without an entry given shadowing entries so far
             conn.send(("ready", len(socks), spec.entries))
             while True:
                 cmd, arg = conn.recv()
@@ -170,9 +171,19 @@ def _worker(spec: WorkerSpec, conn: Connection) -> None:
                         fd = spare[i % len(spare)].fileno()
                         libbpf.map_update(map_fd, key, struct.pack("=i", fd))
                     conn.send(("ok", len(arg)))
-                elif cmd == "unstale":
+                elif cmd == "shadow":  # the key of a live, entry-less socket, another's fd
+                    made = []
+                    for victim in socks[spec.entries + shadowed:][:arg]:
+                        other = socks[0] if victim is not socks[0] else socks[1]
+                        key = key_for_socket(CILIUM, _tuple(victim))
+                        libbpf.map_update(map_fd, key, struct.pack("=i", other.fileno()))
+                        made.append(key)
+                    shadowed += len(made)
+                    conn.send(("ok", made))
+                elif cmd in ("unstale", "unshadow"):
                     for key in arg:
                         libbpf.map_delete(map_fd, key)
+                    shadowed = 0 if cmd == "unshadow" else shadowed
                     conn.send(("ok", len(arg)))
                 else:
                     break
@@ -209,7 +220,10 @@ class World:
     entries: int = 0
     _down: bool = False
 
-    def build(self, entries: int, sockets: int, namespaces: int, stale: int) -> None:
+    def build(self, entries: int, sockets: int, namespaces: int, stale: int,
+              spare: int = 0) -> None:
+        """``entries`` at most, ``stale`` of them left free for stale keys; ``spare``
+        sockets at least kept without an entry (for shadowing entries)."""
         self.pin_dir = BPFFS / f"sockguard-bench-{self.tag}"
         self.pin_dir.mkdir()
         fd = libbpf.map_create(libbpf.BPF_MAP_TYPE_SOCKHASH, MAP_NAME, KEY_SIZE, VALUE_SIZE,
@@ -226,7 +240,7 @@ class World:
             subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         # a multiple of the namespaces, so that each holds the same share
         workers = namespaces * math.ceil(math.ceil(sockets / PER_WORKER) / namespaces)
-        ok_entries = min(entries - stale, sockets)
+        ok_entries = min(entries - stale, sockets - spare)
         ctx = mp.get_context("fork")
         for w in range(workers):
             share = sockets * (w + 1) // workers - sockets * w // workers
@@ -248,7 +262,8 @@ class World:
             self.entries += msg[2]
 
     def command(self, cmd: str, keys: Sequence[bytes]) -> None:
-        """Insert (``stale``) or delete (``unstale``) keys, spread over the workers."""
+        """Insert (``stale``) or delete (``unstale``, ``unshadow``) keys, spread over the
+        workers."""
         n = len(self.procs)
         for w, (_proc, pipe) in enumerate(self.procs):
             pipe.send((cmd, list(keys[w::n])))
@@ -256,6 +271,27 @@ class World:
             msg = pipe.recv()
             if msg[0] != "ok":
                 raise RuntimeError(msg[1])
+
+    def shadow(self, count: int) -> list[bytes]:
+        """Insert ``count`` shadowing entries, one per worker while workers have sockets
+        without an entry: each the key of such a live socket, pointing at another."""
+        keys: list[bytes] = []
+        while len(keys) < count:
+            before = len(keys)
+            for _proc, pipe in self.procs:
+                if len(keys) == count:
+                    break
+                pipe.send(("shadow", 1))
+                msg = pipe.recv()
+                if msg[0] != "ok":
+                    raise RuntimeError(msg[1])
+                keys.extend(k for k in msg[1] if k not in keys)
+            if len(keys) == before:
+                break
+        if len(keys) != count:
+            raise RuntimeError(f"{len(keys)} shadowing entries made, {count} asked for "
+                               "(too few sockets without an entry)")
+        return keys
 
     def teardown(self) -> None:
         if self._down:
@@ -371,19 +407,19 @@ def measure_cmd(name: str, cmds: Sequence[Sequence[str]], repeat: int, note: str
     return m, outs
 
 
-def check_audit_doc(doc: dict[str, Any], ok: int, stale: set[str]) -> list[str]:
+def check_audit_doc(doc: dict[str, Any], ok: int, stale: set[str],
+                    shadowing: frozenset[str] = frozenset()) -> list[str]:
     """Problems with an ``audit --json`` document (empty when it is right)."""
     problems = []
     (m,) = doc["maps"]
     counts = m["counts"]
     if counts["ok"] != ok:
         problems.append(f"ok {counts['ok']} != {ok}")
-    if counts["shadowing"]:
-        problems.append(f"{counts['shadowing']} shadowing")
-    reported = {f["key_hex"] for f in doc["findings"] if f["kind"] == "stale"}
-    if reported != stale:
-        problems.append(f"stale: {len(reported - stale)} unexpected, "
-                        f"{len(stale - reported)} missed")
+    for kind, want in (("stale", stale), ("shadowing", shadowing)):
+        reported = {f["key_hex"] for f in doc["findings"] if f["kind"] == kind}
+        if reported != want:
+            problems.append(f"{kind}: {len(reported - want)} unexpected, "
+                            f"{len(want - reported)} missed")
     if not all(f["confirmed"] for f in doc["findings"] if f["kind"] not in ("ok", "proxy")):
         problems.append("unconfirmed finding")
     if m["source"] not in ("iterator", "tc_lookup"):
