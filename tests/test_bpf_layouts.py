@@ -14,7 +14,7 @@ import pytest
 
 from sockguard.core.errors import LibbpfMissingError
 from sockguard.core.layout import CILIUM, kernel_form
-from sockguard.kernel import bpf_object, libbpf, recvsyms, sockmap_iter, tcp_iter
+from sockguard.kernel import bpf_object, libbpf, recvsyms, sockmap_iter, task_owners, tcp_iter
 from sockguard.kernel.bpf_object import BpfObjectMissingError, CStruct
 from sockguard.kernel.libbpf import BpfObject
 from sockguard.trace import events, tracer, watched
@@ -25,6 +25,7 @@ TRACE_OBJECTS = ("trace_sockhash", "trace_recvpath", "trace_lifecycle")
 LAYOUTS: list[tuple[CStruct, tuple[str, ...]]] = [
     (sockmap_iter.RECORD, ("sockmap_iter", "sockhash_lookup")),
     (tcp_iter.RECORD, ("tcp_iter",)),
+    (task_owners.RECORD, ("task_owners",)),
     (recvsyms.CONFIG, ("sockmap_iter", "sockhash_lookup", "tcp_iter")),
     (events.EVENT, TRACE_OBJECTS),
     (watched.PARKED, TRACE_OBJECTS),

@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sockguard.kernel.owners import POD_LOGS, kubelet_identity, pod_names
+from sockguard.kernel import task_owners
+from sockguard.kernel.owners import POD_LOGS, find_owners, kubelet_identity, pod_names
 from tests.lab import Lab, cilium_key
 
 POD = "1f2e3d4c-5b6a-4789-8abc-def012345678"
@@ -150,3 +153,61 @@ def test_a_finding_names_the_kubelet_style_pod_of_its_socket(lab: Lab) -> None:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.02)
+
+
+# --- who holds a socket: the task-file iterator and /proc agree -------------------------
+
+
+@pytest.fixture
+def held_sockets() -> Iterator[tuple[dict[int, int], list[int]]]:
+    """Sockets held by this process and by a child (inode -> pid), and inodes nobody holds
+    any more: the truth both ways of finding holders must give."""
+    mine = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3)]
+    theirs = [socket.socket(socket.AF_INET6, socket.SOCK_STREAM) for _ in range(3)]
+    gone = [socket.socket() for _ in range(2)]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                              pass_fds=[s.fileno() for s in theirs])
+    try:
+        truth = {os.fstat(s.fileno()).st_ino: os.getpid() for s in mine}
+        truth |= {os.fstat(s.fileno()).st_ino: holder.pid for s in theirs}
+        for s in theirs:
+            s.close()  # the child alone holds them now
+        gone_inodes = [os.fstat(s.fileno()).st_ino for s in gone]
+        for s in gone:
+            s.close()
+        yield truth, gone_inodes
+    finally:
+        holder.kill()
+        holder.wait()
+        for s in mine:
+            s.close()
+
+
+@pytest.mark.kernel
+@pytest.mark.usefixtures("bpf_kernel")
+@pytest.mark.parametrize("walk", ["iterator", "proc"])
+def test_find_owners_names_each_sockets_process(held_sockets: tuple[dict[int, int], list[int]],
+                                                walk: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    truth, gone = held_sockets
+    if walk == "iterator":
+        ok, why = task_owners.available()
+        if not ok:
+            pytest.skip(why)
+        monkeypatch.setattr(task_owners, "WANTED_MAX", 2)  # several walks of the iterator
+    else:
+        monkeypatch.setattr(task_owners, "available", lambda: (False, "forced"))
+    found = find_owners([*truth, *gone, 0])
+    assert {ino: o.pid for ino, o in found.items()} == truth
+    assert all(o.comm for o in found.values())
+
+
+@pytest.mark.kernel
+@pytest.mark.usefixtures("bpf_kernel")
+def test_the_iterators_holders_are_procs(held_sockets: tuple[dict[int, int], list[int]]) -> None:
+    ok, why = task_owners.available()
+    if not ok:
+        pytest.skip(why)
+    truth, gone = held_sockets
+    assert task_owners.holders([*truth, *gone]) == truth
+    assert task_owners.holders([]) == {}

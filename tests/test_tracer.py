@@ -762,6 +762,11 @@ def test_doctor_json_reports_this_kernel() -> None:
                           timeout=120, check=False)
     assert text.returncode == 0 and "detections" in text.stdout
     assert f"key walk      {'yes' if native else 'no '}  {why}" in text.stdout
+    from sockguard.kernel import task_owners
+
+    kernel, why = task_owners.available()
+    assert doc["owners"] == {"kernel": kernel, "reason": why}
+    assert f"owners        {'yes' if kernel else 'no '}  {why}" in text.stdout
 
 
 @pytest.mark.kernel

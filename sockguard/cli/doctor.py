@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sockguard.core.errors import SockguardError
-from sockguard.kernel import keywalk, libbpf
+from sockguard.kernel import keywalk, libbpf, task_owners
 from sockguard.kernel import maps as maps_adapter
 from sockguard.kernel.capabilities import Capabilities, probe
 from sockguard.kernel.libbpf import BpfError
@@ -228,6 +228,7 @@ def report(caps: Capabilities | None = None) -> dict[str, Any]:
                    "leak_range": {"verdict": verdict.verdict, "text": verdict.text}},
         "features": caps.as_dict(),
         "key_walk": _key_walk(),
+        "owners": _owners(),
         "sockops": {
             "cgroup_roots": scan.roots, "cgroups_scanned": scan.scanned,
             "truncated": scan.truncated, "depth": CGROUP_DEPTH,
@@ -249,6 +250,12 @@ def _key_walk() -> dict[str, object]:
     return {"native": native, "reason": reason}
 
 
+def _owners() -> dict[str, object]:
+    """How a finding's process is found: in the kernel, or from every fd table in /proc."""
+    kernel, reason = task_owners.available()
+    return {"kernel": kernel, "reason": reason}
+
+
 def render_json(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, sort_keys=False)
 
@@ -264,6 +271,8 @@ def render_text(doc: dict[str, Any]) -> str:
         lines.append(f"  {name:<13} {mark}  {f['reason']}")
     walk = doc["key_walk"]
     lines.append(f"  {'key walk':<13} {'yes' if walk['native'] else 'no '}  {walk['reason']}")
+    owners = doc["owners"]
+    lines.append(f"  {'owners':<13} {'yes' if owners['kernel'] else 'no '}  {owners['reason']}")
     s = doc["sockops"]
     lines += ["", f"sockops programs (cgroup2 {', '.join(s['cgroup_roots']) or 'not mounted'}; "
                   f"{s['cgroups_scanned']} cgroups to depth {s['depth']}"

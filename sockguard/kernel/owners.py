@@ -1,7 +1,8 @@
 """Which process (and container, and Kubernetes pod) holds a socket, from /proc.
 
 Only asked for the few sockets that findings name: walking every process's
-fd table is the expensive part of ``ss -p`` and is not needed for a clean map.
+fd table is the expensive part of ``ss -p`` and is not needed for a clean map;
+where the kernel allows, ``task_owners`` walks the fd tables in the kernel.
 The pod's UID comes from the process's cgroup, its namespace and name from
 the directory kubelet keeps the pod's logs in: no CRI or API server call.
 """
@@ -9,12 +10,17 @@ the directory kubelet keeps the pod's logs in: no CRI or API server call.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Iterable
 from dataclasses import replace
 
+from sockguard.core.errors import SockguardError
 from sockguard.core.model import Owner
+from sockguard.kernel import task_owners
+
+log = logging.getLogger(__name__)
 
 # Container runtimes put the 64-hex container id in the cgroup path:
 # docker-<id>.scope, cri-containerd-<id>.scope, crio-<id>.scope, /docker/<id>, ...
@@ -79,12 +85,45 @@ def _comm(pid: int, proc: str) -> str:
 
 def find_owners(inodes: Iterable[int], proc: str = "/proc",
                 pod_logs: str = POD_LOGS) -> dict[int, Owner]:
-    """Map socket inodes to the first process found holding each one, with its pod's
-    namespace and name where a pod log directory of ``pod_logs`` names its UID."""
+    """Map socket inodes to the first process (lowest pid) holding each one, with its
+    pod's namespace and name where a pod log directory of ``pod_logs`` names its UID.
+
+    The holders come from the task-file iterator where it runs (``proc`` the real
+    /proc), else from reading every process's fd table."""
     wanted = {f"socket:[{ino}]": ino for ino in inodes if ino}
-    found: dict[int, Owner] = {}
     if not wanted:
-        return found
+        return {}
+    holders = _kernel_holders(wanted.values()) if proc == "/proc" else None
+    if holders is not None:
+        found = {ino: _owner(pid, proc) for ino, pid in holders.items()}
+    else:
+        found = _scan_proc(wanted, proc)
+    if any(o.pod_uid for o in found.values()):
+        names = pod_names(pod_logs)
+        found = {ino: replace(o, pod=names.get(o.pod_uid)) if o.pod_uid else o
+                 for ino, o in found.items()}
+    return found
+
+
+def _owner(pid: int, proc: str) -> Owner:
+    pod_uid, container = _identity_of(pid, proc)
+    return Owner(pid, _comm(pid, proc), container, pod_uid)
+
+
+def _kernel_holders(inodes: Iterable[int]) -> dict[int, int] | None:
+    """inode -> pid from the task-file iterator; None where it cannot run (then /proc)."""
+    if not task_owners.available()[0]:
+        return None
+    try:
+        return task_owners.holders(list(inodes))
+    except (SockguardError, OSError) as exc:
+        log.warning("task-file iterator failed (%s): reading /proc instead", exc)
+        return None
+
+
+def _scan_proc(wanted: dict[str, int], proc: str) -> dict[int, Owner]:
+    """Every process's fd table read from ``proc`` until each wanted socket is found."""
+    found: dict[int, Owner] = {}
     pids: list[int] = []
     with contextlib.suppress(OSError):
         pids = [int(e.name) for e in os.scandir(proc) if e.name.isdigit()]
@@ -101,12 +140,7 @@ def find_owners(inodes: Iterable[int], proc: str = "/proc",
                 continue
             ino = wanted.get(target)
             if ino is not None and ino not in found:
-                pod_uid, container = _identity_of(pid, proc)
-                found[ino] = Owner(pid, _comm(pid, proc), container, pod_uid)
+                found[ino] = _owner(pid, proc)
         if len(found) == len(wanted):
             break
-    if any(o.pod_uid for o in found.values()):
-        names = pod_names(pod_logs)
-        found = {ino: replace(o, pod=names.get(o.pod_uid)) if o.pod_uid else o
-                 for ino, o in found.items()}
     return found
