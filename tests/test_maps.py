@@ -399,3 +399,32 @@ def test_keys_walk_is_bounded_under_endless_churn(make_map: MakeMap, tcp_pair: T
             handle.insert_socket(key(next(fresh)), client.fileno())
             assert len(yielded) <= 4 * max_entries + 16
     assert len(yielded) == len(set(yielded))
+
+
+def test_a_walk_hands_out_the_last_walks_key_objects(make_map: MakeMap, tcp_pair: TcpPair,
+                                                     key_loop: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's audits walk the same map every interval: a key walked before comes
+    out as the same object, so the walks do not churn the allocator's arenas."""
+    fd = make_map(SOCKHASH, KEY, 4, 1024)
+    client, _ = tcp_pair()
+    keys = fill(fd, client, 600)
+    with maps.open_map(info_of(fd)) as handle:
+        first = {k: k for k in handle.keys(chunk=100)}
+        libbpf.map_delete(fd, keys[0])
+        added = key(5000)
+        handle.insert_socket(added, client.fileno())
+        second = list(handle.keys(chunk=100))
+    assert sorted(second) == sorted([*keys[1:], added])
+    assert all(k is first[k] for k in second if k != added)
+    assert added not in first
+    # the kept walks are bounded: the oldest map's is dropped
+    monkeypatch.setattr(maps, "KEPT_WALKS", 1)
+    other = make_map(SOCKHASH, KEY, 4, 64)
+    fill(other, client, 3)
+    with maps.open_map(info_of(other)) as handle:
+        list(handle.keys())
+    with maps.open_map(info_of(fd)) as handle:
+        third = list(handle.keys())
+    assert sorted(third) == sorted(second)
+    assert not any(k is first[k] for k in third if k != added)

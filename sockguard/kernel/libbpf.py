@@ -512,28 +512,32 @@ class KeyCursor:
         _check(ret, "bpf_map_get_next_key")
         return None  # not reached: libbpf returns 0 or -errno, and _check raised
 
-    def collect(self, key: bytes | None, seen: dict[bytes, None], fresh: list[bytes],
-                limit: int) -> tuple[bytes | None, int, bool]:
-        """Walk on from ``key`` adding each key not in ``seen`` to it and to ``fresh``, with
-        no Python call per key but the kernel's (the walk of a full map is most of an
-        audit's CPU).
+    def collect(self, key: bytes | None, seen: dict[bytes, bytes], fresh: list[bytes],
+                limit: int, known: dict[bytes, bytes] | None = None
+                ) -> tuple[bytes | None, int, bool]:
+        """Walk on from ``key`` adding each key not in ``seen`` to it (as key -> key) and to
+        ``fresh``, with no Python call per key but the kernel's (the walk of a full map is
+        most of an audit's CPU).  A key in ``known`` (an earlier walk's ``seen``) is handed
+        out as that walk's object, not a new one.
 
         Returns (where it stopped, calls made, whether that key is a repeat): (None, n,
         False) at the end of the map; (a key already in ``seen``, n, True); or, once
         ``limit`` calls are made, (the last key added, n, False).
         """
         if self._native is not None:
-            return self._collect_native(self._native, key, seen, fresh, limit)
+            return self._collect_native(self._native, key, seen, fresh, limit, known or {})
         get_next, fd, out = self._next, self._fd, self._out
+        same = (known or {}).get
         calls = 0
         while calls < limit:
             ret = get_next(fd, key, out)
             calls += 1
             if ret == 0:
-                key = out.raw
+                raw = out.raw
+                key = same(raw, raw)
                 if key in seen:
                     return key, calls, True
-                seen[key] = None
+                seen[key] = key
                 fresh.append(key)
             elif ret == -errno.ENOENT:
                 return None, calls, False
@@ -542,15 +546,19 @@ class KeyCursor:
         return key, calls, False
 
     @staticmethod
-    def _collect_native(walk: keywalk.NativeWalk, key: bytes | None, seen: dict[bytes, None],
-                        fresh: list[bytes], limit: int) -> tuple[bytes | None, int, bool]:
+    def _collect_native(walk: keywalk.NativeWalk, key: bytes | None, seen: dict[bytes, bytes],
+                        fresh: list[bytes], limit: int, known: dict[bytes, bytes]
+                        ) -> tuple[bytes | None, int, bool]:
         """``collect`` a native chunk at a time; the calls counted are the kernel's, keys
         walked past a repeat included (they bound the walk's work)."""
+        same = known.get
         calls = 0
         while calls < limit:
             keys, ret = walk.step(key, limit - calls)
             calls += len(keys) + (ret != keywalk.FILLED)
-            unique = dict.fromkeys(keys)
+            if known:
+                keys = [same(k, k) for k in keys]
+            unique = dict(zip(keys, keys, strict=True))
             if len(unique) == len(keys) and seen.keys().isdisjoint(unique):
                 seen.update(unique)
                 fresh.extend(keys)
@@ -558,7 +566,7 @@ class KeyCursor:
                 for k in keys:
                     if k in seen:
                         return k, calls, True
-                    seen[k] = None
+                    seen[k] = k
                     fresh.append(k)
             if ret == keywalk.END:
                 return None, calls, False
