@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from types import ModuleType
 
@@ -31,21 +29,6 @@ def _bpf_build() -> ModuleType:
     return module
 
 
-def _compile_keywalk(out: Path) -> None:
-    """``keywalk.c`` into a shared object loaded with ctypes: no Python headers, no ABI tag."""
-    clang = shutil.which("clang") or shutil.which("clang-14")
-    if clang is None:
-        raise SystemExit("sockguard: clang not found: install it to build the package")
-    src = ROOT / "sockguard" / "kernel" / "keywalk.c"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    cmd = [clang, "-O2", "-Wall", "-shared", "-fPIC", str(src), "-o", str(tmp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise SystemExit(f"sockguard: building {src.name} failed:\n{proc.stderr.strip()}")
-    tmp.replace(out)  # atomic: a running process never loads a half-written library
-
-
 class BuildPyWithBpf(build_py):  # type: ignore[misc]
     """build_py that also compiles ``bpf/*.bpf.c`` into ``sockguard/bpf/`` and the key walk."""
 
@@ -61,11 +44,12 @@ class BuildPyWithBpf(build_py):  # type: ignore[misc]
         for target in targets:
             try:
                 built = bpf.compile_all(ROOT / "bpf", target)
+                built.append(bpf.compile_library(ROOT / "sockguard" / "kernel" / "keywalk.c",
+                                                 target.parent / "kernel" / "_keywalk.so"))
             except bpf.BuildError as exc:
                 raise SystemExit(f"sockguard: building BPF objects failed: {exc}") from None
             for path in built:
                 self.announce(f"built {path}", level=3)
-            _compile_keywalk(target.parent / "kernel" / "_keywalk.so")
 
 
 setup(cmdclass={"build_py": BuildPyWithBpf})

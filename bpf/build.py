@@ -1,4 +1,5 @@
-"""Compile sockguard's CO-RE BPF programs (stdlib only, used by setup.py and the test lab).
+"""Compile sockguard's CO-RE BPF programs and its one host C file, the native key walk
+(stdlib only, used by setup.py and the test lab).
 
 The objects are built once, at package build time, against the running
 machine's BTF (``vmlinux.h``).  CO-RE relocations make them portable to other
@@ -77,6 +78,22 @@ def compile_one(src: Path | str, out: Path | str, include_dir: Path = OUTPUT) ->
         _run(cmd, f"clang {src.name}")
         _run([strip, "-g", str(tmp)], f"llvm-strip {tmp.name}")
         tmp.replace(out)  # atomic: a loader never sees a half-written object
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def compile_library(src: Path | str, out: Path | str) -> Path:
+    """Compile one host C file (``sockguard/kernel/keywalk.c``) into a shared object that
+    Python loads with ctypes: no Python headers, so no ABI tag on the wheel."""
+    src, out = Path(src), Path(out)
+    clang = _tool("clang", "clang-14")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    try:
+        _run([clang, "-O2", "-Wall", "-shared", "-fPIC", str(src), "-o", str(tmp)],
+             f"clang {src.name}")
+        tmp.replace(out)  # atomic: a running process never loads a half-written library
     finally:
         tmp.unlink(missing_ok=True)
     return out
