@@ -11,10 +11,11 @@ reads /proc.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 from sockguard.core.errors import LibbpfMissingError, NotRootError
 from sockguard.kernel import bpf_object, libbpf
@@ -46,28 +47,32 @@ def holders(inodes: Collection[int]) -> dict[int, int]:
     found: dict[int, int] = {}
     if not wanted:
         return found
+    with _attached() as (obj, link):
+        fd = obj.map("wanted").fd
+        for start in range(0, len(wanted), WANTED_MAX):
+            batch = wanted[start:start + WANTED_MAX]
+            for ino in batch:
+                libbpf.map_update(fd, ino.to_bytes(8, "little"), b"\x01")
+            data = libbpf.iter_read(link)
+            if len(data) % RECORD.size:
+                raise BpfError(errno.EIO, f"task-file iterator: {len(data)} bytes is not "
+                                          "whole records")
+            for ino, tgid in RECORD.iter_unpack(data):
+                found.setdefault(ino, tgid)
+            for ino in batch:
+                libbpf.map_delete(fd, ino.to_bytes(8, "little"))
+    return found
+
+
+@contextlib.contextmanager
+def _attached() -> Iterator[tuple[libbpf.BpfObject, libbpf.Link]]:
+    """The program loaded and attached as an iterator; detached and closed on exit."""
     obj = bpf_object.load(OBJECT_PATH, refused="the task-file iterator")
     try:
-        link = obj.program(PROGRAM).attach_iter()
-        try:
-            fd = obj.map("wanted").fd
-            for start in range(0, len(wanted), WANTED_MAX):
-                batch = wanted[start:start + WANTED_MAX]
-                for ino in batch:
-                    libbpf.map_update(fd, ino.to_bytes(8, "little"), b"\x01")
-                data = libbpf.iter_read(link)
-                if len(data) % RECORD.size:
-                    raise BpfError(errno.EIO, f"task-file iterator: {len(data)} bytes is not "
-                                              "whole records")
-                for ino, tgid in RECORD.iter_unpack(data):
-                    found.setdefault(ino, tgid)
-                for ino in batch:
-                    libbpf.map_delete(fd, ino.to_bytes(8, "little"))
-        finally:
-            link.destroy()
+        with obj.program(PROGRAM).attach_iter() as link:
+            yield obj, link
     finally:
         obj.close()
-    return found
 
 
 @functools.cache
@@ -77,7 +82,8 @@ def available() -> tuple[bool, str]:
         return False, ("not in the initial pid namespace: its pids would not be /proc's "
                        "(processes are found from /proc)")
     try:
-        holders([1])
+        with _attached():
+            pass
     except LibbpfMissingError as exc:
         return False, str(exc)
     except (NotRootError, BpfError) as exc:
