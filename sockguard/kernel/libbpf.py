@@ -486,16 +486,14 @@ def map_get_next_key(fd: int, key: bytes | None, key_size: int) -> bytes | None:
 class KeyCursor:
     """``map_get_next_key`` for one walk: one reused output buffer and a bound function,
     since a walk of a full map makes 65,535 calls and the per-call buffer cost a third.
-    ``collect`` walks a chunk of keys per native call where ``keywalk`` is built
-    (``native=False`` forces the Python loop, for tests of both)."""
+    ``collect`` walks a chunk of keys per native call where ``keywalk`` is built."""
 
-    def __init__(self, fd: int, key_size: int, *, native: bool = True,
-                 chunk: int = 4096) -> None:
+    def __init__(self, fd: int, key_size: int, *, chunk: int = 4096) -> None:
         self._fd = fd
         self._out = ctypes.create_string_buffer(key_size)
         self._next = lib().bpf_map_get_next_key
-        self._native = keywalk.NativeWalk(fd, key_size, chunk) if (
-            native and keywalk.available()[0]) else None
+        self._native = (keywalk.NativeWalk(fd, key_size, chunk) if keywalk.available()[0]
+                        else None)
 
     @property
     def native(self) -> bool:
