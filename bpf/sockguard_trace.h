@@ -91,14 +91,23 @@ struct sg_event {
  * inet_sk_state_store fires inet_sock_set_state, so at CLOSE and at destroy
  * only inet_sport is left.  It lives in struct inet_sock, beyond struct
  * sock, where the verifier does not let a typed `struct sock *` load
- * (btf_struct_access), so it is a probe read.
+ * (btf_struct_access).  A typed program gets it through
+ * bpf_skc_to_tcp_sock (kernel >= 5.9), whose result it may load from: a
+ * trivial helper, where bpf_probe_read_kernel cost ~35 ns more per death
+ * here (benchmarks/README.md).  Elsewhere, a probe read.
  */
 static __always_inline __u16 sg_local_port(const struct sock *sk, const bool typed)
 {
 	__u16 num = SG_READ(typed, sk, __sk_common.skc_num);
+	struct tcp_sock *tp;
 
 	if (num)
 		return bpf_htons(num);
+	if (typed && bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_skc_to_tcp_sock)) {
+		tp = bpf_skc_to_tcp_sock((void *)sk);
+		if (tp)
+			return tp->inet_conn.icsk_inet.inet_sport;
+	}
 	return BPF_CORE_READ((struct inet_sock *)sk, inet_sport);
 }
 
