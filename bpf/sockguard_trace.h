@@ -189,13 +189,25 @@ static __always_inline int sg_is_tcp(const struct sock *sk, const bool typed)
  * more per close under churn, in cache misses.  A plain array, not an LRU
  * hash: an LRU that is always full pays an eviction per update.
  *
+ * Whether the slot already holds this socket's event (every receive of a
+ * long connection asks) is answered by `recent`, a small array that stays in
+ * cache (128 entries, 9 KiB), entry = slot % 128, written by every park:
+ * reading the `pending` slot itself, a cold line of a 900 KiB array for
+ * every new socket, was ~130 ns of a ~270 ns receive under churn, where
+ * the stores of a park cost little (benchmarks/README.md).  A park of slot s
+ * overwrites entry s % 128, so an entry still naming this socket's event
+ * means `pending` still holds it, unless userspace took it meanwhile (it
+ * empties each slot it reads, at a refresh); a repeat in a new epoch
+ * therefore reads the slot once and parks again if the event is gone.
+ *
  * Objects that define SG_WATCHED get the maps; userspace creates `watched`
  * and `watched_bits` once and hands the same fds to each object
- * (bpf_map__reuse_fd); each has its own `pending`.
+ * (bpf_map__reuse_fd); each has its own `pending` and `recent`.
  */
 #define SG_WATCHED_MAX 262144
 #define SG_WATCHED_BITS 17 /* 2^17 bits: 16 KiB */
 #define SG_PENDING_BITS 13 /* 8192 slots */
+#define SG_RECENT_BITS 7   /* 128 entries */
 
 struct sg_tuple_key {
 	__u32 sip[4];
@@ -229,6 +241,17 @@ struct sg_parked {
 };
 
 _Static_assert(sizeof(struct sg_parked) == 112, "decoded by sockguard/tracer.py");
+
+/* What a `pending` slot holds, as far as a repeat of the same event asks. */
+struct sg_recent {
+	struct sg_tuple_key key;
+	__u8 type;
+	__u8 _pad[3];
+	__u32 epoch;        /* of the last park or refresh */
+	__u32 _pad2;
+	__u64 cookie;
+	__u64 aux;
+};
 
 struct sg_watched_bits {
 	__u32 epoch;        /* bumped by userspace at every refresh of the watched set */
@@ -268,6 +291,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct sg_parked);
 } pending SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1 << SG_RECENT_BITS);
+	__type(key, __u32);
+	__type(value, struct sg_recent);
+} recent SEC(".maps");
 #endif
 
 /* A key's hash; sockguard/tracer.py (key_hash) computes the same. */
@@ -351,34 +381,44 @@ static __always_inline int sg_key_eq(const struct sg_tuple_key *a,
 	return diff == 0;
 }
 
+/* Whether a parked record or a `recent` entry holds this event of this socket. */
+#define SG_SAME_EVENT(x, k, type, cookie, aux)                                  \
+	((x)->cookie == (cookie) && (x)->type == (type) && (x)->aux == (aux) &&   \
+	 sg_key_eq(&(x)->key, (k)))
+
 /*
  * Park an event of `sk` under its key `k` (of hash `hash`).  Helper calls
  * are what a park costs on a mitigated kernel (each returns through the
  * SRSO/retbleed return thunk: ~100 ns apiece on the development machine),
  * so the same socket's same event again (every receive of a long
- * connection) calls none: it refreshes the time once per `epoch` (a refresh
- * of the watched set, which drops parked events older than the previous
- * one), and tp_btf programs read pid and comm from the BTF task (one call,
- * not two).
+ * connection) calls none and touches only `recent`: it refreshes the time
+ * once per `epoch` (a refresh of the watched set, which drops parked events
+ * older than the previous one), and tp_btf programs read pid and comm from
+ * the BTF task (one call, not two).
  */
 static __always_inline void sg_park(const struct sg_tuple_key *k, __u32 hash, __u32 epoch,
 				    const struct sock *sk, __u32 type, int oldstate, int newstate,
 				    __u64 aux, int ret, __u32 source, const bool typed)
 {
 	__u32 slot = hash >> (32 - SG_PENDING_BITS);
+	__u32 ri = slot & ((1 << SG_RECENT_BITS) - 1);
 	struct sg_parked *p = bpf_map_lookup_elem(&pending, &slot);
+	struct sg_recent *r = bpf_map_lookup_elem(&recent, &ri);
 	struct task_struct *task;
 	__u64 cookie;
 
-	if (!p)
+	if (!p || !r)
 		return;
 	cookie = SG_READ(typed, sk, __sk_common.skc_cookie.counter);
-	if (p->cookie == cookie && p->type == type && p->aux == aux && sg_key_eq(&p->key, k)) {
-		if (p->epoch != epoch) {
+	if (SG_SAME_EVENT(r, k, type, cookie, aux)) {
+		if (r->epoch == epoch)
+			return;
+		r->epoch = epoch;
+		if (SG_SAME_EVENT(p, k, type, cookie, aux)) {
 			p->epoch = epoch;
 			p->ts_ns = bpf_ktime_get_ns();
+			return;
 		}
-		return;
 	}
 	p->epoch = epoch;
 	p->key = *k;
@@ -401,6 +441,11 @@ static __always_inline void sg_park(const struct sg_tuple_key *k, __u32 hash, __
 		p->pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(p->comm, sizeof(p->comm));
 	}
+	r->key = *k;
+	r->type = type;
+	r->cookie = cookie;
+	r->aux = aux;
+	r->epoch = epoch;
 }
 
 /*

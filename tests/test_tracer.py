@@ -40,7 +40,13 @@ from sockguard.trace.events import (
     recv_path,
 )
 from sockguard.trace.tracer import Tracer, TracerOptions, daemon_options
-from sockguard.trace.watched import FILTERED_OBJECTS, PARKED_SIZE, MapWatch, pending_slot
+from sockguard.trace.watched import (
+    FILTERED_OBJECTS,
+    PARKED,
+    PARKED_SIZE,
+    MapWatch,
+    pending_slot,
+)
 from tests.lab import Lab, cilium_key
 from tests.test_daemon import RunningDaemon, start_daemon, wait_for
 
@@ -597,6 +603,70 @@ def test_filtered_tracer_reports_watched_sockets_and_nothing_else(
     assert w.keys and all(key in w.bits for key in w.keys)
     # inet_sock_set_state reported only ESTABLISHED transitions, and only of watched keys
     assert all(e.state == "ESTABLISHED" for e in c.events if e.kind == "state")
+
+
+def _parked_raw(c: Collector, key: bytes) -> bytes | None:
+    """The record parked under ``key``, from whichever object parked it."""
+    slot = pending_slot(key).to_bytes(4, "little")
+    for fd in c.tracer._pending_fds:
+        raw = libbpf.map_lookup(fd, slot, PARKED_SIZE)
+        if raw is not None and raw[: len(key)] == key:
+            return raw
+    return None
+
+
+@pytest.mark.kernel
+def test_a_long_connections_receives_park_once_per_epoch_and_again_once_taken(
+        lab: Lab, collector: Callable[..., Collector]) -> None:
+    """sg_park answers "already parked?" from its small `recent` array, not the slot.
+
+    What it proves, on the kernel's own records: a repeated receive of the same
+    socket leaves its parked record as it is within one refresh (epoch) and
+    only refreshes its time in the next; and once userspace has taken the
+    record (its key showed up, then went again), the socket's next receive is
+    parked anew, though `recent` still names it.
+    """
+    c = collector(daemon_options())
+    _need(c, "recv_path")
+    w = c.tracer.watched
+    if w is None:
+        pytest.skip("the kernel-side filter is off here: no watched set")
+    r, q = lab.dummy_pair()
+    key = key_for_socket(CILIUM, _tuple_of(r))
+    r_loc, r_rem = r.getsockname()[:2], r.getpeername()[:2]
+
+    def receive() -> None:
+        q.sendall(b"z")
+        assert r.recv(1) == b"z"
+
+    receive()
+    first = _parked_raw(c, key)
+    assert first is not None
+    receive()
+    assert _parked_raw(c, key) == first  # same epoch: not written again
+    _refresh(c)
+    receive()
+    again = _parked_raw(c, key)
+    assert again is not None
+    before, after = (dict(zip(PARKED.names, PARKED.unpack(raw), strict=True))
+                     for raw in (first, again))
+    # a new epoch: the same event, its time and epoch refreshed
+    assert after["epoch"] == before["epoch"] + 1 and after["ts_ns"] > before["ts_ns"]
+    for field in ("epoch", "ts_ns"):
+        del before[field], after[field]
+    assert after == before
+
+    elsewhere, _e = lab.dummy_pair()
+    lab.inject(key, elsewhere)
+    _refresh(c)
+    ev = c.wait(lambda e: _is(e, "recv", r_loc, r_rem))
+    assert ev.late and ev.mismatch
+    assert _parked_raw(c, key) is None  # taken
+    assert lab.delete(key)
+    _refresh(c)
+    assert key not in w.keys
+    receive()
+    assert _parked_raw(c, key) is not None  # parked anew
 
 
 @pytest.mark.kernel
