@@ -36,8 +36,14 @@ time.  The programs' run time leaves out the tracepoint's own dispatch.
 ``--pairs N`` then measures the target directly: one daemon-mode consumer runs
 throughout, and its programs are detached and attached again (SIGUSR1/SIGUSR2) for
 each half of N pairs of ``--seconds`` each, order alternating; the loss is each pair's
-rate ratio, reported as median and mean with its standard error.  Pairs cancel drift
-that rounds of whole modes do not.  Target: under 2 % loss in ``daemon`` mode.
+rate ratio, reported as median and mean with its standard error and 95 % interval.
+Pairs cancel drift that rounds of whole modes do not.  Target: under 2 % loss in
+``daemon`` mode, at the interval's upper bound.
+
+``--floor N`` measures N more pairs the same way with ``tracepoint_floor.bpf.c``:
+programs that return at once, at the tracepoints the daemon's tracer uses.  Their
+loss is the tracepoints' own dispatch (the call into the program and back, through
+this kernel's retpolines and return thunks), the part no program body can remove.
 """
 
 from __future__ import annotations
@@ -52,12 +58,15 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from multiprocessing.synchronize import Event as EventT
 from pathlib import Path
 
 PAYLOAD = b"x" * 64
+HERE = Path(__file__).resolve().parent
 
 
 MODES = ("baseline", "unfiltered", "daemon", "worst")
@@ -155,6 +164,32 @@ def _loaded_programs(tracer: object) -> list[tuple[object, str]]:
     return out
 
 
+class _Switch:
+    """A consumer's signals: SIGTERM stops it, SIGUSR1 detaches, SIGUSR2 attaches again."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.want: bool | None = None
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGUSR1, self._on_toggle)
+        signal.signal(signal.SIGUSR2, self._on_toggle)
+
+    def _on_term(self, _s: int, _f: object) -> None:
+        self.stop = True
+
+    def _on_toggle(self, signum: int, _f: object) -> None:
+        self.want = signum == signal.SIGUSR2
+
+    def serve(self, attached: bool, set_attached: Callable[[bool], None]) -> None:
+        """Act on a pending toggle and answer it with a line on stdout (``_paired`` waits)."""
+        if self.want is None:
+            return
+        if self.want != attached:
+            set_attached(self.want)
+        print("attached" if self.want else "detached", flush=True)
+        self.want = None
+
+
 def _consumer(map_id: int, filtered: bool) -> int:
     """The tracer as the daemon runs it, until SIGTERM; prints its detections first.
 
@@ -167,20 +202,7 @@ def _consumer(map_id: int, filtered: bool) -> int:
     from sockguard.trace.tracer import Tracer, attached_detections, daemon_options
     from sockguard.trace.watched import MapWatch
 
-    stop = False
-    want: bool | None = None
-
-    def on_term(_s: int, _f: object) -> None:
-        nonlocal stop
-        stop = True
-
-    def on_toggle(signum: int, _f: object) -> None:
-        nonlocal want
-        want = signum == signal.SIGUSR2
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGUSR1, on_toggle)
-    signal.signal(signal.SIGUSR2, on_toggle)
+    switch = _Switch()
     events = 0
 
     def count(_ev: object) -> None:
@@ -194,13 +216,14 @@ def _consumer(map_id: int, filtered: bool) -> int:
         programs = _loaded_programs(tracer)
         attached = True
         cpu0 = _cpu_self()
-        while not stop:
-            if want is not None:
-                if want != attached:
-                    _set_attached(tracer, want, programs)
-                    attached = want
-                want = None
-                print("attached" if attached else "detached", flush=True)
+
+        def set_attached(want: bool) -> None:
+            nonlocal attached
+            _set_attached(tracer, want, programs)
+            attached = want
+
+        while not switch.stop:
+            switch.serve(attached, set_attached)
             tracer.poll(50)
         cpu = _cpu_self() - cpu0
         runs = _bpf_runs(tracer)
@@ -212,6 +235,36 @@ def _consumer(map_id: int, filtered: bool) -> int:
                         for name, (cnt, ns) in sorted(runs.items()))
     print(f"events {events} cpu_s {cpu:.4f} bpf_s {bpf_ns / 1e9:.4f}{extra} [{per_prog}]",
           flush=True)
+    return 0
+
+
+def _floor_consumer(path: str) -> int:
+    """``tracepoint_floor.bpf.o`` attached until SIGTERM, toggled as ``_consumer`` is."""
+    from sockguard.kernel.bpf_object import load
+
+    switch = _Switch()
+    with load(Path(path)) as obj:
+        programs = [obj.program(name) for name in obj.program_names()]
+        links = [prog.attach() for prog in programs]
+        print("floor: " + ", ".join(obj.program_names()), flush=True)
+        attached = True
+
+        def set_attached(want: bool) -> None:
+            nonlocal links, attached
+            if want:
+                links = [prog.attach() for prog in programs]
+            else:
+                for link in links:
+                    link.destroy()
+                links = []
+            attached = want
+
+        while not switch.stop:
+            switch.serve(attached, set_attached)
+            time.sleep(0.05)
+        for link in links:
+            link.destroy()
+    print("floor done", flush=True)
     return 0
 
 
@@ -311,19 +364,21 @@ def _traced_rate(kind: str, seconds: float, port: int, map_id: int,
     return rate, banner, tail
 
 
-def _paired(kind: str, seconds: float, port: int, map_id: int,
+def _paired(kind: str, seconds: float, port: int, consumer: list[str],
             pairs: int) -> tuple[list[float], list[float], str]:
-    """Daemon-mode rates with the programs attached / detached, in pairs, one consumer.
+    """Rates with a consumer's programs attached / detached, in pairs, one consumer.
 
-    The same tracer process runs throughout (its refreshes and wake-ups in both
-    halves); only the programs' links come and go.  Each pair's order
-    alternates.  Returns each pair's attached/detached ratios of the rate and of
-    the client's and server's CPU time per request, and the consumer's last line.
+    ``consumer``: this script's arguments that start it (the daemon's tracer,
+    or the floor's programs).  The same process runs throughout (for the
+    tracer: its refreshes and wake-ups in both halves); only the programs'
+    links come and go.  Each pair's order alternates.  Returns each pair's
+    attached/detached ratios of the rate and of the client's and server's CPU
+    time per request, and the consumer's last line.
     """
-    tracer = subprocess.Popen([sys.executable, __file__, "--consumer", str(map_id), "1"],
+    tracer = subprocess.Popen([sys.executable, __file__, *consumer],
                               stdout=subprocess.PIPE, text=True)
     assert tracer.stdout is not None
-    tracer.stdout.readline()  # the detections banner
+    tracer.stdout.readline()  # the banner: what is attached
 
     def switch(attached: bool) -> None:
         assert tracer.stdout is not None
@@ -359,6 +414,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--keys", type=int, default=3000,
                     help="other tuples' keys in the audited map (default 3000)")
     ap.add_argument("--consumer", nargs=2, metavar=("MAP_ID", "FILTERED"), help=argparse.SUPPRESS)
+    ap.add_argument("--floor-consumer", metavar="OBJECT", help=argparse.SUPPRESS)
     ap.add_argument("--kinds", nargs="+", default=["persistent", "churn"],
                     choices=["persistent", "churn"], help="workloads (default both)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
@@ -366,6 +422,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--pairs", type=int, default=20,
                     help="also measure the daemon's loss in this many attached/detached "
                          "pairs of --seconds each, one consumer process throughout")
+    ap.add_argument("--floor", type=int, default=0, metavar="PAIRS",
+                    help="also measure, in this many pairs, programs that return at once at "
+                         "the same tracepoints (benchmarks/tracepoint_floor.bpf.c): the "
+                         "tracepoints' own dispatch, which no program body removes")
     last_cpu = max(os.sched_getaffinity(0))
     ap.add_argument("--pin", type=int, nargs="+", metavar="CPU", default=[last_cpu],
                     help=f"CPUs of client and server (default {last_cpu}; see --no-pin)")
@@ -377,6 +437,8 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     if args.consumer:
         return _consumer(int(args.consumer[0]), args.consumer[1] == "1")
+    if args.floor_consumer:
+        return _floor_consumer(args.floor_consumer)
     if os.geteuid() != 0:
         print("tracer_overhead: needs root to load the tracer", file=sys.stderr)
         return 2
@@ -393,8 +455,14 @@ def main(argv: list[str]) -> int:
     results: dict[str, dict[str, list[float]]] = {}
     tails: dict[str, dict[str, str]] = {}
     banner_shown = False
-    paired: dict[str, tuple[list[float], list[float], str]] = {}
+    paired: dict[tuple[str, str], tuple[list[float], list[float], str]] = {}
+    floor_dir = tempfile.TemporaryDirectory(prefix="sockguard-floor-")
     try:
+        floor_obj = ""
+        if args.floor:
+            from tests.lab.world import build_object
+
+            floor_obj = str(build_object(HERE / "tracepoint_floor.bpf.c", Path(floor_dir.name)))
         for kind in args.kinds:
             res: dict[str, list[float]] = {m: [] for m in args.modes}
             events: dict[str, list[float]] = {m: [] for m in args.modes}
@@ -426,7 +494,12 @@ def main(argv: list[str]) -> int:
                     per_req[mode].append(1e6 * (work_cpu + consumer) / (rate * args.seconds))
                     tails.setdefault(kind, {})[mode] = tail
             if args.pairs:
-                paired[kind] = _paired(kind, args.seconds, port, maps.ids["daemon"], args.pairs)
+                paired[kind, "daemon"] = _paired(
+                    kind, args.seconds, port, ["--consumer", str(maps.ids["daemon"]), "1"],
+                    args.pairs)
+            if args.floor:
+                paired[kind, "floor"] = _paired(kind, args.seconds, port,
+                                                ["--floor-consumer", floor_obj], args.floor)
             results[kind] = res
             results[kind + ":events"] = events
             results[kind + ":share"] = share
@@ -434,6 +507,7 @@ def main(argv: list[str]) -> int:
     finally:
         maps.close()
         stats.write_text(stats_was)
+        floor_dir.cleanup()
     print(f"{'workload':<11} {'mode':<11} {'req/s':>9} {'ratio':>7} {'loss':>7} "
           f"{'CPU/req':>9} {'CPU+':>7} {'tracer CPU':>10} {'events/round':>13}")
     for kind in args.kinds:
@@ -453,15 +527,19 @@ def main(argv: list[str]) -> int:
         for mode in args.modes:
             print(f"{'':<11} {mode:<11} rounds {[round(x) for x in res[mode]]}  "
                   f"{tails.get(kind, {}).get(mode, '')}")
-    for kind, (ratios, cpu_ratios, tail) in paired.items():
-        print(f"paired {kind}: daemon tracer attached vs detached, {len(ratios)} pairs of "
+    for (kind, what), (ratios, cpu_ratios, tail) in paired.items():
+        whose = ("daemon tracer" if what == "daemon" else
+                 "floor (programs returning at once, same tracepoints)")
+        print(f"paired {kind}: {whose} attached vs detached, {len(ratios)} pairs of "
               f"{args.seconds:g} s")
-        for what, values in (("rate loss", [(1 - r) * 100 for r in ratios]),
-                             ("CPU per request", [(r - 1) * 100 for r in cpu_ratios])):
+        for figure, values in (("rate loss", [(1 - r) * 100 for r in ratios]),
+                               ("CPU per request", [(r - 1) * 100 for r in cpu_ratios])):
             mean = statistics.fmean(values)
             err = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-            print(f"       {what}: median {statistics.median(values):+.2f}%, mean {mean:+.2f}% "
-                  f"+- {err:.2f}% (standard error); pairs {[round(x, 1) for x in values]}")
+            print(f"       {figure}: median {statistics.median(values):+.2f}%, mean "
+                  f"{mean:+.2f}% +- {err:.2f}% (standard error), 95 % interval "
+                  f"{mean - 1.96 * err:+.2f}% to {mean + 1.96 * err:+.2f}%; "
+                  f"pairs {[round(x, 1) for x in values]}")
         print(f"       {tail}")
     return 0
 

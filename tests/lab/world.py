@@ -70,12 +70,16 @@ def _build_module() -> ModuleType:
     return module
 
 
-def build_lab_object(out_dir: Path) -> Path:
-    """Compile cilium_lab.bpf.c into ``out_dir`` (clang, CO-RE against this kernel)."""
+def build_object(src: Path, out_dir: Path) -> Path:
+    """Compile ``src`` (a ``*.bpf.c``) into ``out_dir`` (clang, CO-RE against this kernel)."""
     build = _build_module()
-    out = out_dir / "cilium_lab.bpf.o"
-    result: Path = build.compile_one(LAB_SRC, out)
+    result: Path = build.compile_one(src, out_dir / f"{src.name[: -len('.c')]}.o")
     return result
+
+
+def build_lab_object(out_dir: Path) -> Path:
+    """Compile cilium_lab.bpf.c into ``out_dir``."""
+    return build_object(LAB_SRC, out_dir)
 
 
 def bpffs_ready() -> bool:
