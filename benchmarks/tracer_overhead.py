@@ -165,10 +165,13 @@ def _loaded_programs(tracer: object) -> list[tuple[object, str]]:
 
 
 class _Switch:
-    """A consumer's signals: SIGTERM stops it, SIGUSR1 detaches, SIGUSR2 attaches again."""
+    """A consumer's signals: SIGTERM stops it, SIGUSR1 detaches, SIGUSR2 attaches again.
+
+    ``attached``: whether the consumer's programs are attached (they start so)."""
 
     def __init__(self) -> None:
         self.stop = False
+        self.attached = True
         self.want: bool | None = None
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGUSR1, self._on_toggle)
@@ -180,12 +183,13 @@ class _Switch:
     def _on_toggle(self, signum: int, _f: object) -> None:
         self.want = signum == signal.SIGUSR2
 
-    def serve(self, attached: bool, set_attached: Callable[[bool], None]) -> None:
+    def serve(self, set_attached: Callable[[bool], None]) -> None:
         """Act on a pending toggle and answer it with a line on stdout (``_paired`` waits)."""
         if self.want is None:
             return
-        if self.want != attached:
+        if self.want != self.attached:
             set_attached(self.want)
+            self.attached = self.want
         print("attached" if self.want else "detached", flush=True)
         self.want = None
 
@@ -214,16 +218,9 @@ def _consumer(map_id: int, filtered: bool) -> int:
     with Tracer(count, options, watch) as tracer:
         print(attached_detections(tracer.start()), flush=True)
         programs = _loaded_programs(tracer)
-        attached = True
         cpu0 = _cpu_self()
-
-        def set_attached(want: bool) -> None:
-            nonlocal attached
-            _set_attached(tracer, want, programs)
-            attached = want
-
         while not switch.stop:
-            switch.serve(attached, set_attached)
+            switch.serve(lambda want: _set_attached(tracer, want, programs))
             tracer.poll(50)
         cpu = _cpu_self() - cpu0
         runs = _bpf_runs(tracer)
@@ -247,20 +244,18 @@ def _floor_consumer(path: str) -> int:
         programs = [obj.program(name) for name in obj.program_names()]
         links = [prog.attach() for prog in programs]
         print("floor: " + ", ".join(obj.program_names()), flush=True)
-        attached = True
 
         def set_attached(want: bool) -> None:
-            nonlocal links, attached
+            nonlocal links
             if want:
                 links = [prog.attach() for prog in programs]
             else:
                 for link in links:
                     link.destroy()
                 links = []
-            attached = want
 
         while not switch.stop:
-            switch.serve(attached, set_attached)
+            switch.serve(set_attached)
             time.sleep(0.05)
         for link in links:
             link.destroy()
