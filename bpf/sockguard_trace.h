@@ -28,6 +28,7 @@ enum sg_event_type {
 	SG_EV_RECV = 3,       /* recvmsg on a TCP socket (aux = sk_prot->recvmsg, ret = length) */
 	SG_EV_STATE = 4,      /* inet_sock_set_state (state_old -> state_new) */
 	SG_EV_DESTROY = 5,    /* tcp_destroy_sock */
+	SG_EV_RESET = 6,      /* inet_sk_error_report in CLOSE (ret = -sk_err) */
 };
 
 /* Which program variant produced the event (tells operators what is attached). */

@@ -19,7 +19,7 @@ from sockguard.kernel.bpf_object import BpfObjectMissingError, CStruct
 from sockguard.kernel.libbpf import BpfObject
 from sockguard.trace import events, tracer, watched
 
-TRACE_OBJECTS = ("trace_sockhash", "trace_recvpath", "trace_lifecycle")
+TRACE_OBJECTS = ("trace_sockhash", "trace_recvpath", "trace_lifecycle", "trace_reset")
 
 #: Each Python layout and the objects whose BTF holds its C struct.
 LAYOUTS: list[tuple[CStruct, tuple[str, ...]]] = [

@@ -281,7 +281,8 @@ ALL_PROGRAMS = [(obj, prog, variant, False) for obj, variants in PROGRAMS.items(
 ALL_PROGRAMS += [(obj, prog, variant, True) for obj, prog, variant, _ in ALL_PROGRAMS
                  if obj in FILTERED_OBJECTS]
 FILTERED_RODATA = {"trace_recvpath": struct.pack("=QBBB5x", 0xFFFFFFFF81000800, 1, 1, 1),
-                   "trace_lifecycle": struct.pack("=BBB5x", 0, 1, 1)}
+                   "trace_lifecycle": struct.pack("=BBB5x", 0, 1, 1),
+                   "trace_reset": struct.pack("=B7x", 1)}
 
 
 @pytest.mark.kernel

@@ -111,6 +111,14 @@ REGISTRY: tuple[Spec, ...] = (
                   feature="tp_btf_sock"),
           Variant("raw_tp", ("state_raw_tp", "destroy_raw_tp"),
                   "raw_tp/inet_sock_set_state and raw_tp/tcp_destroy_sock"))),
+    Spec("reset",
+         "TCP sockets reset or timed out while their process still holds them (the entry "
+         "stays until the fd is closed): an early audit, and the collision check listens "
+         "again",
+         "trace_reset",
+         (Variant("tp_btf", ("reset_tp_btf",), "tp_btf/inet_sk_error_report",
+                  feature="tp_btf_sock"),
+          Variant("raw_tp", ("reset_raw_tp",), "raw_tp/inet_sk_error_report"))),
     COLLISION,
 )
 

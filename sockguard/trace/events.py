@@ -27,9 +27,9 @@ from sockguard.trace.collision import Entry
 EVENT = CStruct("sg_event", "=QQQIIIi16sHHHBB16s16sQII16s64s8QII",
                 "ts_ns cookie netns type pid tid ret comm family sport dport state_old state_new "
                 "saddr daddr aux map_id key_size map_name key stack source _pad")
-EV_UPDATE, EV_PSOCK_DROP, EV_RECV, EV_STATE, EV_DESTROY = 1, 2, 3, 4, 5
+EV_UPDATE, EV_PSOCK_DROP, EV_RECV, EV_STATE, EV_DESTROY, EV_RESET = 1, 2, 3, 4, 5, 6
 EVENT_KINDS = {EV_UPDATE: "update", EV_PSOCK_DROP: "psock_drop", EV_RECV: "recv",
-               EV_STATE: "state", EV_DESTROY: "destroy"}
+               EV_STATE: "state", EV_DESTROY: "destroy", EV_RESET: "reset"}
 SOURCES = {1: "kprobe", 2: "fentry", 3: "tp_btf", 4: "raw_tp"}
 
 
@@ -75,6 +75,11 @@ class Meaning(enum.Enum):
     COLLISION = "collision"  # established while its key's entry points to another socket
     KEY_LEFT_BEHIND = "key_left_behind"  # closed while the key of its tuple is in a map
 
+
+#: Event kinds after which a socket's key should be gone from every map: a close
+#: (CLOSE), a death (destroy), a reset or timeout (the entry stays until the fd
+#: is closed, bpf/trace_reset.bpf.c).
+LEFT_BEHIND_KINDS = ("state", "destroy", "reset")
 
 #: The meanings that start an audit ahead of the interval.
 EARLY_AUDIT = (Meaning.UPDATE_FAILURE, Meaning.RECV_MISMATCH, Meaning.COLLISION,
@@ -139,7 +144,7 @@ class TraceEvent:
                     else None)
         if self.kind == "collision":
             return Meaning.COLLISION
-        if self.kind in ("state", "destroy") and self.key_in_maps:
+        if self.kind in LEFT_BEHIND_KINDS and self.key_in_maps:
             return Meaning.KEY_LEFT_BEHIND
         return None
 
@@ -183,7 +188,7 @@ class TraceEvent:
             out["late"] = True
         if self.kind == "recv":
             out["mismatch"] = self.mismatch
-        if self.kind in ("state", "destroy") and self.key_in_maps is not None:
+        if self.kind in LEFT_BEHIND_KINDS and self.key_in_maps is not None:
             out["left_behind"] = self.left_behind
         if self.entry is not None:
             out["entry"] = self.entry.as_dict()
@@ -211,6 +216,8 @@ class TraceEvent:
                 parts.append(f"MISMATCH: key in {', '.join(self.key_in_maps or ())}")
         elif self.kind == "state":
             parts.append(f"{self.old_state} -> {self.state}")
+        elif self.kind == "reset":
+            parts.append(f"by {self.errno_name}, its process still holds it")
         elif self.kind == "collision" and self.entry is not None:
             e = self.entry
             cookie = "?" if e.cookie is None else str(e.cookie)
@@ -323,6 +330,8 @@ def decode_event(data: bytes, syms: kallsyms.Kallsyms, clock_ns: int, *, late: b
             kw["key_in_maps"] = in_maps()
     elif etype == EV_DESTROY:
         kw = {"key_in_maps": in_maps()}
+    elif etype == EV_RESET:  # ret: -sk_err (ECONNRESET, ETIMEDOUT, ...)
+        kw = {"errno": -ret if ret < 0 else 0, "key_in_maps": in_maps()}
     return TraceEvent(
         kind=EVENT_KINDS.get(etype, f"type{etype}"), time=(ts + clock_ns) / 1e9,
         pid=pid, tid=tid, comm=comm.split(b"\0", 1)[0].decode(errors="replace"),

@@ -215,6 +215,8 @@ class Tracer:
         filtering = int(self.filtering)
         if obj_name == "trace_sockhash":
             return {"cfg.failures_only": o.failures_only}
+        if obj_name == "trace_reset":
+            return {"cfg.filter_watched": filtering}
         if obj_name == "trace_recvpath":
             only = self._syms.address("tcp_recvmsg") if o.only_tcp_recvmsg else None
             return {"cfg.only_fn": only or 0, "cfg.dedup": not o.every_recv,

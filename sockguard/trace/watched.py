@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 #: Capacity of ``watched`` (SG_WATCHED_MAX): keys beyond it are not watched.
 WATCHED_MAX = 262144
 #: Objects with the ``watched`` and ``watched_bits`` maps (shared) and a ``pending`` map.
-FILTERED_OBJECTS = ("trace_recvpath", "trace_lifecycle")
+FILTERED_OBJECTS = ("trace_recvpath", "trace_lifecycle", "trace_reset")
 #: struct sg_parked, one per slot of ``pending`` (2**PENDING_BITS slots).
 PARKED = CStruct("sg_parked", "=44sBBBBQQQIIH2xIi16sI",
                  "key type state_old state_new source ts_ns cookie aux netns pid family check "
