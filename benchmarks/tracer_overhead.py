@@ -40,6 +40,11 @@ rate ratio, reported as median and mean with its standard error and 95 % interva
 Pairs cancel drift that rounds of whole modes do not.  Target: under 2 % loss in
 ``daemon`` mode, at the interval's upper bound.
 
+``--idle-pairs N`` measures N more pairs with the collision check idle: the daemon
+detaches its ``inet_sock_set_state`` program once an audit has proved every entry of
+the audited maps owned (``tracer.collision_check = auto``), as on a healthy node.
+``--pairs`` keeps it listening, as until then or after an entry went bad.
+
 ``--floor N`` measures N more pairs the same way with ``tracepoint_floor.bpf.c``:
 programs that return at once, at the tracepoints the daemon's tracer uses.  Their
 loss is the tracepoints' own dispatch (the call into the program and back, through
@@ -64,6 +69,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from multiprocessing.synchronize import Event as EventT
 from pathlib import Path
+from typing import Any
 
 PAYLOAD = b"x" * 64
 HERE = Path(__file__).resolve().parent
@@ -135,27 +141,35 @@ def _client(kind: str, port: int, seconds: float) -> int:
     return done
 
 
-def _set_attached(tracer: object, attached: bool, names: list[tuple[object, str]]) -> None:
-    """Destroy every link of the tracer, or attach its loaded programs again."""
+def _set_attached(tracer: Any, attached: bool, names: list[tuple[Any, str]],
+                  listening: bool) -> None:
+    """Destroy every link of the tracer, or attach its loaded programs again; the
+    collision check's program as the daemon's gate would have it (``listening``)."""
     if attached:
         for loaded, name in names:
-            loaded.links.append(loaded.obj.program(name).attach())  # type: ignore[attr-defined]
+            loaded.links.append(loaded.obj.program(name).attach())
+        tracer.listen_for_collisions(listening)
         return
-    for loaded in getattr(tracer, "_loaded", []):
+    tracer.listen_for_collisions(False)
+    for loaded in tracer._loaded:
         for link in loaded.links:
             link.destroy()
         loaded.links = []
 
 
-def _loaded_programs(tracer: object) -> list[tuple[object, str]]:
-    """(loaded object, program name) of every program the tracer loaded (and attached)."""
+def _loaded_programs(tracer: Any) -> list[tuple[Any, str]]:
+    """(loaded object, program name) of every program the tracer loaded and attached
+    for good (not the collision check's, which ``listen_for_collisions`` attaches)."""
     from sockguard.trace.detections import PROGRAMS
 
-    out: list[tuple[object, str]] = []
-    for loaded in getattr(tracer, "_loaded", []):
+    gated = {g.name for g in tracer._gated}
+    out: list[tuple[Any, str]] = []
+    for loaded in tracer._loaded:
         for variants in PROGRAMS.values():
             for progs in variants.values():
                 for name in progs:
+                    if name in gated:
+                        continue
                     try:
                         if loaded.obj.program(name).fd >= 0:
                             out.append((loaded, name))
@@ -194,9 +208,11 @@ class _Switch:
         self.want = None
 
 
-def _consumer(map_id: int, filtered: bool) -> int:
+def _consumer(map_id: int, filtered: bool, listening: bool) -> int:
     """The tracer as the daemon runs it, until SIGTERM; prints its detections first.
 
+    ``listening``: the collision check attached, as the daemon has it until an audit
+    proves every entry owned; else detached, as on a node whose maps are healthy.
     SIGUSR1 detaches its programs and SIGUSR2 attaches them again (the paired
     measurement); it answers each with a line on stdout once done.
     """
@@ -216,11 +232,14 @@ def _consumer(map_id: int, filtered: bool) -> int:
     watch = MapWatch(lambda: [resolve_map(f"id:{map_id}")])
     options = replace(daemon_options(), filter_watched=filtered)
     with Tracer(count, options, watch) as tracer:
-        print(attached_detections(tracer.start()), flush=True)
+        detections = tracer.start()
+        tracer.listen_for_collisions(listening)
+        print(attached_detections(detections) + "; collision check "
+              + ("listening" if tracer.listening else "idle"), flush=True)
         programs = _loaded_programs(tracer)
         cpu0 = _cpu_self()
         while not switch.stop:
-            switch.serve(lambda want: _set_attached(tracer, want, programs))
+            switch.serve(lambda want: _set_attached(tracer, want, programs, listening))
             tracer.poll(50)
         cpu = _cpu_self() - cpu0
         runs = _bpf_runs(tracer)
@@ -268,13 +287,14 @@ def _cpu_self() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _bpf_runs(tracer: object) -> dict[str, tuple[int, int]]:
+def _bpf_runs(tracer: Any) -> dict[str, tuple[int, int]]:
     """(runs, run time in ns) per tracer program (kernel.bpf_stats_enabled = 1 during the run)."""
     from sockguard.kernel import libbpf
 
     runs: dict[str, tuple[int, int]] = {}
-    for loaded, name in _loaded_programs(tracer):
-        info = libbpf.prog_info(loaded.obj.program(name).fd)  # type: ignore[attr-defined]
+    gated = [(g.loaded, g.name) for g in tracer._gated]
+    for loaded, name in _loaded_programs(tracer) + gated:
+        info = libbpf.prog_info(loaded.obj.program(name).fd)
         if info.run_cnt:
             runs[name] = (info.run_cnt, info.run_time_ns)
     return runs
@@ -348,7 +368,7 @@ def _traced_rate(kind: str, seconds: float, port: int, map_id: int,
                  filtered: bool) -> tuple[tuple[float, float], str, str]:
     """((rate, workload CPU), banner, consumer's last line), the tracer in its own process."""
     tracer = subprocess.Popen([sys.executable, __file__, "--consumer", str(map_id),
-                               "1" if filtered else "0"], stdout=subprocess.PIPE, text=True)
+                               "1" if filtered else "0", "1"], stdout=subprocess.PIPE, text=True)
     assert tracer.stdout is not None
     banner = tracer.stdout.readline().strip()
     try:
@@ -408,7 +428,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per mode (default 3)")
     ap.add_argument("--keys", type=int, default=3000,
                     help="other tuples' keys in the audited map (default 3000)")
-    ap.add_argument("--consumer", nargs=2, metavar=("MAP_ID", "FILTERED"), help=argparse.SUPPRESS)
+    ap.add_argument("--consumer", nargs=3, metavar=("MAP_ID", "FILTERED", "LISTENING"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--floor-consumer", metavar="OBJECT", help=argparse.SUPPRESS)
     ap.add_argument("--kinds", nargs="+", default=["persistent", "churn"],
                     choices=["persistent", "churn"], help="workloads (default both)")
@@ -416,7 +437,11 @@ def main(argv: list[str]) -> int:
                     help="modes (default all)")
     ap.add_argument("--pairs", type=int, default=20,
                     help="also measure the daemon's loss in this many attached/detached "
-                         "pairs of --seconds each, one consumer process throughout")
+                         "pairs of --seconds each, one consumer process throughout, its "
+                         "collision check listening (an audited map not proven healthy)")
+    ap.add_argument("--idle-pairs", type=int, default=0, metavar="PAIRS",
+                    help="the same with the collision check idle, as the daemon runs once "
+                         "an audit proved every entry owned (tracer.collision_check = auto)")
     ap.add_argument("--floor", type=int, default=0, metavar="PAIRS",
                     help="also measure, in this many pairs, programs that return at once at "
                          "the same tracepoints (benchmarks/tracepoint_floor.bpf.c): the "
@@ -431,7 +456,8 @@ def main(argv: list[str]) -> int:
                          "program run; the tracer CPU column is then 0)")
     args = ap.parse_args(argv)
     if args.consumer:
-        return _consumer(int(args.consumer[0]), args.consumer[1] == "1")
+        return _consumer(int(args.consumer[0]), args.consumer[1] == "1",
+                         args.consumer[2] == "1")
     if args.floor_consumer:
         return _floor_consumer(args.floor_consumer)
     if os.geteuid() != 0:
@@ -490,8 +516,12 @@ def main(argv: list[str]) -> int:
                     tails.setdefault(kind, {})[mode] = tail
             if args.pairs:
                 paired[kind, "daemon"] = _paired(
-                    kind, args.seconds, port, ["--consumer", str(maps.ids["daemon"]), "1"],
-                    args.pairs)
+                    kind, args.seconds, port,
+                    ["--consumer", str(maps.ids["daemon"]), "1", "1"], args.pairs)
+            if args.idle_pairs:
+                paired[kind, "idle"] = _paired(
+                    kind, args.seconds, port,
+                    ["--consumer", str(maps.ids["daemon"]), "1", "0"], args.idle_pairs)
             if args.floor:
                 paired[kind, "floor"] = _paired(kind, args.seconds, port,
                                                 ["--floor-consumer", floor_obj], args.floor)
@@ -523,8 +553,9 @@ def main(argv: list[str]) -> int:
             print(f"{'':<11} {mode:<11} rounds {[round(x) for x in res[mode]]}  "
                   f"{tails.get(kind, {}).get(mode, '')}")
     for (kind, what), (ratios, cpu_ratios, tail) in paired.items():
-        whose = ("daemon tracer" if what == "daemon" else
-                 "floor (programs returning at once, same tracepoints)")
+        whose = {"daemon": "daemon tracer, collision check listening",
+                 "idle": "daemon tracer, collision check idle (healthy maps)",
+                 "floor": "floor (programs returning at once, same tracepoints)"}[what]
         print(f"paired {kind}: {whose} attached vs detached, {len(ratios)} pairs of "
               f"{args.seconds:g} s")
         for figure, values in (("rate loss", [(1 - r) * 100 for r in ratios]),

@@ -293,3 +293,21 @@ def test_ipv4_mapped_endpoints_print_as_ipv4() -> None:
     assert str(Endpoint(mapped, 8080)) == "127.0.0.1:8080"
     assert str(Endpoint(IPv6Address("fd00::1"), 443)) == "[fd00::1]:443"
     assert Interner().endpoint_text(mapped.packed, 8080) == "127.0.0.1:8080"
+
+
+def test_a_map_is_proven_healthy_only_when_every_entry_is_owned() -> None:
+    """What lets the collision check stop listening: nothing a new connection could hit."""
+    from sockguard.core.tcp_states import TCP_SYN_RECV
+
+    owned = SocketIndex.build([sock(SERVER, 1), sock(CLIENT, 2)])
+    assert audit_map(MAP, [entry_for(SERVER), entry_for(CLIENT)], owned,
+                     NO_POLICY).proven_healthy
+    assert audit_map(MAP, [], owned, NO_POLICY).proven_healthy  # an empty map
+    stale = audit_map(MAP, [entry_for(SERVER)], SocketIndex.build([sock(CLIENT, 2)]),
+                      NO_POLICY)
+    assert stale.count(Kind.STALE) == 1 and not stale.proven_healthy
+    garbled = audit_map(MAP, [entry_for(SERVER)], owned, NO_POLICY, undecodable=["00: bad"])
+    assert not garbled.proven_healthy
+    handshake = audit_map(MAP, [entry_for(SERVER)],
+                          SocketIndex.build([sock(SERVER, 1, state=TCP_SYN_RECV)]), NO_POLICY)
+    assert handshake.count(Kind.OK) == 0 and not handshake.proven_healthy

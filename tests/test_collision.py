@@ -30,6 +30,8 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sockguard.core.model import Endpoint, Tuple4
 from sockguard.kernel import libbpf
@@ -37,6 +39,7 @@ from sockguard.kernel.capabilities import Capabilities, Feature
 from sockguard.trace.collision import (
     Candidate,
     CollisionCheck,
+    CollisionGate,
     Entry,
     entry_of,
     record_tuple,
@@ -46,7 +49,7 @@ from sockguard.trace.detections import plan
 from sockguard.trace.events import TraceEvent
 from sockguard.trace.tracer import Tracer, TracerOptions, daemon_options
 from sockguard.trace.watched import MapWatch
-from tests.lab import Lab, cilium_key, close_rst, recv_exact
+from tests.lab import Lab, cilium_key, close_rst, key_for, recv_exact
 from tests.test_daemon import RunningDaemon, start_daemon, wait_for
 
 __all__ = ["start_daemon"]
@@ -157,6 +160,75 @@ def test_no_collision_when_the_second_look_finds_the_socket_or_nothing() -> None
     check, reader = _check([{b"key": [_entry(SRV, 11)]}])  # healthy: one look, done
     check.offer(_cand(0.0))
     assert check.run(0.0) == [] and check.next_due() is None and len(reader.asked) == 1
+
+
+# -- the gate: when the check listens ------------------------------------------------------
+
+
+def test_the_gate_listens_until_an_audit_proves_every_map() -> None:
+    gate = CollisionGate()
+    assert gate.listening([7])  # nothing proved yet
+    gate.audited(10.0, None)  # an audit that found something, or failed
+    assert gate.listening([7])
+    gate.audited(20.0, [7])
+    assert not gate.listening([7]) and not gate.listening([])
+    assert gate.listening([7, 8])  # a map the proof did not cover
+    gate.audited(30.0, None)
+    assert gate.listening([7])
+
+
+def test_an_entry_gone_bad_reopens_the_gate_until_a_later_audit_proves_it_again() -> None:
+    gate = CollisionGate()
+    gate.audited(10.0, [7])
+    gate.suspect(12.0)
+    assert gate.listening([7])
+    gate.audited(11.0, [7])  # started before the event: it may have read the map before
+    assert gate.listening([7])
+    gate.suspect(5.0)  # an older report changes nothing
+    gate.audited(12.0, [7])  # started at the event: still not after it
+    assert gate.listening([7])
+    gate.audited(12.5, [7])
+    assert not gate.listening([7])
+
+
+def test_always_listens_and_unknown_modes_are_refused() -> None:
+    gate = CollisionGate("always")
+    gate.audited(1.0, [7])
+    assert gate.listening([7])
+    gate.mode = "auto"  # a reload
+    assert not gate.listening([7])
+    with pytest.raises(ValueError, match="never"):
+        CollisionGate("never")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(("audit", "fail", "suspect")),
+                          st.floats(0, 100), st.frozensets(st.integers(1, 4), max_size=3)),
+                max_size=12),
+       st.frozensets(st.integers(1, 4), max_size=3))
+def test_the_gate_is_idle_only_after_a_proof_later_than_every_suspicion(
+        steps: list[tuple[str, float, frozenset[int]]], maps: frozenset[int]) -> None:
+    """Fail closed: idle means the last audit proved every current map, and no entry
+    went bad at or after that audit's start."""
+    gate = CollisionGate()
+    last: tuple[float, frozenset[int]] | None = None
+    suspicions: list[float] = []
+    for what, when, ids in steps:
+        if what == "audit":
+            gate.audited(when, ids)
+            last = (when, ids)
+        elif what == "fail":
+            gate.audited(when, None)
+            last = None
+        else:
+            gate.suspect(when)
+            suspicions.append(when)
+    if not gate.listening(maps):
+        assert last is not None and maps <= last[1]
+        assert all(t < last[0] for t in suspicions)
+    elif last is not None and maps <= last[1] and all(t < last[0] for t in suspicions):
+        pytest.fail("listening although the last audit proved every map after every "
+                    "suspicion")
 
 
 def _caps(**available: bool) -> Capabilities:
@@ -433,6 +505,72 @@ def test_healthy_connections_report_no_collision(
     assert established, "the reused tuple's ESTABLISHED was not seen"
 
 
+def _reset_event(t: Traced, srv_tuple: Tuple4, timeout: float = 3.0) -> TraceEvent | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        t.refresh()  # a parked reset is taken at a refresh
+        for e in t.events:
+            if e.kind == "reset" and e.sock == srv_tuple:
+                return e
+        t.tracer.poll(20)
+    return None
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_reset_is_seen_and_collisions_are_checked_only_while_listening(
+        lab: Lab, traced: Callable[[str, str], Traced], variant: str) -> None:
+    """The daemon's tracer sees the stale entry of a reset as it is born, and
+    detached (``listen_for_collisions(False)``) its ESTABLISHED program runs no
+    more: the colliding reconnect is seen only once it listens again."""
+    t = traced("daemon", variant)
+    if t.tracer.blind_spot is not None:
+        pytest.skip(f"the collision check cannot idle here: {t.tracer.blind_spot}")
+    assert t.tracer.listening
+    assert t.tracer.listen_for_collisions(False) is False and not t.tracer.listening
+    server_pod, client_pod = lab.pods
+    s_ip = server_pod.addr()
+    listener = lab.listen(server_pod, port=SERVER_PORT)
+    cli, srv = lab.pair(client_pod, server_pod, SERVER_PORT, src_port=CLIENT_PORT,
+                        listener=listener)
+    srv_key, srv_tuple = key_for(srv), _tuple_of(srv)
+    assert wait_for(lambda: srv_key in lab.keys(), 5)
+    t.refresh()  # both keys watched
+    close_rst(cli)  # the server's socket is reset; the test holds its fd
+    ev = _reset_event(t, srv_tuple)
+    mine = "\n".join(e.line() for e in t.events if e.netns in _netns(lab))
+    assert ev is not None, mine
+    assert ev.errno_name == "ECONNRESET" and ev.state == "CLOSE", ev.line()
+    assert ev.left_behind and ev.key_in_maps == (f"cilium_sock_ops#{_map_id(lab)}",)
+    assert ev.meaning is not None and ev.meaning.value == "key_left_behind"
+    assert srv_key in lab.keys()  # the stale entry of a reset, held open
+
+    def reconnect() -> socket.socket:
+        server = BlockedServer(lab, listener, "epoll", wait=1.0)
+        c = lab.connect(client_pod, s_ip, SERVER_PORT, src_port=CLIENT_PORT)
+        c.sendall(b"GET /")
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            t.tracer.poll(20)
+        server.join()
+        assert server.read is None  # the hang: the payload went to the reset socket
+        if server.conn is not None:
+            close_rst(server.conn)
+        return c
+
+    # detached: the colliding connection's ESTABLISHED is not even seen
+    close_rst(reconnect())
+    seen = [e for e in t.events if e.kind == "state" and e.netns in _netns(lab)]
+    assert seen == [] and t.collisions(_netns(lab)) == []
+    # listening again: the next reconnect on that tuple is reported
+    assert t.tracer.listen_for_collisions(True) and t.tracer.listening
+    close_rst(reconnect())
+    found = t.collisions(_netns(lab)) or [t.wait_collision(DETECT_WITHIN, _netns(lab))]
+    assert found[0] is not None, "\n".join(e.line() for e in t.events)
+    assert found[0].entry is not None and found[0].entry.state == "CLOSE"
+    assert found[0].key_hex == srv_key.hex()
+
+
 @pytest.mark.kernel
 def test_trace_json_prints_the_collision(lab: Lab) -> None:
     if os.geteuid() != 0 or not SOCKGUARD.exists():
@@ -474,6 +612,8 @@ def test_trace_json_prints_the_collision(lab: Lab) -> None:
 
 # -- daemon -----------------------------------------------------------------------------------
 
+ALWAYS = '[tracer]\ncollision_check = "always"\n'
+
 
 def _tracer_started(d: RunningDaemon) -> str:
     assert wait_for(lambda: "tracer active" in d.log() or "tracer unavailable" in d.log(), 30), \
@@ -484,8 +624,12 @@ def _tracer_started(d: RunningDaemon) -> str:
 @pytest.mark.kernel
 def test_daemon_reports_a_collision_at_connect_and_audits_at_once(
         lab: Lab, start_daemon: Callable[..., RunningDaemon]) -> None:
-    """Interval 60 s, the server in epoll_wait: only the collision check can see it now."""
-    d = start_daemon(lab.pin_path, interval=60.0)
+    """Interval 60 s, the server in epoll_wait: only the collision check can see it now.
+
+    The stale key is injected, a birth no tracer event sees, so the check is kept
+    listening (``always``); ``auto`` is the next test's.
+    """
+    d = start_daemon(lab.pin_path, interval=60.0, extra=ALWAYS)
     d.wait_value("sockguard_last_successful_audit_timestamp_seconds", lambda v: v > 0, 90)
     log = _tracer_started(d)
     if "collision (" not in log:
@@ -515,3 +659,51 @@ def test_daemon_reports_a_collision_at_connect_and_audits_at_once(
     assert "SOCKGUARD_ENTRY_SOCKET=127.0.0.1:" in out
     assert d.value("sockguard_recvmsg_mismatches_total") == 0  # no read returned to see
     server.join()
+
+
+@pytest.mark.kernel
+def test_daemon_idles_the_check_on_healthy_maps_and_listens_from_a_reset(
+        lab: Lab, start_daemon: Callable[..., RunningDaemon]) -> None:
+    """``auto``: detached while every entry is owned; a reset held open (the stale entry
+    of a reset, no injection) re-attaches it at once, the reconnect that collides is
+    reported, and once the entry is gone an audit proves the map again."""
+    d = start_daemon(lab.pin_path, interval=5.0)
+    d.wait_value("sockguard_last_successful_audit_timestamp_seconds", lambda v: v > 0, 90)
+    log = _tracer_started(d)
+    if "collision (" not in log:
+        pytest.skip("collision detection inactive here: " + log)
+    if "collision check always listening" in log:
+        pytest.skip("the collision check cannot idle here: " + log)
+    listening = "sockguard_tracer_collision_check_listening"
+    d.wait_value(listening, lambda v: v == 0, 15)  # the empty lab map is proven healthy
+    assert "collision check idle" in d.log()
+    server_pod, client_pod = lab.pods
+    s_ip = server_pod.addr()
+    listener = lab.listen(server_pod, port=SERVER_PORT)
+    cli, srv = lab.pair(client_pod, server_pod, SERVER_PORT, src_port=CLIENT_PORT,
+                        listener=listener)
+    srv_key = key_for(srv)
+    assert wait_for(lambda: srv_key in lab.keys(), 5)
+    time.sleep(1.5)  # owned entries keep it idle; the watched set takes their keys
+    assert d.value(listening) == 0, d.log()
+
+    close_rst(cli)  # the server's socket is reset and stays open: a stale entry is born
+    d.wait_value(listening, lambda v: v == 1, 5)
+    d.wait_value("sockguard_early_audits_total", lambda v: v >= 1, 5, trigger="key_left_behind")
+    assert "collision check listening" in d.log()
+    server = BlockedServer(lab, listener, "epoll", wait=10.0)
+    cli2 = lab.connect(client_pod, s_ip, SERVER_PORT, src_port=CLIENT_PORT)
+    cli2.sendall(b"GET /")
+    d.wait_value("sockguard_tracer_collisions_total", lambda v: v >= 1, 10)
+    assert server.readable_at is None  # the hang, seen at connect
+    out = d.log()
+    assert "SOCKGUARD_EVENT=key_left_behind" in out and "SOCKGUARD_EVENT=collision" in out
+
+    # recovery: the held socket closes (its entry goes), the shadowed pair ends
+    close_rst(cli2)
+    server.join()
+    if server.conn is not None:
+        server.conn.close()
+    srv.close()
+    assert wait_for(lambda: srv_key not in lab.keys(), 5)
+    d.wait_value(listening, lambda v: v == 0, 30)

@@ -58,6 +58,7 @@ NON_DEFAULT: dict[str, tuple[str, object]] = {
     "log.level": ('"debug"', "debug"),
     "log.max_findings": ("3", 3),
     "tracer.enabled": ("false", False),
+    "tracer.collision_check": ('"always"', "always"),
 }
 
 

@@ -586,6 +586,17 @@ class AuditResult:
     def bad(self) -> list[Finding]:
         return [f for f in self._built() if f.kind in BAD_KINDS]
 
+    @property
+    def proven_healthy(self) -> bool:
+        """Every entry was judged, and a live socket owns its tuple (``ok`` or ``proxy``).
+
+        Nothing undecodable, mid-handshake or unverified: what was not looked
+        at is not proven (the collision check listens while anything is not).
+        """
+        if self.undecodable or self.pending or self.unverified:
+            return False
+        return self.count(Kind.OK) + self.count(Kind.PROXY) == self.entries
+
     def reported(self, include_ok: bool = False) -> list[Finding]:
         """The findings a report lists: every one, or all but ``ok`` (without building those)."""
         if include_ok:

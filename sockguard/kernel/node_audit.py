@@ -108,6 +108,12 @@ class NodeAudit:
     def unverified(self) -> int:
         return sum(r.unverified for r in self.results)
 
+    @property
+    def proven_healthy(self) -> bool:
+        """Complete, no map skipped, and every entry of every map owned by a live socket."""
+        return self.complete and not self.skipped and all(r.proven_healthy
+                                                          for r in self.results)
+
 
 @dataclass(frozen=True)
 class EntrySource:

@@ -30,6 +30,7 @@ from sockguard.core.errors import ConfigError
 from sockguard.core.layout import LAYOUTS
 from sockguard.core.model import IPAddress
 from sockguard.kernel.node_audit import ENTRY_SOURCES
+from sockguard.trace.collision import GATE_MODES
 
 LOG_TARGETS = ("auto", "journal", "stderr")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -58,6 +59,7 @@ class Config:
     log_level: str = "info"
     log_max_findings: int = 100
     tracer_enabled: bool = True
+    collision_check: str = "auto"
     source: str | None = None  # the file it came from; not a key
 
 
@@ -184,6 +186,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("tracer", "enabled", "tracer_enabled", "bool",
            "run the event tracer where the kernel allows it (update failures, psock drops, "
            "receive-path mismatches, early audit after a socket closes)", "--tracer"),
+    Option("tracer", "collision_check", "collision_check", "str",
+           "when the collision check listens at every new connection: auto (while an audited "
+           "map may hold a key to collide with: until an audit proves every entry owned, and "
+           "again after an entry goes bad) or always", "--collision-check",
+           _one_of(GATE_MODES)),
 )
 
 _BY_NAME = {o.name: o for o in OPTIONS}

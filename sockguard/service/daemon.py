@@ -75,6 +75,7 @@ from sockguard.kernel.sockhash_lookup import session as lookup_session
 from sockguard.service.config import Config, describe, load_config, overrides_from_args
 from sockguard.service.metrics import Metrics, start_server
 from sockguard.service.notify import Notifier, make_log_handler, monotonic_usec
+from sockguard.trace.collision import CollisionGate
 from sockguard.trace.events import EARLY_AUDIT, Meaning, TraceEvent
 from sockguard.trace.tracer import (
     Tracer,
@@ -234,6 +235,9 @@ class Daemon:
         self._failures = 0
         self._early_lock = threading.Lock()
         self._early_trigger: str | None = None
+        #: whether the tracer's collision check must listen: the audits and the tracer's
+        #: events decide (sockguard/trace/collision.py)
+        self.collision_gate = CollisionGate(config.collision_check)
         self.tracer = TracerRunner(self)
 
     # -- threads ------------------------------------------------------------------------
@@ -367,8 +371,11 @@ class Daemon:
                               tolerate_skips=discovered, entry_source_name=cfg.entry_source,
                               on_walk=self.tracer.offer_keys)
         except (SockguardError, OSError) as exc:
+            self.collision_gate.audited(start, None)
             self._failed(exc)
             return
+        self.collision_gate.audited(
+            start, [r.map.id for r in audit.results] if audit.proven_healthy else None)
         self._beat()
         if self._stop.is_set():
             return  # stopping: no deletes after SIGTERM
@@ -399,6 +406,7 @@ class Daemon:
 
     def _crashed(self, exc: Exception) -> None:
         """A bug in a cycle: counted every time, its traceback logged once per distinct error."""
+        self.collision_gate.audited(time.monotonic(), None)  # it proved nothing
         self.metrics.audit_failed("internal")
         self._failures += 1
         ident = ("internal", f"{type(exc).__name__}: {exc}")
@@ -529,6 +537,7 @@ class Daemon:
                       extra={"SOCKGUARD_RELOAD": "failure"})
         else:
             self.config = new
+            self.collision_gate.mode = new.collision_check
             configure_logging(new)
             self.metrics.configured(new.interval, new.remediate)
             self.metrics.reloads.labels(result="success").inc()
@@ -692,12 +701,17 @@ class TracerRunner:
             self.started.set()
             return
         d.metrics.tracer.set_active({k: v.active for k, v in self.detections.items()})
+        d.metrics.tracer.collision_listening.set(1 if tracer.listening else 0)
         self._tracer = tracer
         log.info("%s", attached_detections(self.detections),
                  extra={"SOCKGUARD_TRACER": "started"})
+        blind = tracer.blind_spot
+        if tracer.collisions is not None and blind is not None:
+            log.info("collision check always listening: %s", blind)
         self.started.set()
         try:
             while not self._stop.is_set():
+                self._gate(tracer, watch)
                 tracer.poll(self.POLL_MS)
         except Exception:  # never take the daemon down: audits go on without events
             log.exception("tracer crashed; continuing with periodic audits only")
@@ -705,12 +719,33 @@ class TracerRunner:
             self._tracer = None
             tracer.close()
             d.metrics.tracer.set_active({})
+            d.metrics.tracer.collision_listening.set(0)
+
+    def _gate(self, tracer: Tracer, watch: MapWatch) -> None:
+        """Attach or detach the collision check's tracepoint as the gate says; say so once."""
+        if tracer.collisions is None:
+            want = False  # the state programs serve nothing else in the daemon
+        elif tracer.blind_spot is not None:
+            want = True  # an entry could go bad unseen: never idle
+        else:
+            want = self.daemon.collision_gate.listening([h.info.id for h in watch.handles()])
+        if want == tracer.listening:
+            return
+        now = tracer.listen_for_collisions(want)
+        self.daemon.metrics.tracer.collision_listening.set(1 if now else 0)
+        if now == want and tracer.collisions is not None:
+            log.info("collision check %s", "listening: an audited map may hold a key a new "
+                     "connection collides with" if now else "idle: the last audit proved "
+                     "every entry owned, nothing to collide with",
+                     extra={"SOCKGUARD_COLLISION_CHECK": "listening" if now else "idle"})
 
     def _on_event(self, ev: TraceEvent) -> None:
         meaning = ev.meaning  # decided in one place: TraceEvent.meaning
         if meaning is None:
             return
         d = self.daemon
+        if meaning in EARLY_AUDIT:  # an entry went bad: something to collide with now
+            d.collision_gate.suspect(time.monotonic())
         fields = {**tracer_event_fields(ev), "SOCKGUARD_EVENT": meaning.value}
         if meaning is Meaning.UPDATE_FAILURE:
             d.metrics.tracer.update_failed(ev.errno_name or "other")

@@ -288,6 +288,12 @@ class TracerMetrics:
         self.active = Gauge("sockguard_detection_active",
                             "1 when the tracer detection runs on this kernel", ["detection"],
                             registry=r)
+        self.collision_listening = Gauge(
+            "sockguard_tracer_collision_check_listening",
+            "1 while the collision check's tracepoint is attached: an audited map may hold a "
+            "key a new connection can collide with (no audit has proved every entry owned "
+            "since, or tracer.collision_check = always); 0 while idle or not running",
+            registry=r)
         for e in UPDATE_ERRNOS:
             self.update_failures.labels(errno=e)
         for c in DROP_CALLERS:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -325,3 +326,64 @@ class CollisionCheck:
                 continue
             out.append(Collision(cand, other[0], other[1], cand.first_look))
         return out
+
+
+#: ``tracer.collision_check``: listen only while a map may hold a key to collide with
+#: (``auto``), or whenever the tracer runs (``always``).
+GATE_MODES = ("auto", "always")
+
+
+class CollisionGate:
+    """Whether the collision check needs its tracepoint attached right now.
+
+    A new connection can only collide with a key that is already in a map,
+    and a key some live socket owns is not one: its tuple is taken in that
+    namespace, and the same tuple in another namespace is not a collision
+    (:func:`owns_tuple`).  So after an audit that proved every entry of every
+    audited map owned (``NodeAudit.proven_healthy``) there is nothing to
+    collide with until a map changes, and ``inet_sock_set_state`` — some ten
+    runs per connection, each a retpoline call on a mitigated kernel, for two
+    that matter — can be detached.
+
+    It listens (fail closed) until such an audit; after an audit that did not
+    prove it or failed; after the tracer saw an entry go bad (a key left
+    behind, a failed insert, a receive-path mismatch) unless an audit that
+    started later proved the maps healthy again; and while a map is audited
+    that the proof did not cover.  The audit thread reports, the tracer thread
+    asks: a lock keeps the three fields consistent.
+    """
+
+    def __init__(self, mode: str = "auto") -> None:
+        if mode not in GATE_MODES:
+            raise ValueError(f"collision gate mode {mode!r} is not one of {GATE_MODES}")
+        self.mode = mode
+        self._lock = threading.Lock()
+        self._proven_at: float | None = None  # start of the last audit that proved it
+        self._proven_maps: frozenset[int] = frozenset()
+        self._suspected_at: float | None = None
+
+    def audited(self, started: float, proven_maps: Collection[int] | None) -> None:
+        """An audit that started at ``started`` (monotonic) ended: the ids of the maps it
+        proved healthy, all of them, or None when it proved nothing (or failed)."""
+        with self._lock:
+            if proven_maps is None:
+                self._proven_at, self._proven_maps = None, frozenset()
+            else:
+                self._proven_at, self._proven_maps = started, frozenset(proven_maps)
+
+    def suspect(self, when: float) -> None:
+        """The tracer saw an entry go bad at ``when`` (monotonic)."""
+        with self._lock:
+            if self._suspected_at is None or when > self._suspected_at:
+                self._suspected_at = when
+
+    def listening(self, maps: Collection[int]) -> bool:
+        """Whether the check must listen while ``maps`` (ids) are the audited maps."""
+        if self.mode == "always":
+            return True
+        with self._lock:
+            if self._proven_at is None:
+                return True
+            if self._suspected_at is not None and self._suspected_at >= self._proven_at:
+                return True
+            return not set(maps) <= self._proven_maps

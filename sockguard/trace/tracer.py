@@ -119,6 +119,15 @@ class _Loaded:
     links: list[Link] = field(default_factory=list)
 
 
+@dataclass
+class _Gated:
+    """A program attached only while the collision check listens (inet_sock_set_state)."""
+
+    loaded: _Loaded
+    name: str
+    link: Link | None
+
+
 class Tracer:
     """Loads, attaches and polls the tracer objects this kernel supports.
 
@@ -148,6 +157,10 @@ class Tracer:
         self._bits_fd: int | None = None
         self._pending_fds: list[int] = []
         self.collisions: CollisionCheck | None = None
+        #: with ``established_only`` the state programs serve the collision check alone,
+        #: and :meth:`listen_for_collisions` attaches or detaches them
+        self._gated: list[_Gated] = []
+        self._gate_failed: str | None = None
 
     @property
     def filtering(self) -> bool:
@@ -258,11 +271,58 @@ class Tracer:
         for det_name, progs in chosen.items():
             try:
                 for prog in progs:
-                    loaded.links.append(obj.program(prog).attach())
+                    link = obj.program(prog).attach()
+                    if self.options.established_only and prog.startswith("state_"):
+                        self._gated.append(_Gated(loaded, prog, link))
+                    else:
+                        loaded.links.append(link)
             except BpfError as exc:
                 self._disable({det_name: progs}, f"attaching {prog} failed: "
                                                  f"{errno.errorcode.get(exc.errno or 0, '?')}")
         rb.add(obj.map("events").fd)
+
+    @property
+    def blind_spot(self) -> str | None:
+        """Why the tracer could miss an entry going bad; None when it sees both ways it
+        can: a death with its key still in a map (lifecycle) and a reset or timeout of a
+        socket still held (reset), filtered by the watched set.  Only then may the
+        collision check stop listening."""
+        if not self.filtering or self.watched is None:
+            return "the tracer does not filter by the audited maps' keys"
+        for name in ("lifecycle", "reset"):
+            det = self.detections.get(name)
+            if det is None or not det.active:
+                return f"{name} detection inactive: {det.reason if det else 'not planned'}"
+        return None
+
+    @property
+    def listening(self) -> bool:
+        """Whether the collision check's tracepoint is attached (False: none to attach)."""
+        return any(g.link is not None for g in self._gated)
+
+    def listen_for_collisions(self, on: bool) -> bool:
+        """Attach (``on``) or detach the programs that only the collision check needs.
+
+        The daemon asks its :class:`~sockguard.trace.collision.CollisionGate`
+        before every poll; unchanged, this does nothing.  An attach that fails
+        is logged once (per reason) and tried again at the next call; the
+        return value says whether the check listens now.
+        """
+        for g in self._gated:
+            if on and g.link is None:
+                try:
+                    g.link = g.loaded.obj.program(g.name).attach()
+                except BpfError as exc:
+                    why = f"attaching {g.name} failed: {errno.errorcode.get(exc.errno or 0, '?')}"
+                    if why != self._gate_failed:
+                        log.warning("tracer: collision check not listening: %s", why)
+                        self._gate_failed = why
+                    continue
+                self._gate_failed = None
+            elif not on and g.link is not None:
+                g.link.destroy()
+                g.link = None
+        return self.listening
 
     def _wants_program(self, prog: str) -> bool:
         return not (self.options.deaths_only and prog.startswith("state_"))
@@ -395,6 +455,10 @@ class Tracer:
         if self._rb is not None:
             self._rb.close()
             self._rb = None
+        for g in self._gated:
+            if g.link is not None:
+                g.link.destroy()
+        self._gated.clear()
         for loaded in self._loaded:
             for link in loaded.links:
                 link.destroy()
