@@ -118,7 +118,9 @@ REGISTRY: tuple[Spec, ...] = (
          "trace_reset",
          (Variant("tp_btf", ("reset_tp_btf",), "tp_btf/inet_sk_error_report",
                   feature="tp_btf_sock"),
-          Variant("raw_tp", ("reset_raw_tp",), "raw_tp/inet_sk_error_report"))),
+          Variant("raw_tp", ("reset_raw_tp",), "raw_tp/inet_sk_error_report")),
+         # the tracepoint's own function: absent where the tracepoint is (before 5.12)
+         symbol="__traceiter_inet_sk_error_report"),
     COLLISION,
 )
 
@@ -146,7 +148,7 @@ def _decide(spec: Spec, caps: Capabilities) -> Detection:
         if syms.usable and syms.address(spec.symbol) is None:
             why = ("is ambiguous in this kernel's kallsyms (two functions of that name)"
                    if spec.symbol in syms.ambiguous else
-                   "is not in this kernel's kallsyms (inlined or renamed)")
+                   "is not in this kernel's kallsyms (absent, inlined or renamed)")
             return Detection(spec.name, spec.description, False, None, f"{spec.symbol} {why}")
     if spec.kallsyms == "required" and not caps.ok("kallsyms"):
         return Detection(spec.name, spec.description, False, None, caps["kallsyms"].reason)
