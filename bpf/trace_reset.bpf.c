@@ -14,9 +14,12 @@
  * is exactly this case.  It is rare on a healthy node (errors only), so the
  * program costs nothing under connection churn.
  *
- * The daemon uses it to learn that an entry went bad the moment it does: it
- * starts an audit, and the collision check (sockguard/trace/collision.py,
- * CollisionGate) listens again.
+ * The daemon uses it to learn that an entry went bad the moment it does: the
+ * collision check (sockguard/trace/collision.py, CollisionGate) listens
+ * again.  It starts no audit: a server usually closes a reset socket within
+ * milliseconds, and on a node whose clients reset their connections an audit
+ * per reset would cost more than the check; the periodic audit's two looks
+ * find one held open.
  *
  * Only a connected TCP socket in CLOSE is reported (an error on a socket
  * that stays established, an ICMP error with IP_RECVERR, changes nothing in

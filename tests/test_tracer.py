@@ -32,6 +32,7 @@ from sockguard.kernel.kallsyms import Kallsyms
 from sockguard.trace.detections import PROGRAMS, plan
 from sockguard.trace.events import (
     EARLY_AUDIT,
+    ENTRY_GONE_BAD,
     EVENT,
     Meaning,
     TraceEvent,
@@ -200,6 +201,8 @@ def test_decode_update_failure_with_cilium_key() -> None:
     (4, 0, 0, 1, ("m#7",), None, False),                            # -> ESTABLISHED
     (5, 0, 0, 7, ("m#7",), Meaning.KEY_LEFT_BEHIND, True),          # destroy
     (5, 0, 0, 7, (), None, True),
+    (6, -errno.ECONNRESET, 0, 7, ("m#7",), Meaning.RESET_HELD, True),  # reset, held open
+    (6, -errno.ETIMEDOUT, 0, 7, (), None, True),
 ])
 def test_decode_event_is_pure_and_meaning_is_decided_once(
         etype: int, ret: int, aux: int, state: int, held: tuple[str, ...],
@@ -222,6 +225,11 @@ def test_decode_event_is_pure_and_meaning_is_decided_once(
     assert bare.meaning in (None, Meaning.UPDATE_FAILURE, Meaning.PSOCK_DROP)
     assert EARLY_AUDIT == (Meaning.UPDATE_FAILURE, Meaning.RECV_MISMATCH, Meaning.COLLISION,
                            Meaning.KEY_LEFT_BEHIND)
+    # a reset held open only wakes the collision check: no audit per reset
+    assert set(ENTRY_GONE_BAD) == {*EARLY_AUDIT, Meaning.RESET_HELD}
+    if etype == 6:
+        assert ev.errno_name in ("ECONNRESET", "ETIMEDOUT") and ev.state == "CLOSE"
+        assert ("KEY IN m#7" in ev.line()) is bool(held)
 
 
 def test_decode_recv_marks_a_mismatch_only_when_the_key_is_in_a_map() -> None:

@@ -76,7 +76,7 @@ from sockguard.service.config import Config, describe, load_config, overrides_fr
 from sockguard.service.metrics import Metrics, start_server
 from sockguard.service.notify import Notifier, make_log_handler, monotonic_usec
 from sockguard.trace.collision import CollisionGate
-from sockguard.trace.events import EARLY_AUDIT, Meaning, TraceEvent
+from sockguard.trace.events import EARLY_AUDIT, ENTRY_GONE_BAD, Meaning, TraceEvent
 from sockguard.trace.tracer import (
     Tracer,
     TracerUnavailableError,
@@ -744,7 +744,7 @@ class TracerRunner:
         if meaning is None:
             return
         d = self.daemon
-        if meaning in EARLY_AUDIT:  # an entry went bad: something to collide with now
+        if meaning in ENTRY_GONE_BAD:  # something to collide with now
             d.collision_gate.suspect(time.monotonic())
         fields = {**tracer_event_fields(ev), "SOCKGUARD_EVENT": meaning.value}
         if meaning is Meaning.UPDATE_FAILURE:
@@ -775,6 +775,10 @@ class TracerRunner:
         elif meaning is Meaning.KEY_LEFT_BEHIND:
             log.info("socket %s closed but the key of its tuple is still in %s: auditing now",
                      ev.sock, ", ".join(ev.key_in_maps or ()), extra=fields)
+        elif meaning is Meaning.RESET_HELD:  # common, and mostly closed at once: debug
+            log.debug("socket %s was reset (%s) while its process holds it: the key of its "
+                      "tuple stays in %s until it is closed; collision check listening",
+                      ev.sock, ev.errno_name, ", ".join(ev.key_in_maps or ()), extra=fields)
         if meaning in EARLY_AUDIT:
             d.request_early_audit(meaning.value)
 

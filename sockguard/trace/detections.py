@@ -113,8 +113,7 @@ REGISTRY: tuple[Spec, ...] = (
                   "raw_tp/inet_sock_set_state and raw_tp/tcp_destroy_sock"))),
     Spec("reset",
          "TCP sockets reset or timed out while their process still holds them (the entry "
-         "stays until the fd is closed): an early audit, and the collision check listens "
-         "again",
+         "stays until the fd is closed): the collision check listens again",
          "trace_reset",
          (Variant("tp_btf", ("reset_tp_btf",), "tp_btf/inet_sk_error_report",
                   feature="tp_btf_sock"),

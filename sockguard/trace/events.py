@@ -74,16 +74,17 @@ class Meaning(enum.Enum):
     RECV_MISMATCH = "recv_mismatch"  # receives via tcp_recvmsg while its key is in a map
     COLLISION = "collision"  # established while its key's entry points to another socket
     KEY_LEFT_BEHIND = "key_left_behind"  # closed while the key of its tuple is in a map
+    #: reset or timed out while its process holds it, the key of its tuple in a map: stale
+    #: until the fd is closed, which a server usually does within milliseconds (no audit)
+    RESET_HELD = "reset_held"
 
-
-#: Event kinds after which a socket's key should be gone from every map: a close
-#: (CLOSE), a death (destroy), a reset or timeout (the entry stays until the fd
-#: is closed, bpf/trace_reset.bpf.c).
-LEFT_BEHIND_KINDS = ("state", "destroy", "reset")
 
 #: The meanings that start an audit ahead of the interval.
 EARLY_AUDIT = (Meaning.UPDATE_FAILURE, Meaning.RECV_MISMATCH, Meaning.COLLISION,
                Meaning.KEY_LEFT_BEHIND)
+#: The meanings after which a map may hold a key a new connection collides with: the
+#: collision check listens again (sockguard/trace/collision.py, CollisionGate).
+ENTRY_GONE_BAD = (*EARLY_AUDIT, Meaning.RESET_HELD)
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,10 @@ class TraceEvent:
                     else None)
         if self.kind == "collision":
             return Meaning.COLLISION
-        if self.kind in LEFT_BEHIND_KINDS and self.key_in_maps:
+        if self.kind in ("state", "destroy") and self.key_in_maps:
             return Meaning.KEY_LEFT_BEHIND
+        if self.kind == "reset" and self.key_in_maps:
+            return Meaning.RESET_HELD
         return None
 
     @property
@@ -188,7 +191,7 @@ class TraceEvent:
             out["late"] = True
         if self.kind == "recv":
             out["mismatch"] = self.mismatch
-        if self.kind in LEFT_BEHIND_KINDS and self.key_in_maps is not None:
+        if self.kind in ("state", "destroy") and self.key_in_maps is not None:
             out["left_behind"] = self.left_behind
         if self.entry is not None:
             out["entry"] = self.entry.as_dict()
@@ -218,6 +221,8 @@ class TraceEvent:
             parts.append(f"{self.old_state} -> {self.state}")
         elif self.kind == "reset":
             parts.append(f"by {self.errno_name}, its process still holds it")
+            if self.key_in_maps:
+                parts.append(f"KEY IN {', '.join(self.key_in_maps)} until it is closed")
         elif self.kind == "collision" and self.entry is not None:
             e = self.entry
             cookie = "?" if e.cookie is None else str(e.cookie)
