@@ -346,8 +346,9 @@ class CollisionGate:
     that matter — can be detached.
 
     It listens (fail closed) until such an audit; after an audit that did not
-    prove it or failed; after the tracer saw an entry go bad (a key left
-    behind, a failed insert, a receive-path mismatch) unless an audit that
+    prove it or failed; after the tracer saw an entry go bad (``ENTRY_GONE_BAD``
+    in :mod:`sockguard.trace.events`: a key left behind, a reset socket held
+    open, a failed insert, a receive-path mismatch) unless an audit that
     started later proved the maps healthy again; and while a map is audited
     that the proof did not cover.  The audit thread reports, the tracer thread
     asks: a lock keeps the three fields consistent.
