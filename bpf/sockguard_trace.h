@@ -147,6 +147,28 @@ static __always_inline void sg_fill_sock(struct sg_event *ev, const struct sock 
 	}
 }
 
+/*
+ * An event of `sk` reserved in ring buffer `rb`, zeroed, its header and the
+ * socket's identity filled, `cookie` (when not 0: bpf_get_socket_cookie's,
+ * which tp_btf programs call) over the one read from the socket, and
+ * `source`; the caller adds what its type carries and submits it.  NULL
+ * when the buffer is full.
+ */
+static __always_inline struct sg_event *sg_reserve(void *rb, const struct sock *sk, __u32 type,
+						   __u64 cookie, __u32 source, const bool typed)
+{
+	struct sg_event *ev = bpf_ringbuf_reserve(rb, sizeof(*ev), 0);
+
+	if (!ev)
+		return NULL;
+	__builtin_memset(ev, 0, sizeof(*ev));
+	sg_fill_sock(ev, sk, type, typed);
+	if (cookie)
+		ev->cookie = cookie;
+	ev->source = source;
+	return ev;
+}
+
 /* A TCP socket of family inet/inet6 (the only ones sockguard cares about). */
 static __always_inline int sg_is_tcp(const struct sock *sk, const bool typed)
 {

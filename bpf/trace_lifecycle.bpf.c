@@ -83,21 +83,6 @@ static __always_inline int wanted(int oldstate, int newstate)
 	       oldstate != SG_TCP_LISTEN && oldstate != SG_TCP_CLOSE;
 }
 
-static __always_inline void fill(struct sg_event *ev, const struct sock *sk, __u64 cookie,
-				 __u32 type, int oldstate, int newstate, __u32 source,
-				 const bool typed)
-{
-	__builtin_memset(ev, 0, sizeof(*ev));
-	sg_fill_sock(ev, sk, type, typed);
-	if (cookie)
-		ev->cookie = cookie;
-	if (type == SG_EV_STATE) {
-		ev->state_old = oldstate;
-		ev->state_new = newstate;
-	}
-	ev->source = source;
-}
-
 /*
  * `typed`: `sk` is a BTF pointer (tp_btf), read directly (SG_READ), and
  * bpf_get_socket_cookie (assigning a cookie when it has none yet) is called
@@ -116,10 +101,13 @@ static __always_inline int emit(const struct sock *sk, __u32 type, int oldstate,
 		       newstate, 0, 0, source, typed))
 		return 0;
 	cookie = typed ? bpf_get_socket_cookie((void *)sk) : 0;
-	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	ev = sg_reserve(&events, sk, type, cookie, source, typed);
 	if (!ev)
 		return 0;
-	fill(ev, sk, cookie, type, oldstate, newstate, source, typed);
+	if (type == SG_EV_STATE) {
+		ev->state_old = oldstate;
+		ev->state_new = newstate;
+	}
 	bpf_ringbuf_submit(ev, 0);
 	return 0;
 }

@@ -70,18 +70,6 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
-static __always_inline void fill(struct sg_event *ev, struct sock *sk, __u64 cookie, __u64 fn,
-				 int ret, __u32 source, const bool typed)
-{
-	__builtin_memset(ev, 0, sizeof(*ev));
-	sg_fill_sock(ev, sk, SG_EV_RECV, typed);
-	if (cookie)
-		ev->cookie = cookie;
-	ev->aux = fn;
-	ev->ret = ret;
-	ev->source = source;
-}
-
 /*
  * typed (tp_btf): `sk` is a BTF pointer, read directly, with a unique cookie
  * (bpf_get_socket_cookie assigns one when the socket has none yet);
@@ -120,10 +108,11 @@ static __always_inline int report(struct sock *sk, int ret, __u32 source, const 
 			slot->fn = fn;
 		}
 	}
-	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	ev = sg_reserve(&events, sk, SG_EV_RECV, cookie, source, typed);
 	if (!ev)
 		return 0;
-	fill(ev, sk, cookie, fn, ret, source, typed);
+	ev->aux = fn;
+	ev->ret = ret;
 	bpf_ringbuf_submit(ev, 0);
 	return 0;
 }

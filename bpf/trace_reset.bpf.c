@@ -70,15 +70,10 @@ static __always_inline int report(const struct sock *sk, __u32 source, const boo
 	    !sg_filter(sk, 1, SG_EV_RESET, 0, SG_TCP_CLOSE, 0, err, source, typed))
 		return 0;
 	cookie = typed ? bpf_get_socket_cookie((void *)sk) : 0;
-	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	ev = sg_reserve(&events, sk, SG_EV_RESET, cookie, source, typed);
 	if (!ev)
 		return 0;
-	__builtin_memset(ev, 0, sizeof(*ev));
-	sg_fill_sock(ev, sk, SG_EV_RESET, typed);
-	if (cookie)
-		ev->cookie = cookie;
 	ev->ret = err;
-	ev->source = source;
 	bpf_ringbuf_submit(ev, 0);
 	return 0;
 }

@@ -76,14 +76,11 @@ static __always_inline int report_update(struct bpf_map *map, void *key, struct 
 
 	if (cfg.failures_only && ret == 0)
 		return 0;
-	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	ev = sg_reserve(&events, sk, SG_EV_UPDATE, 0, source, false);
 	if (!ev)
 		return 0;
-	__builtin_memset(ev, 0, sizeof(*ev));
-	sg_fill_sock(ev, sk, SG_EV_UPDATE, false);
 	ev->ret = ret;
 	ev->aux = flags;
-	ev->source = source;
 	if (map) {
 		ev->map_id = BPF_CORE_READ(map, id);
 		BPF_CORE_READ_STR_INTO(&ev->map_name, map, name);
@@ -102,12 +99,9 @@ static __always_inline int report_drop(void *ctx, struct sock *sk, __u32 source)
 {
 	struct sg_event *ev;
 
-	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	ev = sg_reserve(&events, sk, SG_EV_PSOCK_DROP, 0, source, false);
 	if (!ev)
 		return 0;
-	__builtin_memset(ev, 0, sizeof(*ev));
-	sg_fill_sock(ev, sk, SG_EV_PSOCK_DROP, false);
-	ev->source = source;
 	bpf_get_stack(ctx, ev->stack, sizeof(ev->stack), 0);
 	bpf_ringbuf_submit(ev, 0);
 	return 0;
