@@ -54,6 +54,7 @@ NON_DEFAULT: dict[str, tuple[str, object]] = {
     "metrics.enabled": ("false", False),
     "metrics.address": ('"::1"', "::1"),
     "metrics.port": ("19999", 19999),
+    "metrics.liveness_timeout": ("5", 5.0),
     "log.target": ('"stderr"', "stderr"),
     "log.level": ('"debug"', "debug"),
     "log.max_findings": ("3", 3),

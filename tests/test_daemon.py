@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -62,8 +63,9 @@ class RunningDaemon:
     def __init__(self, tmp: Path, map_path: Path, interval: float = 0.5,
                  remediate: bool = False, env: dict[str, str] | None = None,
                  entry_source: str = "auto", nofile: int | None = None,
-                 extra: str = "") -> None:
+                 extra: str = "", liveness_timeout: float | None = None) -> None:
         self.tmp = tmp
+        self.liveness_timeout = liveness_timeout
         self.entry_source = entry_source
         self.port = free_port()
         self.config = tmp / "sockguard.toml"
@@ -91,6 +93,8 @@ class RunningDaemon:
             f'entry_source = "{self.entry_source}"\n'
             f"[remediation]\nenabled = {'true' if remediate else 'false'}\nmax_deletes = 10\n"
             f'[metrics]\naddress = "127.0.0.1"\nport = {self.port}\n'
+            + (f"liveness_timeout = {self.liveness_timeout}\n"
+               if self.liveness_timeout is not None else "") +
             f'[log]\ntarget = "stderr"\nlevel = "info"\n{extra}'
         )
 
@@ -98,6 +102,15 @@ class RunningDaemon:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+    def healthz(self) -> tuple[int, str]:
+        """What a Kubernetes livenessProbe sees: the status of GET /healthz and its body."""
+        url = f"http://127.0.0.1:{self.port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
 
     def scrape(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         body = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5).read()
@@ -396,6 +409,36 @@ def test_ready_status_and_watchdog_follow_audit_progress(
         assert _has(notify.collect(0.3) + [m for _, m in notify.messages], "STOPPING=1")
     finally:
         notify.close()
+        if block.exists():
+            block.unlink()
+
+
+def test_healthz_answers_503_while_an_audit_hangs_and_200_with_progress(
+        lab: Lab, start_daemon: Callable[..., RunningDaemon], tmp_path: Path) -> None:
+    """The livenessProbe's view of the watchdog test above: no systemd, only HTTP."""
+    block = tmp_path / "block"
+    d = start_daemon(lab.pin_path, interval=0.3, liveness_timeout=1.0,
+                     env={"SOCKGUARD_TEST_BLOCK_FILE": str(block)})
+    try:
+        _ready(d)
+        status, body = d.healthz()
+        assert status == 200 and body.startswith("ok: the audit thread made progress"), body
+        assert d.scrape(), "/metrics still serves the metrics"
+
+        block.touch()  # the next cycle hangs, as in a syscall that never returns
+        assert wait_for(lambda: "test hook: audit blocked" in d.log(), SLOW), d.log()
+        assert wait_for(lambda: d.healthz()[0] == 503, 5.0), d.healthz()
+        status, body = d.healthz()
+        assert "no progress from the audit thread" in body \
+            and "metrics.liveness_timeout = 1 s" in body, body
+        assert d.scrape(), "a hung audit does not take the metrics endpoint down"
+
+        audits = d.value("sockguard_audits_total") or 0
+        block.unlink()
+        assert wait_for(lambda: d.healthz()[0] == 200, SLOW), d.healthz()
+        d.wait_value("sockguard_audits_total", lambda v: v > audits, timeout=SLOW)
+        assert d.alive()
+    finally:
         if block.exists():
             block.unlink()
 

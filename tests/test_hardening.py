@@ -15,6 +15,7 @@ import os
 import resource
 import socket
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -213,6 +214,52 @@ def test_endpoint_answers_like_prometheus_client_and_refuses_garbage(
         while chunk := s.recv(4096):
             reply.write(chunk)
         assert reply.getvalue().startswith(b"HTTP/1.1 400")
+
+
+def test_healthz_answers_what_the_daemon_says_and_nothing_else_changes() -> None:
+    answer: list[object] = [(True, "ok: fine")]
+
+    def health() -> tuple[bool, str]:
+        value = answer[0]
+        if isinstance(value, Exception):
+            raise value
+        assert isinstance(value, tuple)
+        return value
+
+    srv = start_server(Metrics(), "127.0.0.1", 0, health)
+    port = srv.server_address[1]
+
+    def get(path: str, method: str = "GET") -> tuple[int, bytes]:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+
+    try:
+        assert get("/healthz") == (200, b"ok: fine\n")
+        answer[0] = (False, "hung: no progress")
+        assert get("/healthz") == (503, b"hung: no progress\n")
+        assert get("/healthz?x=1")[0] == 503, "the query does not change the path"
+        status, body = get("/metrics")
+        assert status == 200 and b"sockguard_audits_total" in body, "metrics unaffected"
+        assert get("/healthz", "POST")[0] == 405, "still read-only"
+        answer[0] = RuntimeError("bug")
+        assert get("/healthz")[0] == 500, "a failing answer is an error, not a hang"
+        assert get("/metrics")[0] == 200, "and the endpoint stays up"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    # a server given no answer serves the metrics on /healthz too, as on any other path
+    with_none = start_server(Metrics(), "127.0.0.1", 0)
+    try:
+        _t, body = _scrape(with_none.server_address[1])
+        url = f"http://127.0.0.1:{with_none.server_address[1]}/healthz"
+        assert b"sockguard_build_info" in urllib.request.urlopen(url, timeout=5).read()
+    finally:
+        with_none.shutdown()
+        with_none.server_close()
 
 
 def test_endpoint_on_ipv6_loopback() -> None:

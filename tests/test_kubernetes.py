@@ -188,10 +188,18 @@ def test_command_config_and_probes_agree(tmp_path: Path) -> None:
     assert cfg.metrics_address == node_ip
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports["metrics"] == cfg.metrics_port
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    # liveness asks whether audits make progress (Daemon.health), the others whether it serves
+    paths = {"startupProbe": "/metrics", "readinessProbe": "/metrics",
+             "livenessProbe": "/healthz"}
+    for probe, path in paths.items():
         get = c[probe]["httpGet"]
-        assert get["path"] == "/metrics" and get["port"] == "metrics", probe
+        assert get["path"] == path and get["port"] == "metrics", probe
         assert "host" not in get, f"{probe}: must go to the pod (= node) IP the daemon binds"
+    # a hung audit answers 503 for liveness_timeout, then the probe fails failureThreshold
+    # times: the restart comes within what the unit's WatchdogSec=60s allows, give or take
+    live = c["livenessProbe"]
+    restart_after = cfg.liveness_timeout + live["periodSeconds"] * live["failureThreshold"]
+    assert restart_after <= 120, restart_after
 
 
 def test_configmap_has_the_packaged_configs_keys() -> None:

@@ -55,6 +55,7 @@ class Config:
     metrics_enabled: bool = True
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9795
+    liveness_timeout: float = 30.0
     log_target: str = "auto"
     log_level: str = "info"
     log_max_findings: int = 100
@@ -94,6 +95,9 @@ class Option:
 #: the confirming look is meant to be a fraction of a second.
 MAX_INTERVAL = 86400.0
 MAX_CONFIRM_DELAY = 60.0
+#: An hour without progress is no liveness check at all; a second is below a busy audit's
+#: longest phase on a loaded node.
+MIN_LIVENESS, MAX_LIVENESS = 1.0, 3600.0
 
 
 def _seconds(low: float, high: float, low_open: bool) -> Check:
@@ -175,6 +179,11 @@ OPTIONS: tuple[Option, ...] = (
            "address the metrics endpoint binds to", "--metrics-address", _ip_literal),
     Option("metrics", "port", "metrics_port", "int",
            "TCP port of the metrics endpoint", "--metrics-port", _port),
+    Option("metrics", "liveness_timeout", "liveness_timeout", "float",
+           f"GET /healthz answers 503 once the audit thread has made no progress for this "
+           f"many seconds ({MIN_LIVENESS:g} to {MAX_LIVENESS:g}; for a Kubernetes "
+           f"livenessProbe)", "--liveness-timeout",
+           _seconds(MIN_LIVENESS, MAX_LIVENESS, low_open=False)),
     Option("log", "target", "log_target", "str",
            "auto (journald when started by systemd, else stderr), journal or stderr",
            "--log-target", _one_of(LOG_TARGETS)),

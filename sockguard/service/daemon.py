@@ -14,7 +14,10 @@ Two threads, for a reason:
   younger than half of WatchdogSec.  A hung audit (a stuck syscall, a netlink
   read that never returns) stops the heartbeat, the pings stop, and systemd's
   watchdog kills and restarts us: the pings measure real progress, they are
-  not a free-running timer.
+  not a free-running timer.  Where there is no systemd (a Kubernetes
+  DaemonSet), ``GET /healthz`` on the metrics endpoint answers from the same
+  heartbeat (``Daemon.health``): 503 once it is older than
+  ``metrics.liveness_timeout``, for the livenessProbe.
 
 sd_notify: ``READY=1`` is sent after the first *successful* audit (so
 ``systemctl start`` returning means sockguard has really looked at the maps),
@@ -334,6 +337,20 @@ class Daemon:
     def _beat(self) -> None:
         self._heartbeat = time.monotonic()
 
+    def health(self) -> tuple[bool, str]:
+        """The answer of ``GET /healthz``: whether the audit thread made progress lately.
+
+        The evidence the systemd watchdog's pings rest on (the heartbeat), for nodes
+        without systemd: a Kubernetes livenessProbe on /healthz restarts a daemon whose
+        audit hangs in a syscall, where a probe of /metrics would see it serve on.
+        """
+        age = time.monotonic() - self._heartbeat
+        limit = self.config.liveness_timeout
+        if age < limit:
+            return True, f"ok: the audit thread made progress {age:.1f} s ago"
+        return False, (f"hung: no progress from the audit thread for {age:.0f} s "
+                       f"(metrics.liveness_timeout = {limit:g} s)")
+
     # -- early audits requested by tracer events (TracerRunner, end of file) --------------
 
     def request_early_audit(self, trigger: str) -> None:
@@ -558,7 +575,8 @@ class Daemon:
         if not cfg.metrics_enabled:
             return
         try:
-            self._server = start_server(self.metrics, cfg.metrics_address, cfg.metrics_port)
+            self._server = start_server(self.metrics, cfg.metrics_address, cfg.metrics_port,
+                                        self.health)
         except OSError as exc:
             raise SockguardError(f"cannot serve metrics on {cfg.metrics_address}:"
                                  f"{cfg.metrics_port}: {exc.strerror or exc}") from exc

@@ -13,8 +13,11 @@ Label values are bounded: ``kind`` is a finding kind, ``reason`` one of the
 fixed tuples below, ``map_id``/``map_name`` the (few) audited maps.
 
 The endpoint (``MetricsServer``) serves prometheus_client's WSGI app: it
-answers GET (any path serves the metrics) and OPTIONS, and refuses every other
-method with 405, so it is read-only. It runs in one thread with a bounded
+answers GET (any path but ``/healthz`` serves the metrics) and OPTIONS, and
+refuses every other method with 405, so it is read-only.  ``GET /healthz`` is
+the liveness answer the daemon gives (``Health``): 200 while its audits make
+progress, 503 when they hang — what systemd's watchdog sees on a host, for a
+Kubernetes livenessProbe where there is no systemd. It runs in one thread with a bounded
 number of connections and per-connection timeouts, so local users holding
 connections open cannot take the daemon's threads or file descriptors.
 """
@@ -29,7 +32,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -334,6 +337,11 @@ LISTEN_BACKLOG = 128
 _SELECT_TICK = 0.25
 
 
+#: The liveness answer: whether the daemon is making progress, and one line saying so.
+Health = Callable[[], tuple[bool, str]]
+HEALTH_PATH = "/healthz"
+
+
 class _Conn:
     __slots__ = ("deadline", "inbuf", "outbuf", "sock", "writing")
 
@@ -397,7 +405,9 @@ class MetricsServer:
     connection (``Connection: close``).
     """
 
-    def __init__(self, registry: CollectorRegistry, address: str, port: int) -> None:
+    def __init__(self, registry: CollectorRegistry, address: str, port: int,
+                 health: Health | None = None) -> None:
+        self._health = health
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -512,6 +522,10 @@ class MetricsServer:
                 self._respond(conn, "400 Bad Request", [], b"request too large\n")
             return
         environ, _size = parsed
+        if (self._health is not None and environ["PATH_INFO"] == HEALTH_PATH
+                and environ["REQUEST_METHOD"] == "GET"):
+            self._answer_health(conn, self._health)
+            return
         captured: list[Any] = []
 
         def start_response(status: str, headers: list[tuple[str, str]]) -> None:
@@ -524,6 +538,17 @@ class MetricsServer:
             self._respond(conn, "500 Internal Server Error", [], b"internal error\n")
             return
         self._respond(conn, captured[0], captured[1], body)
+
+    def _answer_health(self, conn: _Conn, health: Health) -> None:
+        try:
+            alive, why = health()
+        except Exception:  # a bug in the answer is not a hung daemon: say so, stay up
+            log.exception("metrics endpoint: the liveness answer failed")
+            self._respond(conn, "500 Internal Server Error", [], b"internal error\n")
+            return
+        status = "200 OK" if alive else "503 Service Unavailable"
+        self._respond(conn, status, [("Content-Type", "text/plain; charset=utf-8")],
+                      why.encode() + b"\n")
 
     def _respond(self, conn: _Conn, status: str, headers: list[tuple[str, str]],
                  body: bytes) -> None:
@@ -571,6 +596,8 @@ class MetricsServer:
         self._wake_w.close()
 
 
-def start_server(metrics: Metrics, address: str, port: int) -> MetricsServer:
-    """Serve ``metrics`` on address:port in a thread; returns the server (for shutdown)."""
-    return MetricsServer(metrics.registry, address, port).start()
+def start_server(metrics: Metrics, address: str, port: int,
+                 health: Health | None = None) -> MetricsServer:
+    """Serve ``metrics`` (and ``health`` on /healthz) on address:port in a thread; returns
+    the server (for shutdown)."""
+    return MetricsServer(metrics.registry, address, port, health).start()
