@@ -240,11 +240,13 @@ class World:
             subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         # a multiple of the namespaces, so that each holds the same share
         workers = namespaces * math.ceil(math.ceil(sockets / PER_WORKER) / namespaces)
-        ok_entries = min(entries - stale, sockets - spare)
+        # even shares (a worker holds both ends of its connections), so the world may
+        # hold a few sockets less than asked: the spare ones are counted from what it holds
+        shares = [sockets * (w + 1) // workers - sockets * w // workers for w in range(workers)]
+        shares = [s - s % 2 for s in shares]
+        ok_entries = min(entries - stale, sum(shares) - spare)
         ctx = mp.get_context("fork")
-        for w in range(workers):
-            share = sockets * (w + 1) // workers - sockets * w // workers
-            share -= share % 2
+        for w, share in enumerate(shares):
             ent = ok_entries * (w + 1) // workers - ok_entries * w // workers
             spec = WorkerSpec(w, f"/run/netns/{self.netns[w % namespaces]}", w % namespaces,
                               share, min(ent, share), self.pin)
