@@ -15,7 +15,11 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -206,3 +210,65 @@ def test_image_finds_the_labs_stale_and_shadowing_entries(run_flags: list[str],
     # The pods' namespaces were all read from inside the container (no "could not look").
     assert doc["maps"][0]["counts"]["stale"] == 1
     assert not doc.get("unseen_namespaces"), doc.get("unseen_namespaces")
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+    except OSError:
+        return 0, b""
+
+
+def _last_success(metrics: bytes) -> float:
+    for line in metrics.decode(errors="replace").splitlines():
+        if line.startswith("sockguard_last_successful_audit_timestamp_seconds "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _logs(name: str) -> str:
+    out = subprocess.run(["podman", "logs", name], capture_output=True, text=True, timeout=60,
+                         check=False)
+    return (out.stdout + out.stderr)[-3000:]
+
+
+def test_image_runs_the_daemon_as_the_daemonset_does_and_answers_its_probes(
+        run_flags: list[str], lab: Lab) -> None:
+    """The manifest's own command (the node IP replaced by loopback), on the lab's map:
+    every probe's path answers 200 once the first audit is in, and SIGTERM exits 0."""
+    ctr = _container()["container"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [a.replace("$(NODE_IP)", "127.0.0.1") for a in ctr["command"]]
+    argv += ["--map", str(lab.pin_path), "--metrics-port", str(port), "--interval", "1"]
+    name = f"sockguard-test-{secrets.token_hex(3)}"
+    started = subprocess.run(["podman", "run", "-d", "--name", name, *run_flags, IMAGE, *argv],
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert started.returncode == 0, started.stderr[-2000:]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _last_success(_get(base + "/metrics")[1]) <= 0:
+            time.sleep(0.2)
+        assert _last_success(_get(base + "/metrics")[1]) > 0, _logs(name)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            status, body = _get(base + ctr[probe]["httpGet"]["path"])
+            assert status == 200, (probe, status, body[-500:])
+        status, body = _get(base + ctr["livenessProbe"]["httpGet"]["path"])
+        assert body.startswith(b"ok: the audit thread made progress"), body
+        status, body = _get(base + "/metrics")
+        assert b'sockguard_map_entries{' in body, body[-2000:]
+        stop = subprocess.run(["podman", "stop", "-t", "10", name], capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert stop.returncode == 0, stop.stderr
+        code = subprocess.run(["podman", "inspect", "--format", "{{.State.ExitCode}}", name],
+                              capture_output=True, text=True, timeout=60, check=True)
+        assert code.stdout.strip() == "0", _logs(name)
+        assert "stopped" in _logs(name)
+    finally:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True, timeout=60,
+                       check=False)
