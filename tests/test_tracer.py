@@ -43,6 +43,7 @@ from sockguard.trace.events import (
 from sockguard.trace.tracer import Tracer, TracerOptions, daemon_options
 from sockguard.trace.watched import (
     FILTERED_OBJECTS,
+    OFFER_GRACE,
     PARKED,
     PARKED_SIZE,
     MapWatch,
@@ -722,6 +723,16 @@ def test_watched_set_takes_the_audits_key_walk_instead_of_walking_again(
     assert not w.has_fresh_offer()
     c.tracer.poll(0)
     assert (w.refreshes, w.walks) == (refreshes + 1, walks) and new_key in w.keys
+
+    # Audits 1.5 s apart: an own walk every second would mostly repeat theirs, so the
+    # next one waits for OFFER_GRACE gaps without an offer (own_walk_period).
+    first = w._prev_start_ns
+    assert first is not None
+    c.tracer.offer_keys(first + 1_500_000_000, told[0])
+    c.tracer.poll(0)
+    assert (w.refreshes, w.walks) == (refreshes + 2, walks)
+    assert w.offer_gap == pytest.approx(1.5)
+    assert w.due - time.monotonic() == pytest.approx(OFFER_GRACE * 1.5, abs=0.2)
     cli.close()
     srv.close()
 

@@ -1,9 +1,11 @@
 """The userspace half of the tracer's kernel-side filter, without root.
 
 ``WatchedBits`` must keep a bit set exactly while some watched key hashes
-to it (a clear bit makes the kernel skip the socket), and ``parked_event``
+to it (a clear bit makes the kernel skip the socket), ``parked_event``
 must turn a parked record back into the event of the socket whose key it
-is parked under, and refuse a record two CPUs wrote at once.
+is parked under, and refuse a record two CPUs wrote at once, and
+``own_walk_period`` must keep the tracer's own walks of the maps within
+their budget and leave them to the audit's walks where those come as often.
 """
 
 from __future__ import annotations
@@ -11,18 +13,21 @@ from __future__ import annotations
 import socket
 from ipaddress import IPv4Address, IPv6Address
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sockguard.core.layout import CILIUM, encode
 from sockguard.trace.events import EV_RECV, EV_STATE, EVENT
 from sockguard.trace.watched import (
+    OFFER_GRACE,
     PARKED,
     PARKED_SIZE,
     PENDING_BITS,
     WATCHED_BITS,
     WatchedBits,
     key_hash,
+    own_walk_period,
     parked_event,
     pending_slot,
     watched_bit,
@@ -144,3 +149,38 @@ def test_a_slot_written_by_two_cpus_at_once_is_refused() -> None:
     b = _v4_key("10.0.0.3", 8080, "10.0.0.4", 40001)
     torn = _parked(a, check=(0xABCDEF0123 & 0xFFFFFFFF) ^ key_hash(b))  # b's check, a's key
     assert parked_event(torn) is None
+
+
+# -- how often the tracer walks the maps itself --------------------------------------------
+
+
+def test_a_cheap_walk_runs_every_interval_and_an_expensive_one_within_its_budget() -> None:
+    assert own_walk_period(1.0, 0.01, None, None) == 1.0  # nothing measured yet
+    assert own_walk_period(1.0, 0.01, 0.003, None) == 1.0  # 2,000 keys: every second
+    assert own_walk_period(1.0, 0.01, 0.1, None) == pytest.approx(10.0)  # 65,535 keys
+
+
+def test_a_walk_the_audit_makes_as_often_is_not_made_again() -> None:
+    # 65,535 keys (0.1 s a walk) and an audit every 10 s: the walks would be as frequent
+    assert own_walk_period(1.0, 0.01, 0.1, 10.0) == pytest.approx(OFFER_GRACE * 10.0)
+    # a small map still walked every second between audits ten seconds apart
+    assert own_walk_period(1.0, 0.01, 0.003, 10.0) == 1.0
+    # audits every 0.3 s (a tight interval): no own walk while they come
+    assert own_walk_period(1.0, 0.01, 0.003, 0.3) == 1.0
+    assert own_walk_period(1.0, 0.01, 0.1, 0.3) == pytest.approx(10.0)
+
+
+@given(interval=st.floats(0.1, 10.0), budget=st.floats(0.001, 0.5),
+       walk=st.none() | st.floats(0.0, 5.0), gap=st.none() | st.floats(0.01, 3600.0))
+def test_the_period_keeps_the_budget_and_own_walks_only_between_rarer_offers(
+        interval: float, budget: float, walk: float | None, gap: float | None) -> None:
+    period = own_walk_period(interval, budget, walk, gap)
+    assert period >= interval
+    if walk is not None:
+        assert walk <= period * budget * (1 + 1e-9), "an own walk stays within its budget"
+    if gap is not None:
+        # either own walks come at least twice per offer gap, or they wait for the
+        # offers and resume only when one is overdue
+        assert 2 * period <= gap or period >= OFFER_GRACE * gap
+    if gap is None:  # no audit offers its walk: the budget alone decides
+        assert period == pytest.approx(max(interval, (walk or 0.0) / budget))

@@ -234,6 +234,33 @@ class MapWatch:
             self._reader = None
 
 
+#: Without an offer for this many of the usual gaps between them (an audit hangs or
+#: fails), the tracer walks the maps itself again.
+OFFER_GRACE = 1.5
+
+
+def own_walk_period(interval: float, budget: float, walk_seconds: float | None,
+                    offer_gap: float | None) -> float:
+    """Seconds from a refresh of the watched set to the tracer's next own walk of the maps.
+
+    Own walks fill the time between the audit's walks (offers), every ``interval``
+    at most and within ``budget`` of the tracer thread's time (``walk_seconds`` is
+    what the last one cost; the period is that cost's, so cheap offers do not
+    shorten it).  Where that budget allows an own walk less than twice per offer
+    gap, the own walk mostly repeats a walk the next audit makes anyway: at 65,535
+    keys and a 10 s interval the two periods are equal, and whichever came first
+    decided whether the tracer walked the maps every 10 s too (~1 % of a core)
+    or never.  Then the tracer waits for the offers and walks itself only after
+    ``OFFER_GRACE`` gaps without one.
+    """
+    period = interval
+    if walk_seconds is not None:
+        period = max(period, walk_seconds / max(budget, 1e-3))
+    if offer_gap is not None and 2 * period > offer_gap:
+        period = max(period, OFFER_GRACE * offer_gap)
+    return period
+
+
 class WatchedKeys:
     """The ``watched`` BPF hash kept equal to the audited maps' keys, and its parked events.
 
@@ -268,6 +295,8 @@ class WatchedKeys:
         self._prev_start_ns: int | None = None
         self.walks = 0  # refreshes that walked the maps themselves
         self.walk_seconds = 0.0  # how long the last own walk took
+        self.offer_gap: float | None = None  # seconds between the last two offered walks
+        self._prev_offer_ns: int | None = None
         #: keys another walk read (the daemon's audit): (its start, keys, map ids)
         self._offer: tuple[int, dict[bytes, int], frozenset[int]] | None = None
 
@@ -370,10 +399,12 @@ class WatchedKeys:
         if offered is None:
             self.walks += 1
             self.walk_seconds = self.last_seconds
-        # the first walk loads the iterator and fills the whole set: no measure of the rest;
-        # the period is the own walk's cost, so offers (cheap to take) do not shorten it
-        period = max(self.interval,
-                     self.walk_seconds / max(self.budget, 1e-3)
-                     if self.walks > 1 else 0.0)
-        self.due = end + period
+        else:
+            if self._prev_offer_ns is not None and start_ns > self._prev_offer_ns:
+                self.offer_gap = (start_ns - self._prev_offer_ns) / 1e9
+            self._prev_offer_ns = start_ns
+        # the first walk loads the iterator and fills the whole set: no measure of the rest
+        self.due = end + own_walk_period(self.interval, self.budget,
+                                         self.walk_seconds if self.walks > 1 else None,
+                                         self.offer_gap)
         return parked
