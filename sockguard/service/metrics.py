@@ -17,9 +17,10 @@ answers GET (any path but ``/healthz`` serves the metrics) and OPTIONS, and
 refuses every other method with 405, so it is read-only.  ``GET /healthz`` is
 the liveness answer the daemon gives (``Health``): 200 while its audits make
 progress, 503 when they hang — what systemd's watchdog sees on a host, for a
-Kubernetes livenessProbe where there is no systemd. It runs in one thread with a bounded
-number of connections and per-connection timeouts, so local users holding
-connections open cannot take the daemon's threads or file descriptors.
+Kubernetes livenessProbe where there is no systemd.  It runs in one thread
+with a bounded number of connections and per-connection timeouts, so local
+users holding connections open cannot take the daemon's threads or file
+descriptors.
 """
 
 from __future__ import annotations

@@ -79,6 +79,11 @@ class Meaning(enum.Enum):
     RESET_HELD = "reset_held"
 
 
+#: Event kinds after which a socket's key should be gone from every map: a close (CLOSE)
+#: or a death (destroy).  A reset is not one: its entry rightly stays until the fd is
+#: closed (Meaning.RESET_HELD).
+LEFT_BEHIND_KINDS = ("state", "destroy")
+
 #: The meanings that start an audit ahead of the interval.
 EARLY_AUDIT = (Meaning.UPDATE_FAILURE, Meaning.RECV_MISMATCH, Meaning.COLLISION,
                Meaning.KEY_LEFT_BEHIND)
@@ -145,7 +150,7 @@ class TraceEvent:
                     else None)
         if self.kind == "collision":
             return Meaning.COLLISION
-        if self.kind in ("state", "destroy") and self.key_in_maps:
+        if self.kind in LEFT_BEHIND_KINDS and self.key_in_maps:
             return Meaning.KEY_LEFT_BEHIND
         if self.kind == "reset" and self.key_in_maps:
             return Meaning.RESET_HELD
@@ -191,7 +196,7 @@ class TraceEvent:
             out["late"] = True
         if self.kind == "recv":
             out["mismatch"] = self.mismatch
-        if self.kind in ("state", "destroy") and self.key_in_maps is not None:
+        if self.kind in LEFT_BEHIND_KINDS and self.key_in_maps is not None:
             out["left_behind"] = self.left_behind
         if self.entry is not None:
             out["entry"] = self.entry.as_dict()
