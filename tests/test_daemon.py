@@ -521,6 +521,66 @@ def test_sigterm_between_audits_exits_0(
         urllib.request.urlopen(f"http://127.0.0.1:{d.port}/metrics", timeout=1)
 
 
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether the process has a handler for ``sig`` (the SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    mask = next(int(line.split()[1], 16) for line in status.splitlines()
+                if line.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_as_soon_as_the_handlers_are_in_is_not_fatal(
+        lab: Lab, start_daemon: Callable[..., RunningDaemon], sig: int) -> None:
+    """Start-up takes a while (imports, config, metrics, BPF loads); the handlers go
+    in first, so SIGTERM then is a clean stop and SIGHUP a no-op, not death."""
+    d = start_daemon(lab.pin_path, interval=0.3)
+    assert wait_for(lambda: _catches(d.proc.pid, signal.SIGTERM)
+                    and _catches(d.proc.pid, signal.SIGHUP), 10, step=0.001), d.log()
+    d.signal(sig)
+    if sig == signal.SIGTERM:
+        assert d.proc.wait(timeout=10) == 0, d.log()
+        assert "stopp" in d.log() and "Traceback" not in d.log()
+        return
+    _ready(d)
+    assert d.alive()
+    d.signal(signal.SIGTERM)
+    assert d.proc.wait(timeout=10) == 0, d.log()
+
+
+def test_a_burst_of_sighups_then_sigterm_exits_0(
+        lab: Lab, start_daemon: Callable[..., RunningDaemon]) -> None:
+    """Thousands of SIGHUPs land wherever the main thread is: reloads, audits and a
+    clean stop must survive them.  (That the handler takes no lock at all is
+    test_signals.py's deterministic test; a burst only rarely hits the window.)"""
+    d = start_daemon(lab.pin_path, interval=0.3)
+    _ready(d)
+    deadline = time.monotonic() + 3.0
+    sent = 0
+    while time.monotonic() < deadline:
+        d.signal(signal.SIGHUP)
+        sent += 1
+        time.sleep(0.0005)
+    assert d.alive(), d.log()[-3000:]
+    reloads = d.wait_value("sockguard_config_reloads_total", lambda v: v >= 1, timeout=5,
+                           result="success")
+    assert reloads <= sent
+    audits = d.value("sockguard_audits_total") or 0
+    d.wait_value("sockguard_audits_total", lambda v: v >= audits + 2, timeout=SLOW)
+    d.signal(signal.SIGTERM)
+    try:
+        code = d.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"SIGTERM after {sent} SIGHUPs: still running 10 s later\n"
+                    f"{d.log()[-3000:]}")
+    assert code == 0, d.log()[-3000:]
+    assert "stopped" in d.log()
+
+
 # -- the metrics endpoint under a local user's idle connections --------------------------------
 
 #: A local user's connections: more than the 1024 fds systemd gives a service by default.

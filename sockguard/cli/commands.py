@@ -11,7 +11,6 @@ import argparse
 import logging
 import math
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from ipaddress import ip_address
@@ -42,6 +41,7 @@ from sockguard.kernel.remediation import DEFAULT_MAX_DELETES, clean_each_map, de
 from sockguard.kernel.sockmap_iter import iterator_available, read_sockmap
 from sockguard.service.config import MAX_CONFIRM_DELAY, integer_arg, number_arg
 from sockguard.service.notify import EscapingFormatter
+from sockguard.service.signals import SignalInbox
 
 log = logging.getLogger("sockguard")
 
@@ -243,10 +243,10 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_run_arguments(p)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, signals: SignalInbox | None = None) -> int:
     from sockguard.service.daemon import main as run_daemon
 
-    return run_daemon(args)
+    return run_daemon(args, signals)
 
 
 # -- `sockguard trace` and `sockguard doctor` (sockguard/trace/tracer.py, doctor.py) ------------
@@ -339,12 +339,21 @@ COMMANDS = {"maps": cmd_maps, "audit": cmd_audit, "clean": cmd_clean, "run": cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    words = list(sys.argv[1:] if argv is None else argv)
-    if "run" in words[:1]:
-        # A reload asked for while the daemon starts is moot (it reads its config
-        # then); by default SIGHUP would kill it before its handler is installed.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = build_parser().parse_args(argv)
+    signals = None
+    if args.command == "run":
+        # Before anything slow: a stop asked for while the daemon starts is then a
+        # clean stop, and a reload a no-op, instead of the default action (death).
+        signals = SignalInbox()
+        signals.install()
+    try:
+        return _dispatch(args, signals)
+    finally:
+        if signals is not None:
+            signals.close()
+
+
+def _dispatch(args: argparse.Namespace, signals: SignalInbox | None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(EscapingFormatter("sockguard: %(message)s"))  # see escape.py
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -352,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command != "doctor":  # doctor reports what it could not probe instead
             _require_root()
+        if args.command == "run":
+            return cmd_run(args, signals)
         return COMMANDS[args.command](args)
     except SockguardError as exc:
         print(f"sockguard: {exc}", file=sys.stderr)

@@ -9,9 +9,10 @@ Two threads, for a reason:
   before each delete, at most ``remediation.max_deletes`` per cycle).  It
   records a *heartbeat* whenever it makes progress: between phases of a
   cycle, at its end, and while it waits for the next one.
-- the **main thread** handles signals (SIGHUP reload, SIGTERM/SIGINT stop) and
-  sends ``WATCHDOG=1`` — but only while the audit thread's heartbeat is
-  younger than half of WatchdogSec.  A hung audit (a stuck syscall, a netlink
+- the **main thread** acts on signals (SIGHUP reload, SIGTERM/SIGINT stop;
+  received without a lock, see ``service/signals.py``) and sends
+  ``WATCHDOG=1`` — but only while the audit thread's heartbeat is younger
+  than half of WatchdogSec.  A hung audit (a stuck syscall, a netlink
   read that never returns) stops the heartbeat, the pings stop, and systemd's
   watchdog kills and restarts us: the pings measure real progress, they are
   not a free-running timer.  Where there is no systemd (a Kubernetes
@@ -43,13 +44,11 @@ import errno
 import logging
 import os
 import resource
-import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from types import FrameType
 from typing import Any
 
 from sockguard.core.errors import (
@@ -78,6 +77,7 @@ from sockguard.kernel.sockhash_lookup import session as lookup_session
 from sockguard.service.config import Config, describe, load_config, overrides_from_args
 from sockguard.service.metrics import Metrics, start_server
 from sockguard.service.notify import Notifier, make_log_handler, monotonic_usec
+from sockguard.service.signals import SignalInbox, signal_name
 from sockguard.trace.collision import CollisionGate
 from sockguard.trace.events import EARLY_AUDIT, ENTRY_GONE_BAD, Meaning, TraceEvent
 from sockguard.trace.tracer import (
@@ -219,15 +219,14 @@ class Daemon:
     """The audit loop, its metrics endpoint and its conversation with systemd."""
 
     def __init__(self, config: Config, overrides: dict[str, object] | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, signals: SignalInbox | None = None) -> None:
         self.config = config
         self.overrides = dict(overrides or {})
         self.metrics = Metrics()
         self.notifier = notifier or Notifier()
+        self.signals = signals or SignalInbox()
         self._stop = threading.Event()
-        self._wake_main = threading.Event()
         self._wake_worker = threading.Event()
-        self._reload_requested = False
         self._heartbeat = time.monotonic()
         self._ready = False
         self._server: Any = None
@@ -247,11 +246,21 @@ class Daemon:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; the exit status (0 on a requested stop)."""
+        self.signals.install()
+        try:
+            return self._run()
+        finally:
+            self.signals.close()
+
+    def _run(self) -> int:
         configure_logging(self.config)
+        if self.signals.stop_requested:
+            log.info("stopped by %s before the first audit",
+                     signal_name(self.signals.stop_signal or 0))
+            return 0
         log.info("sockguard run starting: %s", describe(self.config))
         self._start_metrics(self.config)
         self.metrics.configured(self.config.interval, self.config.remediate)
-        previous = self._install_signals()
         watchdog = self.notifier.watchdog_seconds
         if watchdog is not None:
             log.info("systemd watchdog: %.3g s; pinging while audits make progress", watchdog)
@@ -262,20 +271,19 @@ class Daemon:
             self.tracer.start()
         else:
             log.info("tracer disabled (tracer.enabled = false)")
-        try:
-            status = self._supervise(worker, watchdog)
-        finally:
-            self._restore_signals(previous)
+        status = self._supervise(worker, watchdog)
         return self._shutdown(worker, status)
 
     def _supervise(self, worker: threading.Thread, watchdog: float | None) -> int:
         ping_every = watchdog / 4 if watchdog else None
         last_ping = 0.0
         while not self._stop.is_set():
-            self._wake_main.wait(min(TICK, ping_every) if ping_every else TICK)
-            self._wake_main.clear()
-            if self._reload_requested:
-                self._reload_requested = False
+            self.signals.wait(min(TICK, ping_every) if ping_every else TICK)
+            if self.signals.stop_requested:
+                log.info("stopping: %s", signal_name(self.signals.stop_signal or 0))
+                self.request_stop()
+                break
+            if self.signals.take_reload():
                 self._reload()
             now = time.monotonic()
             if watchdog and ping_every and now - last_ping >= ping_every \
@@ -599,26 +607,10 @@ class Daemon:
     # -- signals ------------------------------------------------------------------------
 
     def request_stop(self) -> None:
+        """Stop serving, from any thread (never from a signal handler: it takes locks)."""
         self._stop.set()
         self._wake_worker.set()
-        self._wake_main.set()
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            self._reload_requested = True
-            self._wake_main.set()
-        else:
-            self.request_stop()
-
-    def _install_signals(self) -> dict[int, Any]:
-        previous: dict[int, Any] = {}
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, self._on_signal)
-        return previous
-
-    def _restore_signals(self, previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        self.signals.wake()
 
 
 # -- tracer events: metrics, journal, early audits (sockguard/trace/tracer.py) ------------------
@@ -811,8 +803,12 @@ def _test_block() -> None:
         time.sleep(0.05)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Entry point of ``sockguard run`` (called by cli.main, which handles errors)."""
+def main(args: argparse.Namespace, signals: SignalInbox | None = None) -> int:
+    """Entry point of ``sockguard run`` (called by cli.main, which handles errors).
+
+    ``signals``: the inbox cli.main installed before anything slow, so that a stop
+    or reload asked for while the daemon starts is not the default action (death).
+    """
     overrides = overrides_from_args(args)
     config = load_config(args.config, overrides)
-    return Daemon(config, overrides).run()
+    return Daemon(config, overrides, signals=signals).run()
