@@ -71,6 +71,11 @@ class Report:
     faults: dict[str, int] = field(default_factory=dict)
     daemon_starts: int = 0
     sigterm_exit_codes: list[int] = field(default_factory=list)
+    # SIGTERM before the process ran any of sockguard's code (its interpreter still
+    # starting): the default action, which systemd and the kubelet count as a clean stop
+    sigterm_before_main: int = 0
+    # every other stop that did not end in exit 0: code, seconds, the run's last lines
+    sigterm_unclean: list[str] = field(default_factory=list)
     audits_logged: int = 0
     incomplete_audits_logged: int = 0
     stale_injected: int = 0
@@ -104,8 +109,10 @@ class Daemon:
         self.config.write_text(self.good)
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._run_log_offset = 0  # where the running process's lines begin
 
     def start(self) -> None:
+        self._run_log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen([str(SOCKGUARD), "run", "--config", str(self.config)],
                                          stdout=log, stderr=subprocess.STDOUT)
@@ -126,6 +133,12 @@ class Daemon:
             code = self.proc.wait()
         self.proc = None
         return code
+
+    def run_log(self) -> str:
+        """What the last process started wrote."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._run_log_offset)
+            return f.read().decode(errors="replace")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -231,9 +244,19 @@ class World:
         self.daemon.signal(signal.SIGHUP)
 
     def sigterm(self) -> None:
+        t0 = time.monotonic()
         code = self.daemon.stop()
+        seconds = time.monotonic() - t0
         if code is not None:
             self.report.sigterm_exit_codes.append(code)
+            run_log = self.daemon.run_log()
+            if code == -signal.SIGTERM and not run_log:
+                self.report.sigterm_before_main += 1
+            elif code != 0:
+                tail = "\n".join(run_log.splitlines()[-15:])
+                self.report.sigterm_unclean.append(
+                    f"exit {code} after {seconds:.1f} s (killed after 15 s: {code == -9}); "
+                    f"its log ends:\n{tail}")
         self.daemon.start()
 
     def churn(self) -> None:

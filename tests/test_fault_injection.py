@@ -46,4 +46,6 @@ def test_faults_with_remediation_on_delete_no_live_entry(seed: int) -> None:
     assert sum(report.faults.values()) >= 10, report
     assert report.stale_deleted > 0, report  # remediation really worked under the faults
     assert report.stale_left_after_quiet == 0, report
-    assert all(code == 0 for code in report.sigterm_exit_codes), report
+    # Every SIGTERM is a clean stop: exit 0, or the default action while the
+    # interpreter was still starting (before sockguard's handlers could exist).
+    assert not report.sigterm_unclean, "\n\n".join(report.sigterm_unclean)
