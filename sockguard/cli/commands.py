@@ -243,10 +243,17 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_run_arguments(p)
 
 
-def cmd_run(args: argparse.Namespace, signals: SignalInbox | None = None) -> int:
-    from sockguard.service.daemon import main as run_daemon
+def cmd_run(args: argparse.Namespace) -> int:
+    # Before the daemon's imports and config: a stop asked for while it starts is then a
+    # clean stop, and a reload a no-op, instead of the default action (death).
+    signals = SignalInbox()
+    signals.install()
+    try:
+        from sockguard.service.daemon import main as run_daemon
 
-    return run_daemon(args, signals)
+        return run_daemon(args, signals)
+    finally:
+        signals.close()
 
 
 # -- `sockguard trace` and `sockguard doctor` (sockguard/trace/tracer.py, doctor.py) ------------
@@ -340,20 +347,6 @@ COMMANDS = {"maps": cmd_maps, "audit": cmd_audit, "clean": cmd_clean, "run": cmd
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signals = None
-    if args.command == "run":
-        # Before anything slow: a stop asked for while the daemon starts is then a
-        # clean stop, and a reload a no-op, instead of the default action (death).
-        signals = SignalInbox()
-        signals.install()
-    try:
-        return _dispatch(args, signals)
-    finally:
-        if signals is not None:
-            signals.close()
-
-
-def _dispatch(args: argparse.Namespace, signals: SignalInbox | None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(EscapingFormatter("sockguard: %(message)s"))  # see escape.py
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -361,8 +354,6 @@ def _dispatch(args: argparse.Namespace, signals: SignalInbox | None) -> int:
     try:
         if args.command != "doctor":  # doctor reports what it could not probe instead
             _require_root()
-        if args.command == "run":
-            return cmd_run(args, signals)
         return COMMANDS[args.command](args)
     except SockguardError as exc:
         print(f"sockguard: {exc}", file=sys.stderr)

@@ -9,9 +9,10 @@ handler here only stores what arrived; ``signal.set_wakeup_fd`` wakes the main
 thread's ``select`` from C, before any Python code runs, and the main thread acts on
 the signal in ordinary code, where taking locks is safe.
 
-The inbox is installed by ``sockguard run`` before the daemon reads its config, so a
-stop asked for during start-up is a clean stop (exit 0), and a reload asked for then
-is moot (the config is being read anyway) instead of killing the process.
+The inbox is installed by ``sockguard run`` before the daemon's modules are imported
+and its config read, so a stop asked for during start-up is a clean stop (exit 0),
+and a reload asked for then is moot (the config is being read anyway) instead of
+killing the process.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class SignalInbox:
         return self.stop_signal is not None
 
     def close(self) -> None:
+        """Restore the signals and release the socket; a second call changes nothing."""
         self.restore()
         self._recv.close()
         self._send.close()
